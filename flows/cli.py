@@ -1,0 +1,310 @@
+"""``digits``: retrain, inspect and override the champion, manage data, open the UIs, predict."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    help=(
+        "Handwritten-digit MLOps: DVC data versions, Great Expectations checks, Keras training "
+        "tracked in MLflow, a promotion gate, the MLflow Model Registry and a BentoML service.\n\n"
+        "Typical use: `digits retrain` (trains and promotes if the gate passes), "
+        "`digits status`, `digits ui`, `digits serve`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+data_app = typer.Typer(help="Ingest the raw dataset or add labelled images as a new data version.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    for noisy in ("alembic", "urllib3", "matplotlib", "PIL", "great_expectations", "mlflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _parse_sets(sets: list[str] | None) -> dict[str, Any]:
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--set takes KEY=VALUE with a dotted params.yaml key, e.g. train.epochs=3; got {item!r}", 2)
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def _quiet_libraries() -> None:
+    """Defaults that make the embedded set-up calm and robust; an explicit environment wins."""
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a params.yaml value for this run: --set train.epochs=3 (repeatable)."),
+]
+
+
+@app.command()
+def retrain(sets: SetOption = None, as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False) -> None:
+    """Run the retraining flow end to end with Prefect (no server to start).
+
+    Steps: version the dataset with DVC (ingesting MNIST on first use) -> validate it with Great
+    Expectations -> train the CNN, tracked in MLflow -> evaluate -> gate against the floors in
+    params.yaml and against the champion re-scored on the same test set -> register and move the
+    `champion` alias. A worse model never replaces the champion; the summary says why.
+    """
+    _quiet_libraries()
+    from pipeline.params import ParamsError
+    from pipeline.validation import DataValidationError
+
+    from pipeline.params import load_params
+    from pipeline.settings import get_settings
+
+    try:
+        load_params(get_settings().params_path, _parse_sets(sets))  # fail before starting any engine
+        from flows.retrain import retrain as retrain_flow
+
+        summary = retrain_flow(overrides=_parse_sets(sets))
+    except ParamsError as err:
+        _fail(str(err), 2)
+    except DataValidationError as err:
+        _fail(f"data validation failed; nothing was trained or promoted.\n{err}")
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    show_all: Annotated[bool, typer.Option("--all", help="List every registered version and the promotion history.")] = False,
+) -> None:
+    """Show the champion: model name, version, run id, test metrics, data version, promoted-at."""
+    _quiet_libraries()
+    from pipeline import registry
+    from pipeline.settings import get_settings
+
+    settings = get_settings()
+    client = registry.connect(settings)
+    champion = registry.get_alias(client, settings.model_name)
+    report: dict[str, Any] = {"model_name": settings.model_name, "champion": champion.to_dict() if champion else None}
+    previous = registry.get_alias(client, settings.model_name, registry.PREVIOUS)
+    report["previous_champion"] = previous.version if previous else None
+    if show_all:
+        report["versions"] = [v.to_dict() for v in registry.list_versions(client, settings.model_name)]
+        report["promotion_history"] = registry.promotion_history(client, settings.model_name)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    if champion is None:
+        typer.echo(f"{settings.model_name}: no champion yet. Run `digits retrain` to train and promote one.")
+        return
+    typer.echo(f"{settings.model_name} champion: v{champion.version} (previous: {report['previous_champion'] or 'none'})")
+    for key in ("run_id", "data_version", "git_commit", "promoted_at", "promoted_by", "promotion_reason"):
+        typer.echo(f"  {key:<17} {getattr(champion, key)}")
+    for key, value in champion.metrics.items():
+        typer.echo(f"  {key:<17} {value:.4f}")
+    for version in report.get("versions", []):
+        typer.echo(f"  v{version['version']}: accuracy {version['metrics'].get('test_accuracy', float('nan')):.4f}, "
+                   f"data {str(version['data_version'])[:12]}, promoted {version['promoted_at'] or '-'}")
+
+
+def _manual_promotion(version: str | None, allow_regression: bool) -> None:
+    _quiet_libraries()
+    from pipeline import registry, steps
+    from pipeline.params import load_params
+    from pipeline.settings import get_settings
+
+    settings = get_settings()
+    try:
+        outcome = steps.promote_version(settings, load_params(settings.params_path), version, allow_regression)
+    except registry.PromotionError as err:
+        _fail(str(err))
+    typer.echo(outcome.decision.to_markdown())
+    if not outcome.decision.promote:
+        _fail("the champion did not move", 1)
+    typer.echo(f"champion is now v{outcome.champion.version}")
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="Registered version number to make champion.")],
+    allow_regression: Annotated[bool, typer.Option(help="Promote even if less accurate than the current champion.")] = False,
+) -> None:
+    """Make a registered version the champion, through the same checks as the flow.
+
+    The version is re-scored on the test set against the floors in params.yaml, compared with the
+    current champion (skip with --allow-regression), and must load from the registry and answer.
+    """
+    _manual_promotion(version, allow_regression)
+
+
+@app.command()
+def rollback() -> None:
+    """Move `champion` back to `previous-champion` (floors and smoke checks still apply)."""
+    _manual_promotion(None, True)
+
+
+# ---------------------------------------------------------------- single steps (dvc.yaml stages)
+
+
+def _step_context(sets: list[str] | None = None):
+    _setup_logging()
+    _quiet_libraries()
+    from pipeline.params import ParamsError, load_params
+    from pipeline.settings import get_settings
+
+    settings = get_settings()
+    try:
+        return settings, load_params(settings.params_path, _parse_sets(sets))
+    except ParamsError as err:
+        _fail(str(err), 2)
+
+
+@app.command()
+def validate(sets: SetOption = None) -> None:
+    """Validate data/ with Great Expectations; the HTML report goes to reports/validation/.
+
+    Exits 1 naming every failed expectation with the offending values.
+    """
+    from pipeline import steps
+    from pipeline.validation import DataValidationError
+
+    settings, params = _step_context(sets)
+    try:
+        report = steps.validate(settings, params)
+    except DataValidationError as err:
+        _fail(str(err))
+    typer.echo(report.summary())
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="Where to write the candidate (run id, model URI, test metrics) as JSON.")],
+    sets: SetOption = None,
+) -> None:
+    """Train and evaluate one candidate, tracked in MLflow; no gate, no promotion (see `digits gate`)."""
+    from pipeline import steps, versioning
+
+    settings, params = _step_context(sets)
+    pointer = versioning.read_pointer(versioning.pointer_path(settings.home, settings.data_dir))
+    data_version = versioning.DataVersion(pointer["md5"], int(pointer.get("nfiles", 0)), int(pointer.get("size", 0)), False) \
+        if pointer else versioning.record(settings.home, settings.data_dir, push=False)
+    run_id = steps.start_run(settings, params, data_version, run_name=f"train-{data_version.short}")
+    try:
+        candidate = steps.train_candidate(settings, params, run_id)
+    except BaseException:
+        steps.finish_run(settings, run_id, failed=True, stopped_at="training")
+        raise
+    steps.finish_run(settings, run_id)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(candidate.to_json())
+    typer.echo(f"candidate run {run_id}: test accuracy {candidate.metrics.accuracy:.4f} -> {out}")
+
+
+@app.command()
+def gate(
+    candidate_file: Annotated[Path, typer.Argument(help="JSON written by `digits train --out`.")],
+    out: Annotated[Path | None, typer.Option(help="Where to write the gate decision as JSON.")] = None,
+    sets: SetOption = None,
+) -> None:
+    """Gate a trained candidate (floors, champion re-scored, smoke check) and promote it if it passes."""
+    from pipeline import steps
+
+    settings, params = _step_context(sets)
+    candidate = steps.Candidate.from_json(candidate_file.read_text())
+    data_version = steps.run_data_version(settings, candidate.run_id)
+    outcome = steps.promote(settings, candidate, steps.gate(settings, params, candidate), data_version)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(outcome.decision.to_dict(), indent=2))
+    typer.echo(outcome.decision.to_markdown())
+
+
+@data_app.command("ingest")
+def data_ingest() -> None:
+    """Write the raw MNIST under data/ from the source in params.yaml and record it with DVC."""
+    _setup_logging()
+    from pipeline import steps
+    from pipeline.data import DataError
+    from pipeline.params import load_params
+    from pipeline.settings import get_settings
+
+    settings = get_settings()
+    try:
+        version = steps.prepare_data(settings, load_params(settings.params_path))
+    except DataError as err:
+        _fail(str(err))
+    typer.echo(f"data version {version.md5} ({version.files} files); commit data.dvc to share it")
+
+
+@data_app.command("add")
+def data_add(
+    folder: Annotated[Path, typer.Argument(help="A folder with one sub-folder per digit, 0 ... 9, of PNG/JPEG images.")],
+) -> None:
+    """Add labelled images as a new data version that the next retrain trains on.
+
+    Each image is normalised like MNIST (grayscale, polarity, crop, 20x20 box, centred by mass).
+    Any unreadable image or unknown label stops the whole add: nothing is written.
+    """
+    _setup_logging()
+    from pipeline import steps, versioning
+    from pipeline.data import DataError, add_images
+    from pipeline.params import load_params
+    from pipeline.settings import get_settings
+
+    settings = get_settings()
+    try:
+        steps.prepare_data(settings, load_params(settings.params_path))
+        total = add_images(folder, settings.data_dir)
+        version = versioning.record(settings.home, settings.data_dir)
+    except DataError as err:
+        _fail(str(err))
+    typer.echo(f"added images ({total} added in all); new data version {version.md5}.\n"
+               "Commit data.dvc (git add data.dvc && git commit) and run `digits retrain`.")
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+) -> None:
+    """Open the MLflow UI on the embedded store: runs, plots, data versions, registry."""
+    import subprocess
+
+    from pipeline import registry
+    from pipeline.settings import get_settings
+
+    settings = get_settings()
+    registry.connect(settings)
+    typer.echo(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+               "--backend-store-uri", settings.resolved_tracking_uri, "--workers", "1"]
+    if settings.artifact_location:
+        command += ["--default-artifact-root", settings.artifact_location]
+    raise typer.Exit(subprocess.call(command))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,41 @@
+"""The CNN, built from ``params.yaml``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pipeline.params import ModelParams
+
+if TYPE_CHECKING:
+    import keras
+
+
+def build_model(params: ModelParams, learning_rate: float, steps_per_epoch: int, epochs: int) -> keras.Model:
+    """Conv blocks (conv -> [batch norm] -> relu -> max-pool) -> [dense] -> dropout -> softmax(10).
+
+    The learning rate follows a cosine decay over the whole run, which lets a short run settle.
+    """
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=(28, 28, 1), name="pixels")
+    x = inputs
+    for filters in params.conv_filters:
+        x = layers.Conv2D(filters, params.kernel_size, use_bias=not params.batch_norm, padding="same")(x)
+        if params.batch_norm:
+            x = layers.BatchNormalization()(x)
+        x = layers.ReLU()(x)
+        x = layers.MaxPooling2D()(x)
+    x = layers.Flatten()(x)
+    if params.dense_units:
+        x = layers.Dense(params.dense_units, activation="relu")(x)
+    x = layers.Dropout(params.dropout)(x)
+    outputs = layers.Dense(10, activation="softmax", name="probabilities")(x)
+    model = keras.Model(inputs, outputs, name="digits_cnn")
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, steps_per_epoch * epochs))
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model

@@ -1,0 +1,80 @@
+"""Figures a person would rather look at than read: learning curves, confusion, mistakes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline.evaluate import Metrics
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure  # the object API needs no GUI backend
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def learning_curves(history: dict[str, list[float]]) -> Figure:
+    fig = _figure(10, 4)
+    epochs = np.arange(1, len(history.get("loss", [])) + 1)
+    for ax, key, title in zip(fig.subplots(1, 2), ("loss", "accuracy"), ("loss", "accuracy")):
+        for prefix, style in (("", "-o"), ("val_", "--s")):
+            if f"{prefix}{key}" in history:
+                ax.plot(epochs, history[f"{prefix}{key}"], style, label="validation" if prefix else "training")
+        ax.set(title=title, xlabel="epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return fig
+
+
+def confusion_matrix(metrics: Metrics) -> Figure:
+    fig = _figure(7, 6)
+    ax = fig.subplots()
+    counts = np.asarray(metrics.confusion)
+    # log colour scale: the diagonal would otherwise wash out every mistake
+    image = ax.imshow(np.log1p(counts), cmap="Blues")
+    for (row, col), value in np.ndenumerate(counts):
+        if value:
+            ax.text(col, row, str(value), ha="center", va="center", fontsize=8,
+                    color="white" if row == col else "black")
+    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true",
+           title=f"confusion on {metrics.n_images:,} test images (accuracy {metrics.accuracy:.4f})")
+    fig.colorbar(image, ax=ax, label="log(1 + count)")
+    return fig
+
+
+def per_class_scores(metrics: Metrics) -> Figure:
+    fig = _figure(9, 4)
+    ax = fig.subplots()
+    digits = np.arange(10)
+    for offset, (name, values) in zip((-0.27, 0, 0.27), (("precision", metrics.class_precision),
+                                                         ("recall", metrics.class_recall),
+                                                         ("F1", metrics.class_f1))):
+        ax.bar(digits + offset, values, width=0.27, label=name)
+    low = min(min(metrics.class_precision), min(metrics.class_recall), min(metrics.class_f1))
+    ax.set(xticks=digits, xlabel="digit", ylim=(max(0.0, low - 0.02), 1.0), title="per-class scores on the test set")
+    ax.legend(loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def misclassified_grid(images: np.ndarray, y_true: np.ndarray, probabilities: np.ndarray, limit: int = 48) -> Figure:
+    """The most confident mistakes first: those say most about the model."""
+    y_pred = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(y_pred != y_true)
+    wrong = wrong[np.argsort(-probabilities[wrong, y_pred[wrong]])][:limit]
+    columns = 8
+    rows = max(1, int(np.ceil(len(wrong) / columns)))
+    fig = _figure(columns * 1.3, rows * 1.5 + 0.4)
+    fig.suptitle(f"{len(np.flatnonzero(y_pred != y_true))} misclassified test images (most confident first)")
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, index in zip(axes, wrong):
+        ax.imshow(images[index], cmap="gray_r")
+        ax.set_title(f"true {y_true[index]} / pred {y_pred[index]}\n{probabilities[index, y_pred[index]]:.0%}", fontsize=8)
+    return fig

@@ -1,0 +1,202 @@
+"""The MLflow tracking store and Model Registry: experiment set-up, champion lookup, promotion.
+
+The ``champion`` alias names the served model; ``previous-champion`` keeps the one it replaced
+reachable for rollback. Moving ``champion`` is a compare-and-set under a lock, so two retrains
+that finish at once can never both promote.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    import keras
+    from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+PREVIOUS = "previous-champion"
+
+
+class PromotionError(RuntimeError):
+    """The champion could not be moved as asked; the message says why. Nothing was changed."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A registered model version and what is known about it."""
+
+    model_name: str
+    version: str
+    run_id: str | None
+    metrics: dict[str, float]
+    data_version: str | None
+    git_commit: str | None
+    promoted_at: str | None
+    promoted_by: str | None
+    promotion_reason: str | None
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.model_name}/{self.version}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def connect(settings: Settings) -> MlflowClient:
+    """Point MLflow at the configured store and make sure the experiment exists."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    if settings.artifact_location:
+        settings.mlflow_dir.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(settings.resolved_tracking_uri)
+    mlflow.set_registry_uri(settings.resolved_tracking_uri)
+    client = MlflowClient(settings.resolved_tracking_uri, settings.resolved_tracking_uri)
+    if client.get_experiment_by_name(settings.experiment) is None:
+        try:
+            client.create_experiment(settings.experiment, artifact_location=settings.artifact_location)
+        except Exception:  # a concurrent run created it first
+            if client.get_experiment_by_name(settings.experiment) is None:
+                raise
+    mlflow.set_experiment(settings.experiment)
+    return client
+
+
+def _version_ref(client: MlflowClient, model_name: str, version) -> ModelRef:
+    mv = version
+    tags = dict(mv.tags or {})
+    metrics: dict[str, float] = {}
+    if mv.run_id:
+        try:
+            run_metrics = client.get_run(mv.run_id).data.metrics
+            metrics = {k: v for k, v in run_metrics.items() if k in ("test_accuracy", "test_min_class_recall")}
+        except Exception:  # the run may live in a store we cannot read; the version still stands
+            pass
+    return ModelRef(
+        model_name=model_name,
+        version=str(mv.version),
+        run_id=mv.run_id,
+        metrics=metrics,
+        data_version=tags.get("data_version"),
+        git_commit=tags.get("git_commit"),
+        promoted_at=tags.get("promoted_at"),
+        promoted_by=tags.get("promoted_by"),
+        promotion_reason=tags.get("promotion_reason"),
+    )
+
+
+def get_alias(client: MlflowClient, model_name: str, alias: str = CHAMPION) -> ModelRef | None:
+    """The version an alias points to, or None when the model or the alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
+    return _version_ref(client, model_name, mv)
+
+
+def get_version(client: MlflowClient, model_name: str, version: str) -> ModelRef:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _version_ref(client, model_name, client.get_model_version(model_name, str(version)))
+    except MlflowException:
+        raise PromotionError(f"{model_name} has no version {version}: see `digits status --all`") from None
+
+
+def list_versions(client: MlflowClient, model_name: str) -> list[ModelRef]:
+    found = client.search_model_versions(f"name = '{model_name}'")
+    return sorted((_version_ref(client, model_name, mv) for mv in found), key=lambda r: int(r.version))
+
+
+def load_keras(uri: str) -> keras.Model:
+    import mlflow.tensorflow
+
+    return mlflow.tensorflow.load_model(uri)
+
+
+def register(client: MlflowClient, model_name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> ModelRef:
+    """Register a logged model as a new version (no alias moves here)."""
+    import mlflow
+
+    mv = mlflow.register_model(model_uri, model_name, tags={k: str(v) for k, v in tags.items()})
+    if mv.run_id is None or mv.run_id != run_id:
+        client.set_model_version_tag(model_name, mv.version, "source_run_id", run_id)
+    return get_version(client, model_name, mv.version)
+
+
+def move_champion(
+    client: MlflowClient,
+    settings: Settings,
+    version: str,
+    expected_champion: str | None,
+    reason: str,
+    run_id: str | None = None,
+) -> ModelRef:
+    """Make ``version`` the champion if the champion is still ``expected_champion``.
+
+    The check and the move happen under one lock: a retrain that compared itself with a champion
+    that has since moved must not overwrite it without being compared with the new one.
+    """
+    from filelock import FileLock, Timeout
+
+    settings.promotion_lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(settings.promotion_lock, timeout=120):
+            current = get_alias(client, settings.model_name, CHAMPION)
+            current_version = current.version if current else None
+            if current_version != expected_champion:
+                raise PromotionError(
+                    f"the champion moved during this run (expected {expected_champion or 'none'}, "
+                    f"now v{current_version}); it was not replaced. Retrain to compare with the new champion."
+                )
+            if current_version == str(version):
+                raise PromotionError(f"v{version} is already the champion")
+            name = settings.model_name
+            now = datetime.now(UTC).isoformat(timespec="seconds")
+            who = settings.promoted_by or getpass.getuser()
+            for key, value in {
+                "promoted_at": now,
+                "promoted_by": who,
+                "promotion_reason": reason[:4000],
+                "promoted_from": current_version or "none",
+                **({"promotion_run_id": run_id} if run_id else {}),
+            }.items():
+                client.set_model_version_tag(name, str(version), key, value)
+            if current_version:
+                client.set_registered_model_alias(name, PREVIOUS, current_version)
+            client.set_registered_model_alias(name, CHAMPION, str(version))
+            history = _history(client, name)
+            history.append({"version": str(version), "from": current_version, "at": now, "by": who, "run_id": run_id})
+            client.set_registered_model_tag(name, "promotion_history", json.dumps(history[-40:]))
+    except Timeout:
+        raise PromotionError(f"another promotion holds {settings.promotion_lock}; try again") from None
+    log.info("champion: v%s (was %s)", version, f"v{current_version}" if current_version else "none")
+    return get_version(client, settings.model_name, str(version))
+
+
+def _history(client: MlflowClient, model_name: str) -> list[dict]:
+    raw = client.get_registered_model(model_name).tags.get("promotion_history")
+    return json.loads(raw) if raw else []
+
+
+def promotion_history(client: MlflowClient, model_name: str) -> list[dict]:
+    """Every promotion, oldest first: version, previous version, when, who, run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _history(client, model_name)
+    except MlflowException:
+        return []

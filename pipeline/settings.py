@@ -1,0 +1,70 @@
+"""The one settings object: where things live and which servers to talk to, from the environment."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Read from ``DIGITS_*`` variables (and ``MLFLOW_TRACKING_URI``); defaults are the embedded set-up."""
+
+    model_config = SettingsConfigDict(env_prefix="DIGITS_", extra="ignore")
+
+    home: Path = Field(default_factory=Path.cwd, description="project folder holding params.yaml, data/ and mlflow/")
+    tracking_uri: str | None = Field(
+        default=None,
+        validation_alias="MLFLOW_TRACKING_URI",
+        description="MLflow tracking/registry URI; default: the sqlite store under mlflow/",
+    )
+    experiment: str = "digits"
+    model_name: str = "digits-cnn"
+    promoted_by: str | None = Field(default=None, description="who promotes; default: the OS user")
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 3000
+    champion_poll_seconds: float = Field(10.0, gt=0, description="how often the service looks for a new champion")
+    max_batch_images: int = Field(1000, ge=1, description="largest batch the service accepts in one request")
+
+    @property
+    def params_path(self) -> Path:
+        return self.home / "params.yaml"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.home / "mlflow"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / ".cache"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
+
+    @property
+    def resolved_tracking_uri(self) -> str:
+        return self.tracking_uri or f"sqlite:///{(self.mlflow_dir / 'mlflow.db').resolve()}"
+
+    @property
+    def artifact_location(self) -> str | None:
+        """Where a new experiment keeps artifacts; None lets a tracking server decide."""
+        if self.tracking_uri and not self.tracking_uri.startswith("sqlite:"):
+            return None
+        return (self.mlflow_dir / "artifacts").resolve().as_uri()
+
+    @property
+    def promotion_lock(self) -> Path:
+        return self.mlflow_dir / "promotion.lock"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings are read on first use, never at import time."""
+    return Settings()

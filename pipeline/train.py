@@ -1,0 +1,107 @@
+"""Train the CNN on a dataset, reporting progress and per-epoch metrics through a callback."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline.data import Dataset
+from pipeline.model import build_model
+from pipeline.params import Params
+from pipeline.preprocess import to_model_input
+
+if TYPE_CHECKING:
+    import keras
+
+log = logging.getLogger(__name__)
+
+EpochHook = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    model: keras.Model
+    history: dict[str, list[float]] = field(default_factory=dict)
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed, same weights: Python, NumPy and TensorFlow, with deterministic ops."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def split_for_validation(x: np.ndarray, y: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, ...]:
+    """Shuffle with the seed, then hold out ``share`` for per-epoch validation.
+
+    Shuffling first matters: added images sit at the end of the training split.
+    """
+    order = np.random.default_rng(seed).permutation(len(x))
+    x, y = x[order], y[order]
+    n_val = int(round(len(x) * share))
+    return x[n_val:], y[n_val:], x[:n_val], y[:n_val]
+
+
+def train(dataset: Dataset, params: Params, on_epoch: EpochHook | None = None) -> TrainResult:
+    import keras
+
+    seed_everything(params.train.seed)
+    x_fit, y_fit, x_val, y_val = split_for_validation(
+        dataset.x_train, dataset.y_train, params.train.validation_split, params.train.seed
+    )
+    steps = int(np.ceil(len(x_fit) / params.train.batch_size))
+    model = build_model(params.model, params.train.learning_rate, steps, params.train.epochs)
+    log.info(
+        "training %s (%s parameters) on %d images, validating on %d, %d epochs",
+        model.name, f"{model.count_params():,}", len(x_fit), len(x_val), params.train.epochs,
+    )
+
+    class Progress(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            seconds = time.perf_counter() - self.started
+            values = {k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}
+            values["epoch_seconds"] = seconds
+            values["images_per_second"] = len(x_fit) / seconds
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in values.items() if "loss" in k or "accuracy" in k)
+            log.info("epoch %d/%d  %s  %.1f s  %s img/s", epoch + 1, params.train.epochs, shown, seconds,
+                     f"{values['images_per_second']:,.0f}")
+            if on_epoch:
+                on_epoch(epoch, values)
+
+    started = time.perf_counter()
+    fitted = model.fit(
+        to_model_input(x_fit),
+        y_fit.astype(np.int32),
+        batch_size=params.train.batch_size,
+        epochs=params.train.epochs,
+        validation_data=(to_model_input(x_val), y_val.astype(np.int32)) if len(x_val) else None,
+        shuffle=True,
+        verbose=0,
+        callbacks=[Progress()],
+    )
+    seconds = time.perf_counter() - started
+    history = {k: [float(v) for v in values] for k, values in fitted.history.items() if k != "learning_rate"}
+    return TrainResult(model, history, seconds, len(x_fit) * params.train.epochs / seconds)
+
+
+def compiled_predictor(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
+    """A traced inference function: ~0.5 ms a call instead of ~50 ms for ``model.predict``."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def infer(x):
+        return model(x, training=False)
+
+    return lambda x: infer(tf.convert_to_tensor(x, dtype=tf.float32)).numpy()

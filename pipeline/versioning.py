@@ -1,0 +1,110 @@
+"""Dataset versions with DVC, and the code version from git."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+
+class VersioningError(RuntimeError):
+    """DVC or git could not record or restore a version; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    md5: str  # the DVC hash of data/ as recorded in data.dvc
+    files: int
+    size: int
+    pushed: bool
+
+    @property
+    def short(self) -> str:
+        return self.md5.removesuffix(".dir")[:12]
+
+
+def pointer_path(root: Path, data_dir: Path) -> Path:
+    return root / f"{data_dir.relative_to(root)}.dvc"
+
+
+def read_pointer(pointer: Path) -> dict | None:
+    """The ``outs`` entry of a .dvc file, or None if there is none."""
+    if not pointer.exists():
+        return None
+    outs = (yaml.safe_load(pointer.read_text()) or {}).get("outs") or []
+    return outs[0] if outs else None
+
+
+def _repo(root: Path):
+    from dvc.repo import Repo
+
+    try:
+        return Repo(str(root))
+    except Exception as err:  # NotDvcRepoError and friends
+        raise VersioningError(f"{root} is not a DVC repository ({err}): run `dvc init` there") from None
+
+
+def pull(root: Path, data_dir: Path) -> bool:
+    """Fetch the version ``data.dvc`` names from the cache or the remote; False if neither has it."""
+    pointer = pointer_path(root, data_dir)
+    if read_pointer(pointer) is None:
+        return False
+    repo = _repo(root)
+    try:
+        repo.pull(targets=[str(pointer)])
+    except Exception as err:  # the remote is empty, unreachable, or lacks this version
+        log.info("dvc pull did not restore %s (%s)", data_dir.name, str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return False
+    finally:
+        repo.close()
+    return True
+
+
+def is_checked_out(root: Path, data_dir: Path) -> bool:
+    """True when the files in data/ are exactly the version data.dvc names."""
+    pointer = pointer_path(root, data_dir)
+    if read_pointer(pointer) is None or not data_dir.exists():
+        return False
+    repo = _repo(root)
+    try:
+        return not repo.status(targets=[str(pointer)])
+    finally:
+        repo.close()
+
+
+def record(root: Path, data_dir: Path, push: bool = True) -> DataVersion:
+    """``dvc add`` data/ (a no-op when unchanged) and push it to the default remote."""
+    repo = _repo(root)
+    try:
+        repo.add(str(data_dir.relative_to(root)))
+        pushed = False
+        if push and repo.config.get("core", {}).get("remote"):
+            try:
+                repo.push(targets=[str(pointer_path(root, data_dir))])
+                pushed = True
+            except Exception as err:
+                # the version is recorded in the cache; pushing can be retried with `dvc push`
+                log.warning("dvc push failed (%s): the data version is only in the local cache", err)
+    finally:
+        repo.close()
+    out = read_pointer(pointer_path(root, data_dir))
+    if out is None:
+        raise VersioningError(f"dvc add did not write {pointer_path(root, data_dir)}")
+    return DataVersion(md5=out["md5"], files=int(out.get("nfiles", 0)), size=int(out.get("size", 0)), pushed=pushed)
+
+
+def git_commit(root: Path) -> str | None:
+    """The commit the code runs at, with ``-dirty`` when tracked files have changes; None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

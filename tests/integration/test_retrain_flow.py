@@ -1,0 +1,102 @@
+"""The real retraining flow (Prefect engine, MLflow sqlite store, DVC) on a slice of real MNIST."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import registry, steps
+from pipeline.params import load_params
+from pipeline.settings import get_settings
+from pipeline.validation import DataValidationError
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_engine")]
+
+
+def _retrain(**overrides):
+    from flows.retrain import retrain
+
+    return retrain(overrides=overrides or None)
+
+
+def _client() -> MlflowClient:
+    return registry.connect(get_settings())
+
+
+def test_first_run_promotes_and_worse_runs_leave_the_champion(project):
+    first = _retrain()
+    assert first["promoted"], first["reasons"]
+    assert first["champion_version"] == first["registered_version"] == "1"
+    assert first["test_accuracy"] >= 0.8
+
+    client = _client()
+    run = client.get_run(first["run_id"])
+    assert run.info.status == "FINISHED"
+    # the run records the data version (DVC hash in data.dvc) and the code version
+    pointer = (project / "data.dvc").read_text()
+    assert run.data.tags["data_version"] == first["data_version"] and first["data_version"] in pointer
+    assert run.data.tags["git_commit"]
+    assert "val_accuracy" in run.data.metrics and len(client.get_metric_history(run.info.run_id, "loss")) == 2
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"plots", "validation_report", "gate", "evaluation"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/learning_curves.png", "plots/confusion_matrix.png", "plots/misclassified.png"} <= plots
+
+    champion = registry.get_alias(client, get_settings().model_name)
+    assert champion.version == "1" and champion.data_version == first["data_version"] and champion.promoted_at
+
+    # an impossible floor: nothing is promoted, the reason names the floor
+    strict = _retrain(**{"gate.min_accuracy": 1.0})
+    assert not strict["promoted"] and strict["registered_version"] is None
+    assert any("accuracy floor" in reason for reason in strict["reasons"])
+
+    # a clearly worse model clears the floors but loses to the champion re-scored on the same data
+    worse = _retrain(**{"train.epochs": 1, "train.learning_rate": 1e-5, "gate.min_accuracy": 0.0, "gate.min_class_recall": 0.0})
+    assert not worse["promoted"]
+    assert any("not worse than champion" in reason for reason in worse["reasons"])
+    assert registry.get_alias(client, get_settings().model_name).version == "1"
+    gate_file = client.download_artifacts(worse["run_id"], "gate/gate_decision.json")
+    assert json.loads(open(gate_file).read())["champion_version"] == "1"
+
+
+def test_poisoned_data_is_stopped_by_validation(project, mnist_slice):
+    steps.prepare_data(get_settings(), load_params(get_settings().params_path))
+    labels_file = project / "data" / "mnist" / "train_labels.npy"
+    labels = np.load(labels_file)
+    labels[labels == 7] = 11  # a label outside 0-9, and digit 7 goes missing
+    np.save(labels_file, labels)
+
+    with pytest.raises(DataValidationError) as raised:
+        _retrain()
+    message = str(raised.value)
+    assert "11" in message and "label" in message
+
+    client = _client()
+    [run] = client.search_runs([client.get_experiment_by_name(get_settings().experiment).experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["stopped_at"] == "validation"
+    assert client.search_registered_models() == []  # nothing trained, nothing registered
+
+
+def test_crash_mid_training_marks_the_run_failed_and_keeps_the_champion(project, monkeypatch):
+    first = _retrain(**{"train.epochs": 1})
+    assert first["promoted"]
+
+    def crash(run_id, epoch, values):
+        raise RuntimeError("simulated crash in epoch 1")
+
+    log_epoch = steps._log_epoch
+    monkeypatch.setattr(steps, "_log_epoch", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _retrain()
+    client = _client()
+    runs = client.search_runs([client.get_experiment_by_name(get_settings().experiment).experiment_id],
+                              order_by=["attributes.start_time DESC"])
+    assert runs[0].info.status == "FAILED"
+    assert registry.get_alias(client, get_settings().model_name).version == first["champion_version"]
+
+    monkeypatch.setattr(steps, "_log_epoch", log_epoch)
+    again = _retrain(**{"train.epochs": 1, "gate.max_accuracy_drop": 1.0})
+    assert again["promoted"] and again["champion_version"] == "2"
