@@ -30,7 +30,7 @@ app.add_typer(data_app, name="data")
 def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
-    for noisy in ("alembic", "urllib3", "matplotlib", "PIL", "great_expectations", "mlflow"):
+    for noisy in ("alembic", "urllib3", "matplotlib", "PIL", "great_expectations", "mlflow", "dvc", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

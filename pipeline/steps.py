@@ -124,12 +124,14 @@ def validate(settings: Settings, params: Params, run_id: str | None = None) -> V
 
 
 def _log_epoch(run_id: str, epoch: int, values: dict[str, float]) -> None:
-    import mlflow
+    """One batched call per epoch (each MLflow call costs milliseconds on sqlite)."""
+    import time
 
-    mlflow.MlflowClient().log_batch(
-        run_id, metrics=[mlflow.entities.Metric(k, v, mlflow.entities.metric.get_current_time_millis(), epoch)
-                         for k, v in values.items()]
-    )
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[Metric(k, v, now, epoch) for k, v in values.items()])
 
 
 def _log_evaluation(dataset: Dataset, metrics: Metrics, probabilities: np.ndarray, history: dict) -> None:
@@ -181,8 +183,16 @@ def train_candidate(settings: Settings, params: Params, run_id: str) -> Candidat
             name="model",
             signature=infer_signature(example, probabilities[:2]),
             input_example=example,
+            # stated, not inferred: inference re-imports the model in a subprocess (~20 s)
+            pip_requirements=_model_requirements(),
         )
     return Candidate(run_id, info.model_uri, metrics, tuple(int(d) for d in predicted[:SMOKE_IMAGES]))
+
+
+def _model_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("tensorflow-cpu", "keras", "numpy", "mlflow")]
 
 
 def score(model_uri: str, dataset: Dataset) -> tuple[Metrics, np.ndarray]:

@@ -81,7 +81,7 @@ def record(root: Path, data_dir: Path, push: bool = True) -> DataVersion:
     """``dvc add`` data/ (a no-op when unchanged) and push it to the default remote."""
     repo = _repo(root)
     try:
-        repo.add(str(data_dir.relative_to(root)))
+        repo.add(str(data_dir.resolve()))
         pushed = False
         if push and repo.config.get("core", {}).get("remote"):
             try:

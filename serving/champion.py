@@ -1,0 +1,206 @@
+"""Follow ``models:/<name>@champion`` in the MLflow registry: load it, warm it, swap it in.
+
+Used by the BentoML service (which polls in a background thread) and by ``digits predict`` (which
+loads once). No BentoML here: this module only needs MLflow, TensorFlow and ``pipeline``.
+
+A swap is one reference assignment: the new version is loaded and warmed completely while the old
+one keeps answering, so a request never sees a half-loaded model; each request reads the reference
+once and answers with that model's name, version and run id.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline.preprocess import SIDE, to_model_input
+from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from pipeline.registry import ModelRef
+
+log = logging.getLogger(__name__)
+
+NO_CHAMPION = "no model has been promoted yet; run `digits retrain` to train one and promote it"
+# after a version fails to load, wait this long before trying the same version again
+RETRY_FAILED_SECONDS = 60.0
+
+
+class ModelUnavailable(RuntimeError):
+    """No model can answer right now; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A registered version, loaded and warmed, with its compiled predictor."""
+
+    ref: ModelRef
+    predictor: Callable[[np.ndarray], np.ndarray]
+    loaded_at: str
+    load_seconds: float
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 or float pixels (n, 28, 28) on the 0-255 scale -> softmax probabilities (n, 10)."""
+        return np.asarray(self.predictor(to_model_input(pixels)), dtype=np.float64)
+
+    def answers(self, pixels: np.ndarray) -> list[dict]:
+        """One answer per image: digit, confidence, the ten probabilities, and who answered."""
+        return [self.answer(row) for row in self.probabilities(pixels)]
+
+    def answer(self, probabilities: np.ndarray) -> dict:
+        digit = int(np.argmax(probabilities))
+        return {
+            "digit": digit,
+            "confidence": round(float(probabilities[digit]), 6),
+            "probabilities": [round(float(p), 6) for p in probabilities],
+            "model_name": self.ref.model_name,
+            "model_version": self.ref.version,
+            "run_id": self.ref.run_id,
+        }
+
+    def info(self) -> dict:
+        return {**self.ref.to_dict(), "uri": self.ref.uri, "loaded_at": self.loaded_at,
+                "load_seconds": round(self.load_seconds, 3)}
+
+
+def registry_client(settings: Settings) -> MlflowClient:
+    """A read-only view of the registry (unlike ``registry.connect``, it creates no experiment)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(settings.resolved_tracking_uri)
+    mlflow.set_registry_uri(settings.resolved_tracking_uri)
+    return MlflowClient(settings.resolved_tracking_uri, settings.resolved_tracking_uri)
+
+
+def load(ref: ModelRef) -> LoadedModel:
+    """Load one registered version (by version, not by alias) and warm its compiled predictor.
+
+    Warming traces the ``tf.function`` for one image and for a batch, so the first requests after a
+    swap are as fast as the rest.
+    """
+    from pipeline.registry import load_keras
+    from pipeline.train import compiled_predictor
+
+    started = time.perf_counter()
+    predictor = compiled_predictor(load_keras(ref.uri))
+    for n in (1, 2, 3, 32):
+        out = predictor(np.zeros((n, SIDE, SIDE, 1), dtype=np.float32))
+        if out.shape != (n, 10) or not np.isfinite(out).all():
+            raise ValueError(f"{ref.uri} answers shape {out.shape} for {n} images; expected ({n}, 10) probabilities")
+    return LoadedModel(ref, predictor, datetime.now(UTC).isoformat(timespec="seconds"),
+                       time.perf_counter() - started)
+
+
+def load_champion(settings: Settings) -> LoadedModel:
+    """The current champion, loaded once (for ``digits predict``); ModelUnavailable when none."""
+    from pipeline.registry import get_alias
+
+    ref = get_alias(registry_client(settings), settings.model_name)
+    if ref is None:
+        raise ModelUnavailable(f"{NO_CHAMPION} (registry {settings.resolved_tracking_uri}, model {settings.model_name})")
+    return load(ref)
+
+
+class ChampionWatcher:
+    """Keeps the champion loaded and follows the alias every ``poll_seconds`` in a daemon thread.
+
+    ``current`` is the model that answers; it is replaced in one assignment, only by a model that
+    loaded and answered a warm-up. When the alias disappears or the registry cannot be read, the
+    loaded model keeps answering (and ``problem`` says what is wrong).
+    """
+
+    def __init__(self, settings: Settings, poll_seconds: float | None = None) -> None:
+        self.settings = settings
+        self.poll_seconds = float(poll_seconds or settings.champion_poll_seconds)
+        self.current: LoadedModel | None = None
+        self.problem: str | None = None
+        self.checked_once = threading.Event()
+        self.last_check: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: MlflowClient | None = None
+        self._failed: dict[str, float] = {}  # version -> when it failed to load
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> ChampionWatcher:
+        self._thread = threading.Thread(target=self._run, name="champion-watcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.check()
+            self._stop.wait(self.poll_seconds)
+
+    # ------------------------------------------------------------ one poll
+
+    def check(self) -> LoadedModel | None:
+        """Look at the alias once; load and swap in a new champion. Never raises."""
+        try:
+            self._check()
+        except Exception as err:  # a poll must never kill the watcher: report and try again later
+            self.problem = f"the model registry could not be read ({type(err).__name__}: {err}); retrying"
+            log.warning("champion check failed: %s", self.problem)
+        finally:
+            self.last_check = datetime.now(UTC).isoformat(timespec="seconds")
+            self.checked_once.set()
+        return self.current
+
+    def _check(self) -> None:
+        from pipeline.registry import get_alias
+
+        if self._client is None:
+            self._client = registry_client(self.settings)
+        ref = get_alias(self._client, self.settings.model_name)
+        current = self.current
+        if ref is None:
+            self.problem = NO_CHAMPION if current is None else (
+                f"the champion alias of {self.settings.model_name} is gone; still serving v{current.ref.version}")
+            return
+        if current is not None and current.ref.version == ref.version:
+            self.problem = None
+            return
+        failed_at = self._failed.get(ref.version)
+        if failed_at is not None and time.monotonic() - failed_at < max(RETRY_FAILED_SECONDS, self.poll_seconds):
+            return
+        log.info("loading champion %s v%s (run %s)", ref.model_name, ref.version, ref.run_id)
+        try:
+            loaded = load(ref)
+        except Exception as err:
+            self._failed[ref.version] = time.monotonic()
+            self.problem = f"champion v{ref.version} could not be loaded ({type(err).__name__}: {err})" + (
+                f"; still serving v{current.ref.version}" if current else "")
+            log.error("%s", self.problem)
+            return
+        self.current = loaded  # the swap: one reference assignment
+        self._failed.pop(ref.version, None)
+        self.problem = None
+        log.info("now serving %s v%s (loaded in %.1f s; was %s)", ref.model_name, ref.version, loaded.load_seconds,
+                 f"v{current.ref.version}" if current else "none")
+
+    # ------------------------------------------------------------ for requests
+
+    def require(self) -> LoadedModel:
+        """The model that answers this request, or ModelUnavailable saying why there is none."""
+        current = self.current
+        if current is not None:
+            return current
+        if not self.checked_once.is_set():
+            raise ModelUnavailable("the service is starting and loading the champion model; retry in a few seconds")
+        raise ModelUnavailable(self.problem or NO_CHAMPION)

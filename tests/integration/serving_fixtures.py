@@ -1,0 +1,194 @@
+"""Helpers for the serving tests: a throw-away MLflow store with trained champions, and a real
+``bentoml serve`` process on a free port.
+
+Nothing here is mocked: models are trained with ``pipeline.train`` on real MNIST images, logged with
+``mlflow.tensorflow.log_model`` like the retraining flow does, registered and promoted through
+``pipeline.registry``; the server is the real BentoML service started as a subprocess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+SERVICE = "serving.service:DigitClassifier"
+
+
+# ---------------------------------------------------------------- a store with champions
+
+
+def store_env(home: Path) -> dict[str, str]:
+    """Environment variables that point the settings (and so MLflow) at a project folder ``home``."""
+    return {
+        "DIGITS_HOME": str(home),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "DO_NOT_TRACK": "1",
+        "BENTOML_DO_NOT_TRACK": "true",
+    }
+
+
+@contextlib.contextmanager
+def using_store(home: Path) -> Iterator[None]:
+    """Point this process's settings at ``home`` (and its sqlite store) for the duration."""
+    import pytest
+
+    from pipeline.settings import get_settings
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in store_env(home).items():
+            mp.setenv(key, value)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        get_settings.cache_clear()
+        try:
+            yield
+        finally:
+            get_settings.cache_clear()
+
+
+def train_and_log(dataset, *, seed: int = 42, epochs: int = 2) -> tuple[str, str, float]:
+    """Train a small CNN on ``dataset`` and log it like the retraining flow: (run_id, model_uri, accuracy)."""
+    import mlflow
+    import mlflow.tensorflow
+    from mlflow.models import infer_signature
+
+    from pipeline import registry
+    from pipeline.params import load_params
+    from pipeline.preprocess import to_model_input
+    from pipeline.settings import get_settings
+    from pipeline.train import compiled_predictor, train
+
+    params = load_params(REPO / "params.yaml", {"train.epochs": epochs, "train.seed": seed,
+                                                 "train.validation_split": 0.0})
+    registry.connect(get_settings())
+    result = train(dataset, params)
+    probabilities = compiled_predictor(result.model)(to_model_input(dataset.x_test))
+    accuracy = float((probabilities.argmax(1) == dataset.y_test).mean())
+    with mlflow.start_run() as run:
+        mlflow.log_metrics({"test_accuracy": accuracy, "test_min_class_recall": 0.0})
+        example = to_model_input(dataset.x_test[:2])
+        info = mlflow.tensorflow.log_model(result.model, name="model",
+                                           signature=infer_signature(example, probabilities[:2]),
+                                           input_example=example)
+    return run.info.run_id, info.model_uri, accuracy
+
+
+def register_and_promote(run_id: str, model_uri: str, reason: str = "test") -> str:
+    """Register the logged model as a new version and move ``champion`` to it; returns the version."""
+    from pipeline import registry
+    from pipeline.settings import get_settings
+
+    settings = get_settings()
+    client = registry.connect(settings)
+    version = registry.register(client, settings.model_name, model_uri, run_id, {"data_version": "test-data"})
+    current = registry.get_alias(client, settings.model_name)
+    registry.move_champion(client, settings, version.version, current.version if current else None, reason, run_id)
+    return version.version
+
+
+# ---------------------------------------------------------------- a real server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A ``bentoml serve`` subprocess (in its own process group, so that stopping it stops its workers)."""
+
+    home: Path
+    port: int = field(default_factory=free_port)
+    poll_seconds: float = 1.0
+    log_path: Path | None = None
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Server:
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        env.update(store_env(self.home))
+        env.update({
+            "DIGITS_CHAMPION_POLL_SECONDS": str(self.poll_seconds),
+            "BENTOML_HOME": str(self.home / "bentoml"),
+            "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        })
+        self.log_path = self.log_path or self.home / f"server-{self.port}.log"
+        log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1", "--port", str(self.port),
+             "--working-dir", str(REPO)],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def wait(self, path: str = "/readyz", timeout: float = 90.0) -> None:
+        """Wait until ``path`` answers 200 (``/livez``: the process is up; ``/readyz``: a model is loaded)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+            try:
+                with urllib.request.urlopen(self.url + path, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.url}{path} not ready after {timeout:.0f} s:\n{self.log()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------- images
+
+
+def render(pixels: np.ndarray, fmt: str = "PNG", size: int = 300, dark_on_light: bool = True) -> bytes:
+    """A real MNIST digit as a photo-like file: upscaled, optionally inverted (dark ink on white paper)."""
+    from PIL import Image
+
+    image = Image.fromarray(255 - pixels if dark_on_light else pixels).convert("L")
+    image = image.resize((size, size), Image.Resampling.BICUBIC)
+    if fmt == "JPEG":
+        image = image.convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, quality=90)
+    return buffer.getvalue()
