@@ -39,7 +39,8 @@ IMAGE_COLUMNS = [
     "split", "label", "height", "width", "dtype",
     "pixel_min", "pixel_max", "pixel_mean", "ink_fraction", "content_hash",
 ]  # fmt: skip
-# a handful of real MNIST digits are very thin or very bold: tolerate 0.1% outside the ink bounds
+# real MNIST lies well inside the default ink bounds (0.043 ... 0.448), but added handwriting may
+# hold the odd very thin or very bold digit: tolerate 0.1% outside them, not a blank-image batch
 INK_MOSTLY = 0.999
 # how many offending values GX reports per failed expectation (its counts cover only these)
 PARTIAL_UNEXPECTED = 50
@@ -174,7 +175,8 @@ def validate_dataset(dataset: Dataset, params: ValidationParams, report_dir: Pat
     docs_dir.mkdir(parents=True, exist_ok=True)
 
     results, gx_stats = _run_checkpoint(table, params, docs_dir)
-    failures = [_describe_failure(r, table) for r in results if not r.success]
+    failed = sorted((r for r in results if not r.success), key=lambda r: (r.expectation_config.meta or {}).get("order", 0))
+    failures = [_describe_failure(r, table) for r in failed]
     statistics = _statistics(table, params)
     statistics["expectations_evaluated"] = int(gx_stats["evaluated_expectations"])
     statistics["expectations_failed"] = int(gx_stats["unsuccessful_expectations"])
@@ -182,7 +184,7 @@ def validate_dataset(dataset: Dataset, params: ValidationParams, report_dir: Pat
     report_html = docs_dir / "index.html"
     if not report_html.exists():  # the UpdateDataDocsAction should have written it
         raise RuntimeError(f"Great Expectations did not write its Data Docs to {report_html}")
-    success = all(r.success for r in results) and not failures
+    success = not failed
     log.info(
         "data validation %s: %d of %d expectations failed in %.1f s",
         "passed" if success else "failed", len(failures), statistics["expectations_evaluated"], statistics["seconds"],
@@ -248,7 +250,8 @@ def _expectations(params: ValidationParams) -> list[Any]:
 
     def add(expectation: Any, subject: str, rule: str, kind: str = "", split: str = "", **extra: Any) -> None:
         expectation.notes = rule
-        expectation.meta = {"subject": subject, "rule": rule, "kind": kind, "split": split, **extra}
+        # GX returns results grouped its own way: "order" puts failures back in suite order
+        expectation.meta = {"subject": subject, "rule": rule, "kind": kind, "split": split, "order": len(out), **extra}
         out.append(expectation)
 
     for column in IMAGE_COLUMNS:
@@ -331,6 +334,8 @@ def _describe_failure(result: Any, table: pd.DataFrame) -> str:
 def _found(res: dict[str, Any], meta: dict[str, Any], table: pd.DataFrame) -> str:
     kind, split = meta.get("kind", ""), meta.get("split", "")
     rows = table[table["split"] == split] if split else table
+    if split and kind != "rows" and rows.empty:
+        return f"the {split} split holds no images"
     if kind == "label_set":
         present = set(rows["label"].dropna().tolist())
         missing = [label for label in LABELS if label not in present]

@@ -81,8 +81,8 @@ def test_poisoned_data_is_stopped_by_validation(project, mnist_slice):
 
 
 def test_crash_mid_training_marks_the_run_failed_and_keeps_the_champion(project, monkeypatch):
-    first = _retrain(**{"train.epochs": 1})
-    assert first["promoted"]
+    first = _retrain()
+    assert first["promoted"], first["reasons"]
 
     def crash(run_id, epoch, values):
         raise RuntimeError("simulated crash in epoch 1")
@@ -98,5 +98,7 @@ def test_crash_mid_training_marks_the_run_failed_and_keeps_the_champion(project,
     assert registry.get_alias(client, get_settings().model_name).version == first["champion_version"]
 
     monkeypatch.setattr(steps, "_log_epoch", log_epoch)
-    again = _retrain(**{"train.epochs": 1, "gate.max_accuracy_drop": 1.0})
+    # the next run works; same data, seed and params give the same model, which ties the champion
+    again = _retrain()
+    assert again["test_accuracy"] == first["test_accuracy"]
     assert again["promoted"] and again["champion_version"] == "2"

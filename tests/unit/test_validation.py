@@ -20,7 +20,7 @@ SLICE_PARAMS = ValidationParams(min_train_rows=N_TRAIN, min_test_rows=N_TEST)
 
 
 @pytest.fixture(scope="module")
-def mnist_slice() -> Dataset:
+def mnist_head() -> Dataset:
     if not has_dataset(DATA_DIR):
         pytest.skip(f"no MNIST under {DATA_DIR}/mnist: run `digits data ingest` or `dvc pull` first")
     # copies, so a test that damages its arrays cannot leak into another test
@@ -67,8 +67,8 @@ def test_image_table_has_one_row_per_image() -> None:
     assert table.at["test/1", "content_hash"] == table.at["test/2", "content_hash"] != table.at["test/0", "content_hash"]
 
 
-def test_clean_slice_passes_and_writes_the_html_report(mnist_slice: Dataset, tmp_path: Path) -> None:
-    report = validate_dataset(mnist_slice, SLICE_PARAMS, tmp_path)
+def test_clean_slice_passes_and_writes_the_html_report(mnist_head: Dataset, tmp_path: Path) -> None:
+    report = validate_dataset(mnist_head, SLICE_PARAMS, tmp_path)
     assert report.success, report.summary()
     assert report.failures == []
     assert report.report_html == tmp_path.resolve() / "data_docs" / "index.html"
@@ -83,14 +83,14 @@ def test_clean_slice_passes_and_writes_the_html_report(mnist_slice: Dataset, tmp
     assert "Data validation passed" in report.summary()
 
 
-def test_a_second_run_replaces_the_report(mnist_slice: Dataset, tmp_path: Path) -> None:
-    validate_dataset(mnist_slice, SLICE_PARAMS, tmp_path)
-    report = validate_dataset(mnist_slice, SLICE_PARAMS, tmp_path)
+def test_a_second_run_replaces_the_report(mnist_head: Dataset, tmp_path: Path) -> None:
+    validate_dataset(mnist_head, SLICE_PARAMS, tmp_path)
+    report = validate_dataset(mnist_head, SLICE_PARAMS, tmp_path)
     assert len(list((report.report_html.parent / "validations").rglob("*.html"))) == 1
 
 
-def test_label_outside_0_to_9_fails_naming_the_values(mnist_slice: Dataset, tmp_path: Path) -> None:
-    ds = copy_of(mnist_slice)
+def test_label_outside_0_to_9_fails_naming_the_values(mnist_head: Dataset, tmp_path: Path) -> None:
+    ds = copy_of(mnist_head)
     ds.y_train[[5, 7, 9]] = 11
     ds.y_test[3] = 255
     report = validate_dataset(ds, SLICE_PARAMS, tmp_path)
@@ -104,9 +104,9 @@ def test_label_outside_0_to_9_fails_naming_the_values(mnist_slice: Dataset, tmp_
     assert "label: values must be in 0..9; found 11 (3 rows)" in report.summary()
 
 
-def test_a_missing_class_fails(mnist_slice: Dataset, tmp_path: Path) -> None:
-    keep = mnist_slice.y_train != 7
-    ds = Dataset(mnist_slice.x_train[keep], mnist_slice.y_train[keep], mnist_slice.x_test, mnist_slice.y_test)
+def test_a_missing_class_fails(mnist_head: Dataset, tmp_path: Path) -> None:
+    keep = mnist_head.y_train != 7
+    ds = Dataset(mnist_head.x_train[keep], mnist_head.y_train[keep], mnist_head.x_test, mnist_head.y_test)
     params = ValidationParams(min_train_rows=int(keep.sum()), min_test_rows=N_TEST)
     report = validate_dataset(ds, params, tmp_path)
     assert not report.success
@@ -117,11 +117,11 @@ def test_a_missing_class_fails(mnist_slice: Dataset, tmp_path: Path) -> None:
     assert report.statistics["class_count_min_train"] == 0
 
 
-def test_a_rare_class_fails_the_balance_check(mnist_slice: Dataset, tmp_path: Path) -> None:
-    threes = np.flatnonzero(mnist_slice.y_train == 3)
+def test_a_rare_class_fails_the_balance_check(mnist_head: Dataset, tmp_path: Path) -> None:
+    threes = np.flatnonzero(mnist_head.y_train == 3)
     keep = np.ones(N_TRAIN, bool)
     keep[threes[10:]] = False  # ten 3s left: far below 6% of the split
-    ds = Dataset(mnist_slice.x_train[keep], mnist_slice.y_train[keep], mnist_slice.x_test, mnist_slice.y_test)
+    ds = Dataset(mnist_head.x_train[keep], mnist_head.y_train[keep], mnist_head.x_test, mnist_head.y_test)
     report = validate_dataset(ds, ValidationParams(min_train_rows=100, min_test_rows=N_TEST), tmp_path)
     failure = only_failure_about(report, "class_share (train)")
     rows = int(keep.sum())
@@ -133,8 +133,8 @@ def test_a_rare_class_fails_the_balance_check(mnist_slice: Dataset, tmp_path: Pa
     assert len(report.failures) == 1
 
 
-def test_train_test_overlap_fails(mnist_slice: Dataset, tmp_path: Path) -> None:
-    ds = copy_of(mnist_slice)
+def test_train_test_overlap_fails(mnist_head: Dataset, tmp_path: Path) -> None:
+    ds = copy_of(mnist_head)
     ds.x_train[100:105], ds.y_train[100:105] = ds.x_test[:5], ds.y_test[:5]
     report = validate_dataset(ds, SLICE_PARAMS, tmp_path)
     assert not report.success
@@ -150,8 +150,8 @@ def test_train_test_overlap_fails(mnist_slice: Dataset, tmp_path: Path) -> None:
     assert validate_dataset(ds, SLICE_PARAMS.model_copy(update={"max_train_test_overlap": 5}), tmp_path).success
 
 
-def test_duplicates_beyond_tolerance_fail(mnist_slice: Dataset, tmp_path: Path) -> None:
-    ds = copy_of(mnist_slice)
+def test_duplicates_beyond_tolerance_fail(mnist_head: Dataset, tmp_path: Path) -> None:
+    ds = copy_of(mnist_head)
     ds.x_train[1:21], ds.y_train[1:21] = ds.x_train[0], ds.y_train[0]  # 20 extra copies: 1% > 0.1%
     report = validate_dataset(ds, SLICE_PARAMS, tmp_path)
     assert not report.success
@@ -165,16 +165,16 @@ def test_duplicates_beyond_tolerance_fail(mnist_slice: Dataset, tmp_path: Path) 
     assert len(report.failures) == 1
 
 
-def test_duplicates_within_tolerance_pass(mnist_slice: Dataset, tmp_path: Path) -> None:
-    ds = copy_of(mnist_slice)
+def test_duplicates_within_tolerance_pass(mnist_head: Dataset, tmp_path: Path) -> None:
+    ds = copy_of(mnist_head)
     ds.x_train[1], ds.y_train[1] = ds.x_train[0], ds.y_train[0]  # one copy in 2000: 0.05%
     report = validate_dataset(ds, SLICE_PARAMS, tmp_path)
     assert report.success, report.summary()
     assert report.statistics["duplicates_train"] == 1
 
 
-def test_blank_images_beyond_tolerance_fail(mnist_slice: Dataset, tmp_path: Path) -> None:
-    ds = copy_of(mnist_slice)
+def test_blank_images_beyond_tolerance_fail(mnist_head: Dataset, tmp_path: Path) -> None:
+    ds = copy_of(mnist_head)
     ds.x_test[[10, 20, 30, 40]] = 0  # 4 of 500 = 0.8% blank, tolerance 0.1%
     report = validate_dataset(ds, SLICE_PARAMS, tmp_path)
     assert not report.success
@@ -190,16 +190,16 @@ def test_blank_images_beyond_tolerance_fail(mnist_slice: Dataset, tmp_path: Path
     assert len(report.failures) == 2
 
 
-def test_a_blank_image_within_tolerance_passes(mnist_slice: Dataset, tmp_path: Path) -> None:
-    ds = copy_of(mnist_slice)
+def test_a_blank_image_within_tolerance_passes(mnist_head: Dataset, tmp_path: Path) -> None:
+    ds = copy_of(mnist_head)
     ds.x_train[10] = 0  # 1 of 2000 = 0.05%: the odd real-world outlier is tolerated
     report = validate_dataset(ds, SLICE_PARAMS, tmp_path)
     assert report.success, report.summary()
     assert report.statistics["ink_outside_train"] == 1
 
 
-def test_too_few_rows_fail(mnist_slice: Dataset, tmp_path: Path) -> None:
-    report = validate_dataset(mnist_slice, ValidationParams(), tmp_path)  # defaults: 60,000 / 10,000
+def test_too_few_rows_fail(mnist_head: Dataset, tmp_path: Path) -> None:
+    report = validate_dataset(mnist_head, ValidationParams(), tmp_path)  # defaults: 60,000 / 10,000
     assert not report.success
     assert report.failures == [
         "rows (train): at least 60,000 images; found 2000 (expect_table_row_count_to_be_between)",
@@ -208,8 +208,8 @@ def test_too_few_rows_fail(mnist_slice: Dataset, tmp_path: Path) -> None:
     assert report.statistics["expectations_failed"] == 2
 
 
-def test_wrong_image_type_and_size_fail(mnist_slice: Dataset, tmp_path: Path) -> None:
-    ds = copy_of(mnist_slice)
+def test_wrong_image_type_and_size_fail(mnist_head: Dataset, tmp_path: Path) -> None:
+    ds = copy_of(mnist_head)
     ds = Dataset(ds.x_train.astype(np.float32) / 255, ds.y_train, ds.x_test[:, :27, :27].copy(), ds.y_test)
     report = validate_dataset(ds, SLICE_PARAMS, tmp_path)
     assert only_failure_about(report, "dtype").startswith(
@@ -220,8 +220,8 @@ def test_wrong_image_type_and_size_fail(mnist_slice: Dataset, tmp_path: Path) ->
     assert only_failure_about(report, "width").startswith("width: images must be 28 pixels; found 27 in 500 of 2500")
 
 
-def test_error_carries_the_report_and_survives_pickling(mnist_slice: Dataset, tmp_path: Path) -> None:
-    report = validate_dataset(mnist_slice, ValidationParams(), tmp_path)
+def test_error_carries_the_report_and_survives_pickling(mnist_head: Dataset, tmp_path: Path) -> None:
+    report = validate_dataset(mnist_head, ValidationParams(), tmp_path)
     err = DataValidationError(report)
     assert err.report is report
     assert "Data validation FAILED" in str(err) and "rows (train): at least 60,000 images; found 2000" in str(err)
