@@ -27,11 +27,10 @@ data_app = typer.Typer(help="Ingest the raw dataset or add labelled images as a 
 app.add_typer(data_app, name="data")
 
 
-def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
-    for noisy in ("alembic", "urllib3", "matplotlib", "PIL", "great_expectations", "mlflow", "dvc", "h5py"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def _setup_logging() -> None:
+    """Progress lines on stderr for commands that run without Prefect."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    _quiet_libraries()
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -53,12 +52,19 @@ def _parse_sets(sets: list[str] | None) -> dict[str, Any]:
 
 def _quiet_libraries() -> None:
     """Defaults that make the embedded set-up calm and robust; an explicit environment wins."""
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
+    for key, value in {
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "pipeline",  # our progress lines show in the Prefect run
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "GX_ANALYTICS_ENABLED": "false",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "DO_NOT_TRACK": "1",
+    }.items():
+        os.environ.setdefault(key, value)
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    for noisy in ("alembic", "urllib3", "matplotlib", "PIL", "great_expectations", "mlflow", "dvc", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 SetOption = Annotated[
@@ -67,8 +73,11 @@ SetOption = Annotated[
 ]
 
 
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
 @app.command()
-def retrain(sets: SetOption = None, as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False) -> None:
+def retrain(sets: SetOption = None, as_json: JsonOption = False) -> None:
     """Run the retraining flow end to end with Prefect (no server to start).
 
     Steps: version the dataset with DVC (ingesting MNIST on first use) -> validate it with Great
@@ -77,17 +86,16 @@ def retrain(sets: SetOption = None, as_json: Annotated[bool, typer.Option("--jso
     `champion` alias. A worse model never replaces the champion; the summary says why.
     """
     _quiet_libraries()
-    from pipeline.params import ParamsError
+    from pipeline.params import ParamsError, load_params
+    from pipeline.settings import get_settings
     from pipeline.validation import DataValidationError
 
-    from pipeline.params import load_params
-    from pipeline.settings import get_settings
-
+    overrides = _parse_sets(sets)
     try:
-        load_params(get_settings().params_path, _parse_sets(sets))  # fail before starting any engine
+        load_params(get_settings().params_path, overrides)  # refuse bad params before starting any engine
         from flows.retrain import retrain as retrain_flow
 
-        summary = retrain_flow(overrides=_parse_sets(sets))
+        summary = retrain_flow(overrides=overrides)
     except ParamsError as err:
         _fail(str(err), 2)
     except DataValidationError as err:
@@ -98,7 +106,7 @@ def retrain(sets: SetOption = None, as_json: Annotated[bool, typer.Option("--jso
 
 @app.command()
 def status(
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    as_json: JsonOption = False,
     show_all: Annotated[bool, typer.Option("--all", help="List every registered version and the promotion history.")] = False,
 ) -> None:
     """Show the champion: model name, version, run id, test metrics, data version, promoted-at."""
@@ -127,8 +135,10 @@ def status(
     for key, value in champion.metrics.items():
         typer.echo(f"  {key:<17} {value:.4f}")
     for version in report.get("versions", []):
-        typer.echo(f"  v{version['version']}: accuracy {version['metrics'].get('test_accuracy', float('nan')):.4f}, "
-                   f"data {str(version['data_version'])[:12]}, promoted {version['promoted_at'] or '-'}")
+        typer.echo(
+            f"  v{version['version']}: accuracy {version['metrics'].get('test_accuracy', float('nan')):.4f}, "
+            f"data {str(version['data_version'])[:12]}, promoted {version['promoted_at'] or '-'}"
+        )
 
 
 def _manual_promotion(version: str | None, allow_regression: bool) -> None:
@@ -172,7 +182,6 @@ def rollback() -> None:
 
 def _step_context(sets: list[str] | None = None):
     _setup_logging()
-    _quiet_libraries()
     from pipeline.params import ParamsError, load_params
     from pipeline.settings import get_settings
 
@@ -210,8 +219,11 @@ def train(
 
     settings, params = _step_context(sets)
     pointer = versioning.read_pointer(versioning.pointer_path(settings.home, settings.data_dir))
-    data_version = versioning.DataVersion(pointer["md5"], int(pointer.get("nfiles", 0)), int(pointer.get("size", 0)), False) \
-        if pointer else versioning.record(settings.home, settings.data_dir, push=False)
+    data_version = (
+        versioning.DataVersion(pointer["md5"], int(pointer.get("nfiles", 0)), int(pointer.get("size", 0)), False)
+        if pointer
+        else versioning.record(settings.home, settings.data_dir, push=False)
+    )
     run_id = steps.start_run(settings, params, data_version, run_name=f"train-{data_version.short}")
     try:
         candidate = steps.train_candidate(settings, params, run_id)
@@ -282,8 +294,10 @@ def data_add(
         version = versioning.record(settings.home, settings.data_dir)
     except DataError as err:
         _fail(str(err))
-    typer.echo(f"added images ({total} added in all); new data version {version.md5}.\n"
-               "Commit data.dvc (git add data.dvc && git commit) and run `digits retrain`.")
+    typer.echo(
+        f"added images ({total} added in all); new data version {version.md5}.\n"
+        "Commit data.dvc (git add data.dvc && git commit) and run `digits retrain`."
+    )
 
 
 @app.command()
@@ -299,8 +313,20 @@ def ui(
     settings = get_settings()
     registry.connect(settings)
     typer.echo(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-               "--backend-store-uri", settings.resolved_tracking_uri, "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        settings.resolved_tracking_uri,
+        "--workers",
+        "1",
+    ]
     if settings.artifact_location:
         command += ["--default-artifact-root", settings.artifact_location]
     raise typer.Exit(subprocess.call(command))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from pipeline.evaluate import Metrics
@@ -34,7 +35,7 @@ class GateDecision:
         return [f"{c.name}: {c.detail}" for c in (failed or self.checks)]
 
     def with_check(self, check: Check) -> GateDecision:
-        return GateDecision(self.checks + (check,), self.candidate_accuracy, self.champion_version, self.champion_accuracy, self.notes)
+        return dataclasses.replace(self, checks=self.checks + (check,))
 
     def to_dict(self) -> dict:
         return {

@@ -21,11 +21,11 @@ def _figure(width: float, height: float) -> Figure:
 def learning_curves(history: dict[str, list[float]]) -> Figure:
     fig = _figure(10, 4)
     epochs = np.arange(1, len(history.get("loss", [])) + 1)
-    for ax, key, title in zip(fig.subplots(1, 2), ("loss", "accuracy"), ("loss", "accuracy")):
+    for ax, key in zip(fig.subplots(1, 2), ("loss", "accuracy"), strict=True):
         for prefix, style in (("", "-o"), ("val_", "--s")):
             if f"{prefix}{key}" in history:
                 ax.plot(epochs, history[f"{prefix}{key}"], style, label="validation" if prefix else "training")
-        ax.set(title=title, xlabel="epoch")
+        ax.set(title=key, xlabel="epoch")
         ax.grid(alpha=0.3)
         ax.legend()
     return fig
@@ -39,10 +39,14 @@ def confusion_matrix(metrics: Metrics) -> Figure:
     image = ax.imshow(np.log1p(counts), cmap="Blues")
     for (row, col), value in np.ndenumerate(counts):
         if value:
-            ax.text(col, row, str(value), ha="center", va="center", fontsize=8,
-                    color="white" if row == col else "black")
-    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true",
-           title=f"confusion on {metrics.n_images:,} test images (accuracy {metrics.accuracy:.4f})")
+            ax.text(col, row, str(value), ha="center", va="center", fontsize=8, color="white" if row == col else "black")
+    ax.set(
+        xticks=range(10),
+        yticks=range(10),
+        xlabel="predicted",
+        ylabel="true",
+        title=f"confusion on {metrics.n_images:,} test images (accuracy {metrics.accuracy:.4f})",
+    )
     fig.colorbar(image, ax=ax, label="log(1 + count)")
     return fig
 
@@ -51,9 +55,8 @@ def per_class_scores(metrics: Metrics) -> Figure:
     fig = _figure(9, 4)
     ax = fig.subplots()
     digits = np.arange(10)
-    for offset, (name, values) in zip((-0.27, 0, 0.27), (("precision", metrics.class_precision),
-                                                         ("recall", metrics.class_recall),
-                                                         ("F1", metrics.class_f1))):
+    scores = (("precision", metrics.class_precision), ("recall", metrics.class_recall), ("F1", metrics.class_f1))
+    for offset, (name, values) in zip((-0.27, 0, 0.27), scores, strict=True):
         ax.bar(digits + offset, values, width=0.27, label=name)
     low = min(min(metrics.class_precision), min(metrics.class_recall), min(metrics.class_f1))
     ax.set(xticks=digits, xlabel="digit", ylim=(max(0.0, low - 0.02), 1.0), title="per-class scores on the test set")
@@ -74,7 +77,7 @@ def misclassified_grid(images: np.ndarray, y_true: np.ndarray, probabilities: np
     axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
     for ax in axes:
         ax.axis("off")
-    for ax, index in zip(axes, wrong):
+    for ax, index in zip(axes, wrong, strict=False):  # fewer mistakes than cells
         ax.imshow(images[index], cmap="gray_r")
         ax.set_title(f"true {y_true[index]} / pred {y_pred[index]}\n{probabilities[index, y_pred[index]]:.0%}", fontsize=8)
     return fig

@@ -12,13 +12,13 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
     import keras
+
     from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)

@@ -5,6 +5,7 @@ Steps hand each other small values (an MLflow run id, a model URI, metrics), nev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import registry, versioning
-from pipeline.data import DataError, Dataset, has_dataset, ingest, load_dataset
+from pipeline.data import Dataset, has_dataset, ingest, load_dataset
 from pipeline.evaluate import Metrics, compute_metrics, predict_classes
 from pipeline.gate import Check, GateDecision, decide
 from pipeline.params import Params
@@ -33,7 +34,6 @@ class Candidate:
     metrics: Metrics
     smoke_digits: tuple[int, ...]  # its answers on the first test images, to check the registered copy
 
-
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "metrics": self.metrics.to_dict()}, indent=2)
 
@@ -43,8 +43,12 @@ class Candidate:
         metrics = raw.pop("metrics")
         return cls(
             **{**raw, "smoke_digits": tuple(raw["smoke_digits"])},
-            metrics=Metrics(**{k: tuple(map(tuple, v)) if k == "confusion" else (tuple(v) if isinstance(v, list) else v)
-                               for k, v in metrics.items()}),
+            metrics=Metrics(
+                **{
+                    k: tuple(map(tuple, v)) if k == "confusion" else (tuple(v) if isinstance(v, list) else v)
+                    for k, v in metrics.items()
+                }
+            ),
         )
 
 
@@ -127,8 +131,9 @@ def _log_epoch(run_id: str, epoch: int, values: dict[str, float]) -> None:
     """One batched call per epoch (each MLflow call costs milliseconds on sqlite)."""
     import time
 
-    from mlflow import MlflowClient
     from mlflow.entities import Metric
+
+    from mlflow import MlflowClient
 
     now = int(time.time() * 1000)
     MlflowClient().log_batch(run_id, metrics=[Metric(k, v, now, epoch) for k, v in values.items()])
@@ -137,7 +142,6 @@ def _log_epoch(run_id: str, epoch: int, values: dict[str, float]) -> None:
 def _log_evaluation(dataset: Dataset, metrics: Metrics, probabilities: np.ndarray, history: dict) -> None:
     """Metrics and the figures people look at, into the active run."""
     import mlflow
-
     from pipeline import plots
 
     mlflow.log_metrics(metrics.flat())
@@ -160,10 +164,10 @@ def _log_evaluation(dataset: Dataset, metrics: Metrics, probabilities: np.ndarra
 
 def train_candidate(settings: Settings, params: Params, run_id: str) -> Candidate:
     """Train, evaluate on the test set, and log model, metrics and plots into the run."""
-    import mlflow
     import mlflow.tensorflow
     from mlflow.models import infer_signature
 
+    import mlflow
     from pipeline.preprocess import to_model_input
     from pipeline.train import compiled_predictor, train
 
@@ -172,8 +176,12 @@ def train_candidate(settings: Settings, params: Params, run_id: str) -> Candidat
     result = train(dataset, params, on_epoch=lambda epoch, values: _log_epoch(run_id, epoch, values))
     probabilities, predicted = predict_classes(compiled_predictor(result.model), dataset.x_test)
     metrics = compute_metrics(dataset.y_test, predicted)
-    log.info("test accuracy %.4f, lowest class recall %.4f (digit %d)", metrics.accuracy, metrics.min_class_recall,
-             metrics.weakest_class)
+    log.info(
+        "test accuracy %.4f, lowest class recall %.4f (digit %d)",
+        metrics.accuracy,
+        metrics.min_class_recall,
+        metrics.weakest_class,
+    )
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({"train_seconds": result.seconds, "train_images_per_second": result.images_per_second})
         _log_evaluation(dataset, metrics, probabilities, result.history)
@@ -231,8 +239,11 @@ def _smoke_check(model_uri: str, dataset: Dataset, expected: tuple[int, ...]) ->
     except Exception as err:  # any failure to load or answer is the finding
         return Check("smoke prediction from the registry", False, f"{model_uri} failed: {type(err).__name__}: {err}")
     ok = probabilities.shape == (len(expected), 10) and bool(np.isfinite(probabilities).all()) and tuple(digits) == expected
-    detail = (f"{model_uri} answered {len(digits)} test images like the trained model" if ok
-              else f"{model_uri} answers differ from the trained model's: {tuple(digits)[:8]} vs {expected[:8]}")
+    detail = (
+        f"{model_uri} answered {len(digits)} test images like the trained model"
+        if ok
+        else f"{model_uri} answers differ from the trained model's: {tuple(digits)[:8]} vs {expected[:8]}"
+    )
     return Check("smoke prediction from the registry", ok, detail)
 
 
@@ -268,16 +279,20 @@ def promote(settings: Settings, candidate: Candidate, decision: GateDecision, da
     decision = decision.with_check(_smoke_check(version.uri, load_dataset(settings.data_dir), candidate.smoke_digits))
     if decision.promote:
         try:
-            registry.move_champion(client, settings, version.version, decision.champion_version,
-                                   "; ".join(decision.reasons), candidate.run_id)
+            registry.move_champion(
+                client, settings, version.version, decision.champion_version, "; ".join(decision.reasons), candidate.run_id
+            )
         except registry.PromotionError as err:
             decision = decision.with_check(Check("champion unchanged since comparison", False, str(err)))
     client.set_model_version_tag(settings.model_name, version.version, "gate", "promote" if decision.promote else "reject")
     _log_decision(client, candidate.run_id, decision)
     if decision.promote:
         client.set_tag(candidate.run_id, "promoted_version", version.version)
-    return Outcome(decision, registry.get_version(client, settings.model_name, version.version),
-                   registry.get_alias(client, settings.model_name))
+    return Outcome(
+        decision,
+        registry.get_version(client, settings.model_name, version.version),
+        registry.get_alias(client, settings.model_name),
+    )
 
 
 def promote_version(settings: Settings, params: Params, version: str | None, allow_regression: bool = False) -> Outcome:
@@ -308,15 +323,21 @@ def promote_version(settings: Settings, params: Params, version: str | None, all
     decision = decide(metrics, params.gate, champion_metrics, champion.version if champion_metrics else None)
     decision = decision.with_check(Check("smoke prediction from the registry", True, f"{target.uri} loaded and answered"))
     if allow_regression and champion is not None:
-        decision = GateDecision(decision.checks, decision.candidate_accuracy, champion.version, None,
-                                decision.notes + ("comparison with the champion skipped on request (override)",))
+        note = f"comparison with champion v{champion.version} skipped on request (override)"
+        decision = dataclasses.replace(decision, champion_version=champion.version, notes=decision.notes + (note,))
     with mlflow.start_run(run_name=f"promote-v{target.version}") as run:
         mlflow.set_tags({"kind": "manual-promotion", "target_version": target.version})
         mlflow.log_metrics(metrics.flat())
     if decision.promote:
         try:
-            registry.move_champion(client, settings, target.version, champion.version if champion else None,
-                                   "manual: " + "; ".join(decision.reasons), run.info.run_id)
+            registry.move_champion(
+                client,
+                settings,
+                target.version,
+                champion.version if champion else None,
+                "manual: " + "; ".join(decision.reasons),
+                run.info.run_id,
+            )
         except registry.PromotionError as err:
             decision = decision.with_check(Check("champion unchanged since comparison", False, str(err)))
     _log_decision(client, run.info.run_id, decision)

@@ -62,7 +62,11 @@ def train(dataset: Dataset, params: Params, on_epoch: EpochHook | None = None) -
     model = build_model(params.model, params.train.learning_rate, steps, params.train.epochs)
     log.info(
         "training %s (%s parameters) on %d images, validating on %d, %d epochs",
-        model.name, f"{model.count_params():,}", len(x_fit), len(x_val), params.train.epochs,
+        model.name,
+        f"{model.count_params():,}",
+        len(x_fit),
+        len(x_val),
+        params.train.epochs,
     )
 
     class Progress(keras.callbacks.Callback):
@@ -75,8 +79,14 @@ def train(dataset: Dataset, params: Params, on_epoch: EpochHook | None = None) -
             values["epoch_seconds"] = seconds
             values["images_per_second"] = len(x_fit) / seconds
             shown = "  ".join(f"{k} {v:.4f}" for k, v in values.items() if "loss" in k or "accuracy" in k)
-            log.info("epoch %d/%d  %s  %.1f s  %s img/s", epoch + 1, params.train.epochs, shown, seconds,
-                     f"{values['images_per_second']:,.0f}")
+            log.info(
+                "epoch %d/%d  %s  %.1f s  %s img/s",
+                epoch + 1,
+                params.train.epochs,
+                shown,
+                seconds,
+                f"{values['images_per_second']:,.0f}",
+            )
             if on_epoch:
                 on_epoch(epoch, values)
 

@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -219,13 +219,11 @@ def _run_checkpoint(table: pd.DataFrame, params: ValidationParams, docs_dir: Pat
             "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
         },
     )
-    batch = context.data_sources.add_pandas("mnist").add_dataframe_asset("images").add_batch_definition_whole_dataframe(
-        "all images"
+    batch = (
+        context.data_sources.add_pandas("mnist").add_dataframe_asset("images").add_batch_definition_whole_dataframe("all images")
     )
     suite = context.suites.add(gx.ExpectationSuite(name=SUITE_NAME, expectations=_expectations(params)))
-    validation = context.validation_definitions.add(
-        gx.ValidationDefinition(name="mnist images", data=batch, suite=suite)
-    )
+    validation = context.validation_definitions.add(gx.ValidationDefinition(name="mnist images", data=batch, suite=suite))
     checkpoint = context.checkpoints.add(
         gx.Checkpoint(
             name="mnist dataset",
@@ -234,7 +232,7 @@ def _run_checkpoint(table: pd.DataFrame, params: ValidationParams, docs_dir: Pat
             result_format={"result_format": "SUMMARY", "partial_unexpected_count": PARTIAL_UNEXPECTED},
         )
     )
-    run_id = RunIdentifier(run_name="mnist-validation", run_time=datetime.now(timezone.utc))
+    run_id = RunIdentifier(run_name="mnist-validation", run_time=datetime.now(UTC))
     outcome = checkpoint.run(batch_parameters={"dataframe": table}, run_id=run_id)
     (run,) = outcome.run_results.values()
     return list(run.results), dict(run.statistics)
@@ -356,7 +354,9 @@ def _found(res: dict[str, Any], meta: dict[str, Any], table: pd.DataFrame) -> st
     if kind == "class_share":
         shares = rows.groupby("label", dropna=False).size() / max(len(rows), 1)
         rare = shares[shares < float(meta.get("threshold", 0))].sort_values()
-        listed = ", ".join(f"class {_fmt(k)} holds {v:.2%} ({int(round(v * len(rows)))} of {len(rows)} images)" for k, v in rare.items())
+        listed = ", ".join(
+            f"class {_fmt(k)} holds {v:.2%} ({int(round(v * len(rows)))} of {len(rows)} images)" for k, v in rare.items()
+        )
         return listed or f"smallest class share {_fmt(observed)}"
     if kind == "duplicates":
         counts = rows["content_hash"].value_counts()

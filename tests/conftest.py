@@ -44,8 +44,7 @@ def mnist_slice(mnist):
 def slice_npz(mnist_slice, tmp_path_factory) -> Path:
     """The slice as an MNIST .npz, the 'local' data source of test projects."""
     path = tmp_path_factory.mktemp("source") / "mnist-slice.npz"
-    np.savez(path, x_train=mnist_slice.x_train, y_train=mnist_slice.y_train,
-             x_test=mnist_slice.x_test, y_test=mnist_slice.y_test)
+    np.savez(path, x_train=mnist_slice.x_train, y_train=mnist_slice.y_train, x_test=mnist_slice.x_test, y_test=mnist_slice.y_test)
     return path
 
 
@@ -95,3 +94,57 @@ def prefect_engine():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+def free_port() -> int:
+    """A port nobody listens on right now, on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
+    """Poll ``url`` until it answers 200; fail early if ``process`` died."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before answering {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Real headless Chromium (Debian's chromium + chromium-driver) driven by Selenium."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    driver_path = shutil.which("chromedriver")
+    if driver_path is None:
+        pytest.fail("chromedriver is not installed: run `bash tests/run`, which installs chromium and chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,900",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from mlflow import MlflowClient
 
+from mlflow import MlflowClient
 from pipeline import registry, steps
 from pipeline.params import load_params
 from pipeline.settings import get_settings
@@ -92,8 +92,9 @@ def test_crash_mid_training_marks_the_run_failed_and_keeps_the_champion(project,
     with pytest.raises(RuntimeError, match="simulated crash"):
         _retrain()
     client = _client()
-    runs = client.search_runs([client.get_experiment_by_name(get_settings().experiment).experiment_id],
-                              order_by=["attributes.start_time DESC"])
+    runs = client.search_runs(
+        [client.get_experiment_by_name(get_settings().experiment).experiment_id], order_by=["attributes.start_time DESC"]
+    )
     assert runs[0].info.status == "FAILED"
     assert registry.get_alias(client, get_settings().model_name).version == first["champion_version"]
 

@@ -6,7 +6,6 @@ import io
 import json
 import multiprocessing
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from pipeline import registry, steps, versioning
+from pipeline.data import load_dataset
 from pipeline.params import load_params
 from pipeline.settings import get_settings
 
@@ -53,7 +53,7 @@ def test_data_version_round_trips_through_the_remote_and_grows_with_added_images
     assert result.exit_code == 0, result.output
     pointer = versioning.read_pointer(project / "data.dvc")
     assert pointer["md5"] != first.md5 and pointer["md5"] in result.output
-    assert len(steps.load_dataset(settings.data_dir).y_train) == len(mnist_slice.y_train) + 3
+    assert len(load_dataset(settings.data_dir).y_train) == len(mnist_slice.y_train) + 3
 
 
 def test_corrupt_added_data_makes_no_new_version(project):
@@ -75,8 +75,9 @@ def _register_trained(settings, params, epochs: int) -> registry.ModelRef:
     run_id = steps.start_run(settings, tuned, data_version)
     candidate = steps.train_candidate(settings, tuned, run_id)
     steps.finish_run(settings, run_id)
-    return registry.register(registry.connect(settings), settings.model_name, candidate.model_uri, run_id,
-                             {"data_version": data_version.md5})
+    return registry.register(
+        registry.connect(settings), settings.model_name, candidate.model_uri, run_id, {"data_version": data_version.md5}
+    )
 
 
 def _promote_in_another_process(home: str, version: str, results) -> None:
@@ -98,12 +99,15 @@ def _promote_in_another_process(home: str, version: str, results) -> None:
 def test_concurrent_promotions_leave_exactly_one_winner(project):
     settings, params = _settings_and_params()
     first = _register_trained(settings, params, epochs=1)
-    second = registry.register(registry.connect(settings), settings.model_name,
-                               f"models:/{settings.model_name}/{first.version}", first.run_id, {})
+    second = registry.register(
+        registry.connect(settings), settings.model_name, f"models:/{settings.model_name}/{first.version}", first.run_id, {}
+    )
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    racers = [context.Process(target=_promote_in_another_process, args=(str(project), v, results))
-              for v in (first.version, second.version)]
+    racers = [
+        context.Process(target=_promote_in_another_process, args=(str(project), v, results))
+        for v in (first.version, second.version)
+    ]
     for racer in racers:
         racer.start()
     for racer in racers:
@@ -118,8 +122,11 @@ def test_concurrent_promotions_leave_exactly_one_winner(project):
 
 def test_manual_promote_and_rollback_go_through_the_checks(project):
     params_file = project / "params.yaml"
-    params_file.write_text(params_file.read_text().replace("min_accuracy: 0.8", "min_accuracy: 0.5")
-                           .replace("min_class_recall: 0.5", "min_class_recall: 0.0"))
+    params_file.write_text(
+        params_file.read_text()
+        .replace("min_accuracy: 0.8", "min_accuracy: 0.5")
+        .replace("min_class_recall: 0.5", "min_class_recall: 0.0")
+    )
     settings, params = _settings_and_params()
     good = _register_trained(settings, params, epochs=3)
     weak = _register_trained(settings, params, epochs=2)

@@ -10,9 +10,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import DataError, _download, add_images, load_dataset, read_idx, read_labelled_folder, read_local
+from pipeline.data import (
+    DataError,
+    _download,
+    add_images,
+    load_dataset,
+    read_idx,
+    read_keras_url,
+    read_labelled_folder,
+    read_local,
+)
 from pipeline.params import KerasUrlSource
-from pipeline.data import read_keras_url
 
 
 def _idx(array: np.ndarray) -> bytes:
@@ -47,8 +55,12 @@ def test_keras_url_source_reads_a_verified_npz(tmp_path):
 
 def test_idx_files_read_plain_and_gzipped(tmp_path):
     images = np.arange(2 * 28 * 28, dtype=np.uint32).reshape(2, 28, 28) % 256
-    for name, array in {"train-images-idx3-ubyte": images, "train-labels-idx1-ubyte": np.array([3, 4]),
-                        "t10k-images-idx3-ubyte": images[:1], "t10k-labels-idx1-ubyte": np.array([5])}.items():
+    for name, array in {
+        "train-images-idx3-ubyte": images,
+        "train-labels-idx1-ubyte": np.array([3, 4]),
+        "t10k-images-idx3-ubyte": images[:1],
+        "t10k-labels-idx1-ubyte": np.array([5]),
+    }.items():
         (tmp_path / f"{name}.gz").write_bytes(gzip.compress(_idx(array)))
     x_train, y_train, x_test, y_test = read_local(tmp_path)
     assert np.array_equal(x_train, images.astype(np.uint8)) and list(y_train) == [3, 4] and list(y_test) == [5]

@@ -179,9 +179,7 @@ def test_blank_images_beyond_tolerance_fail(mnist_head: Dataset, tmp_path: Path)
     report = validate_dataset(ds, SLICE_PARAMS, tmp_path)
     assert not report.success
     failure = only_failure_about(report, "ink_fraction (test)")
-    assert failure.startswith(
-        "ink_fraction (test): share of inked pixels between 0.02 and 0.6 for at least 99.9% of images"
-    )
+    assert failure.startswith("ink_fraction (test): share of inked pixels between 0.02 and 0.6 for at least 99.9% of images")
     assert "found 0 (4 rows) in 4 of 500 rows (0.8%), e.g. test/10, test/20, test/30, test/40" in failure
     assert "expect_column_values_to_be_between" in failure
     assert report.statistics["ink_outside_test"] == 4

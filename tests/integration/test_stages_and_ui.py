@@ -1,0 +1,83 @@
+"""`dvc repro` runs the same steps as the flow; `digits ui` shows them in a real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from pipeline import registry
+from pipeline.settings import get_settings
+
+pytestmark = pytest.mark.integration
+
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def _env(project: Path) -> dict[str, str]:
+    return {**os.environ, "DIGITS_HOME": str(project), "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_dvc_repro_validates_trains_and_promotes(project):
+    (project / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    (project / "pipeline").symlink_to(REPO / "pipeline")  # the stages depend on the library's code
+    subprocess.run([f"{VENV_BIN}/digits", "data", "ingest"], cwd=project, env=_env(project), check=True, capture_output=True)
+    repro = subprocess.run([f"{VENV_BIN}/dvc", "repro"], cwd=project, env=_env(project), capture_output=True, text=True)
+    assert repro.returncode == 0, repro.stdout + repro.stderr
+    assert (project / "reports" / "validation" / "data_docs" / "index.html").exists()
+    candidate = json.loads((project / "reports" / "candidate.json").read_text())
+    decision = json.loads((project / "reports" / "gate.json").read_text())
+    assert decision["promote"], decision["reasons"]
+    champion = registry.get_alias(registry.connect(get_settings()), get_settings().model_name)
+    assert champion.version == "1" and champion.run_id == candidate["run_id"]
+
+    # nothing changed: nothing to reproduce
+    again = subprocess.run([f"{VENV_BIN}/dvc", "repro"], cwd=project, env=_env(project), capture_output=True, text=True)
+    assert again.returncode == 0 and "didn't change, skipping" in again.stdout + again.stderr
+
+
+def test_mlflow_ui_shows_the_run_its_data_version_and_the_champion(project, browser, prefect_engine):
+    from conftest import free_port, wait_for_http
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as seen
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from flows.retrain import retrain
+
+    summary = retrain()
+    assert summary["promoted"], summary["reasons"]
+    port = free_port()
+    ui = subprocess.Popen(
+        [f"{VENV_BIN}/digits", "ui", "--port", str(port)],
+        cwd=project,
+        env=_env(project),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{base}/health", ui)
+        wait = WebDriverWait(browser, 60)
+        client = registry.connect(get_settings())
+        experiment = client.get_experiment_by_name(get_settings().experiment).experiment_id
+
+        browser.get(f"{base}/#/experiments/{experiment}/runs/{summary['run_id']}")
+        wait.until(seen.text_to_be_present_in_element((By.TAG_NAME, "body"), "retrain-"))
+        wait.until(seen.text_to_be_present_in_element((By.TAG_NAME, "body"), "data_version"))
+        assert summary["data_version"][:12] in browser.find_element(By.TAG_NAME, "body").text
+
+        browser.get(f"{base}/#/experiments/{experiment}/runs/{summary['run_id']}/artifacts")
+        wait.until(seen.text_to_be_present_in_element((By.TAG_NAME, "body"), "validation_report"))
+        assert "plots" in browser.find_element(By.TAG_NAME, "body").text
+
+        browser.get(f"{base}/#/models/{get_settings().model_name}")
+        wait.until(seen.text_to_be_present_in_element((By.TAG_NAME, "body"), "champion"))
+    finally:
+        os.killpg(ui.pid, 15)
+        ui.wait(timeout=30)
