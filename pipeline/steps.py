@@ -172,6 +172,7 @@ def train_candidate(settings: Settings, params: Params, run_id: str) -> Candidat
     from pipeline.train import compiled_predictor, train
 
     registry.connect(settings)
+    keras.utils.disable_interactive_logging()  # no progress bars from MLflow's input-example checks
     dataset = load_dataset(settings.data_dir)
     result = train(dataset, params, on_epoch=lambda epoch, values: _log_epoch(run_id, epoch, values))
     probabilities, predicted = predict_classes(compiled_predictor(result.model), dataset.x_test)

@@ -111,6 +111,7 @@ def compiled_predictor(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]
     import tensorflow as tf
 
     @tf.function(reduce_retracing=True)
+    @tf.autograph.experimental.do_not_convert  # plain tensor code: nothing for AutoGraph to rewrite
     def infer(x):
         return model(x, training=False)
 

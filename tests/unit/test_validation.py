@@ -9,22 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data import Dataset, has_dataset, load_dataset
+from pipeline.data import Dataset
 from pipeline.params import ValidationParams
 from pipeline.validation import DataValidationError, ValidationReport, image_table, validate_dataset
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 N_TRAIN, N_TEST = 2000, 500
 # the slice is small: only the row counts need lowering, every other bound keeps its default
 SLICE_PARAMS = ValidationParams(min_train_rows=N_TRAIN, min_test_rows=N_TEST)
 
 
 @pytest.fixture(scope="module")
-def mnist_head() -> Dataset:
-    if not has_dataset(DATA_DIR):
-        pytest.skip(f"no MNIST under {DATA_DIR}/mnist: run `digits data ingest` or `dvc pull` first")
+def mnist_head(mnist) -> Dataset:
     # copies, so a test that damages its arrays cannot leak into another test
-    head = load_dataset(DATA_DIR).head(N_TRAIN, N_TEST)
+    head = mnist.head(N_TRAIN, N_TEST)
     return Dataset(head.x_train.copy(), head.y_train.copy(), head.x_test.copy(), head.y_test.copy())
 
 
