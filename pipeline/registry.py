@@ -18,7 +18,6 @@ from pipeline.settings import Settings
 
 if TYPE_CHECKING:
     import keras
-
     from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)

@@ -131,9 +131,8 @@ def _log_epoch(run_id: str, epoch: int, values: dict[str, float]) -> None:
     """One batched call per epoch (each MLflow call costs milliseconds on sqlite)."""
     import time
 
-    from mlflow.entities import Metric
-
     from mlflow import MlflowClient
+    from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     MlflowClient().log_batch(run_id, metrics=[Metric(k, v, now, epoch) for k, v in values.items()])
@@ -142,6 +141,7 @@ def _log_epoch(run_id: str, epoch: int, values: dict[str, float]) -> None:
 def _log_evaluation(dataset: Dataset, metrics: Metrics, probabilities: np.ndarray, history: dict) -> None:
     """Metrics and the figures people look at, into the active run."""
     import mlflow
+
     from pipeline import plots
 
     mlflow.log_metrics(metrics.flat())
@@ -164,10 +164,11 @@ def _log_evaluation(dataset: Dataset, metrics: Metrics, probabilities: np.ndarra
 
 def train_candidate(settings: Settings, params: Params, run_id: str) -> Candidate:
     """Train, evaluate on the test set, and log model, metrics and plots into the run."""
+    import keras
+    import mlflow
     import mlflow.tensorflow
     from mlflow.models import infer_signature
 
-    import mlflow
     from pipeline.preprocess import to_model_input
     from pipeline.train import compiled_predictor, train
 

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
 from mlflow import MlflowClient
+
 from pipeline import registry, steps
 from pipeline.params import load_params
 from pipeline.settings import get_settings
