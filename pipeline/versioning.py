@@ -79,22 +79,27 @@ def is_checked_out(root: Path, data_dir: Path) -> bool:
 
 def record(root: Path, data_dir: Path, push: bool = True) -> DataVersion:
     """``dvc add`` data/ (a no-op when unchanged) and push it to the default remote."""
+    pointer = pointer_path(root, data_dir)
+    before = read_pointer(pointer)
     repo = _repo(root)
+    repo.scm_context.quiet = True  # we say it once, below, instead of DVC's generic hints
     try:
         repo.add(str(data_dir.resolve()))
         pushed = False
         if push and repo.config.get("core", {}).get("remote"):
             try:
-                repo.push(targets=[str(pointer_path(root, data_dir))])
+                repo.push(targets=[str(pointer)])
                 pushed = True
             except Exception as err:
                 # the version is recorded in the cache; pushing can be retried with `dvc push`
                 log.warning("dvc push failed (%s): the data version is only in the local cache", err)
     finally:
         repo.close()
-    out = read_pointer(pointer_path(root, data_dir))
+    out = read_pointer(pointer)
     if out is None:
-        raise VersioningError(f"dvc add did not write {pointer_path(root, data_dir)}")
+        raise VersioningError(f"dvc add did not write {pointer}")
+    if before is None or before.get("md5") != out["md5"]:
+        log.info("%s now names data version %s: commit it (git add %s && git commit)", pointer.name, out["md5"], pointer.name)
     return DataVersion(md5=out["md5"], files=int(out.get("nfiles", 0)), size=int(out.get("size", 0)), pushed=pushed)
 
 
