@@ -9,6 +9,8 @@ import dataclasses
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -81,13 +83,25 @@ def start_run(settings: Settings, params: Params, data_version: versioning.DataV
 
     registry.connect(settings)
     commit = versioning.git_commit(settings.home) or "unknown"
-    with mlflow.start_run(run_name=run_name) as run:
+    run_id = mlflow.start_run(run_name=run_name).info.run_id
+    with _active(run_id):
         mlflow.log_params({**params.flat(), "data_version": data_version.short})
         mlflow.set_tags({"data_version": data_version.md5, "git_commit": commit, "data_pushed": str(data_version.pushed)})
         mlflow.log_dict(params.model_dump(), "params.json")
-    # the run stays RUNNING until finish_run: steps re-open it by id
-    mlflow.tracking.MlflowClient().update_run(run.info.run_id, status="RUNNING")
-    return run.info.run_id
+    return run_id
+
+
+@contextmanager
+def _active(run_id: str) -> Iterator[None]:
+    """Make ``run_id`` the active run for logging, and leave it RUNNING: only finish_run ends it."""
+    import mlflow
+
+    if mlflow.active_run() is None or mlflow.active_run().info.run_id != run_id:
+        mlflow.start_run(run_id=run_id)
+    try:
+        yield
+    finally:
+        mlflow.end_run(status="RUNNING")
 
 
 def finish_run(settings: Settings, run_id: str, failed: bool = False, stopped_at: str | None = None) -> None:
@@ -109,16 +123,13 @@ def validate(settings: Settings, params: Params, run_id: str | None = None) -> V
 
     report_dir = settings.reports_dir / "validation"
     report = validate_dataset(load_dataset(settings.data_dir), params.validation, report_dir)
-    if run_id is None:
-        if not report.success:
-            raise DataValidationError(report)
-        return report
-    registry.connect(settings)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_artifacts(str(report.report_html.parent), "validation_report")
-        mlflow.log_metrics({f"validation_{k}": float(v) for k, v in report.statistics.items()})
-        mlflow.log_text(report.summary(), "validation_summary.md")
-        mlflow.set_tag("validation", "passed" if report.success else "failed")
+    if run_id is not None:
+        registry.connect(settings)
+        with _active(run_id):
+            mlflow.log_artifacts(str(report.report_html.parent), "validation_report")
+            mlflow.log_metrics({f"validation_{k}": float(v) for k, v in report.statistics.items()})
+            mlflow.log_text(report.summary(), "validation_summary.md")
+            mlflow.set_tag("validation", "passed" if report.success else "failed")
     if not report.success:
         raise DataValidationError(report)
     return report
@@ -184,7 +195,7 @@ def train_candidate(settings: Settings, params: Params, run_id: str) -> Candidat
         metrics.min_class_recall,
         metrics.weakest_class,
     )
-    with mlflow.start_run(run_id=run_id):
+    with _active(run_id):
         mlflow.log_metrics({"train_seconds": result.seconds, "train_images_per_second": result.images_per_second})
         _log_evaluation(dataset, metrics, probabilities, result.history)
         example = to_model_input(dataset.x_test[:2])
