@@ -11,6 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
+from serving import cli as serving_cli
+
 app = typer.Typer(
     help=(
         "Handwritten-digit MLOps: DVC data versions, Great Expectations checks, Keras training "
@@ -332,5 +334,6 @@ def ui(
     raise typer.Exit(subprocess.call(command))
 
 
-def main() -> None:
-    app()
+# serving commands live with the service; registered here so that `digits` is one tool
+app.command()(serving_cli.predict)
+app.command()(serving_cli.serve)

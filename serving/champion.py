@@ -10,6 +10,7 @@ once and answers with that model's name, version and run id.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -68,8 +69,37 @@ class LoadedModel:
         }
 
     def info(self) -> dict:
-        return {**self.ref.to_dict(), "uri": self.ref.uri, "loaded_at": self.loaded_at,
-                "load_seconds": round(self.load_seconds, 3)}
+        return {
+            **self.ref.to_dict(),
+            "uri": self.ref.uri,
+            "loaded_at": self.loaded_at,
+            "load_seconds": round(self.load_seconds, 3),
+        }
+
+
+def configure_tensorflow(threads: int) -> None:
+    """Size TensorFlow's thread pools before its runtime starts (0: TensorFlow's default)."""
+    import tensorflow as tf
+
+    if threads <= 0:
+        return
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        log.warning("TensorFlow is initialised already; its thread pools keep their sizes")
+
+
+def _settle_garbage_collector() -> None:
+    """Keep the long-lived objects of TensorFlow and the model out of future garbage collections.
+
+    Without this, a full collection walks TensorFlow's large object graph every few seconds under
+    load and stalls every request for most of a second (measured: p99 870 ms at 32 clients).
+    Objects of a replaced model are unfrozen and collected here, once per swap.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def registry_client(settings: Settings) -> MlflowClient:
@@ -97,17 +127,32 @@ def load(ref: ModelRef) -> LoadedModel:
         out = predictor(np.zeros((n, SIDE, SIDE, 1), dtype=np.float32))
         if out.shape != (n, 10) or not np.isfinite(out).all():
             raise ValueError(f"{ref.uri} answers shape {out.shape} for {n} images; expected ({n}, 10) probabilities")
-    return LoadedModel(ref, predictor, datetime.now(UTC).isoformat(timespec="seconds"),
-                       time.perf_counter() - started)
+    return LoadedModel(ref, predictor, datetime.now(UTC).isoformat(timespec="seconds"), time.perf_counter() - started)
+
+
+def missing_store(settings: Settings) -> str | None:
+    """Why there can be no champion yet when the embedded store does not even exist (else None).
+
+    Checked first so that looking for a champion never creates an empty store in the wrong folder.
+    """
+    database = settings.mlflow_dir / "mlflow.db"
+    if settings.tracking_uri is None and not database.exists():
+        return (
+            f"{NO_CHAMPION} (there is no MLflow store at {database}: run from the project folder "
+            "or set DIGITS_HOME, or MLFLOW_TRACKING_URI for a tracking server)"
+        )
+    return None
 
 
 def load_champion(settings: Settings) -> LoadedModel:
     """The current champion, loaded once (for ``digits predict``); ModelUnavailable when none."""
     from pipeline.registry import get_alias
 
+    if reason := missing_store(settings):
+        raise ModelUnavailable(reason)
     ref = get_alias(registry_client(settings), settings.model_name)
     if ref is None:
-        raise ModelUnavailable(f"{NO_CHAMPION} (registry {settings.resolved_tracking_uri}, model {settings.model_name})")
+        raise ModelUnavailable(f"{NO_CHAMPION} (model {settings.model_name} in {settings.resolved_tracking_uri})")
     return load(ref)
 
 
@@ -119,8 +164,10 @@ class ChampionWatcher:
     loaded model keeps answering (and ``problem`` says what is wrong).
     """
 
-    def __init__(self, settings: Settings, poll_seconds: float | None = None) -> None:
+    def __init__(self, settings: Settings, poll_seconds: float | None = None, tf_threads: int | None = None) -> None:
         self.settings = settings
+        self.tf_threads = tf_threads
+        self._tf_configured = False
         self.poll_seconds = float(poll_seconds or settings.champion_poll_seconds)
         self.current: LoadedModel | None = None
         self.problem: str | None = None
@@ -146,7 +193,19 @@ class ChampionWatcher:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.check()
+            # no champion yet: import TensorFlow now, so that the first promotion loads quickly
+            self._prepare_tensorflow()
             self._stop.wait(self.poll_seconds)
+
+    def _prepare_tensorflow(self) -> None:
+        """Import TensorFlow and size its thread pools, once, before it runs anything."""
+        if self._tf_configured:
+            return
+        self._tf_configured = True
+        try:
+            configure_tensorflow(self.tf_threads or 0)
+        except Exception:  # loading will report a broken TensorFlow precisely
+            log.exception("could not configure TensorFlow threads")
 
     # ------------------------------------------------------------ one poll
 
@@ -155,8 +214,7 @@ class ChampionWatcher:
         try:
             self._check()
         except Exception as err:  # a poll must never kill the watcher: report and try again later
-            self.problem = f"the model registry could not be read ({type(err).__name__}: {err}); retrying"
-            log.warning("champion check failed: %s", self.problem)
+            self._report(f"the model registry could not be read ({type(err).__name__}: {err}); retrying")
         finally:
             self.last_check = datetime.now(UTC).isoformat(timespec="seconds")
             self.checked_once.set()
@@ -166,33 +224,53 @@ class ChampionWatcher:
         from pipeline.registry import get_alias
 
         if self._client is None:
+            if reason := missing_store(self.settings):
+                self._report(NO_CHAMPION, reason)
+                return
             self._client = registry_client(self.settings)
         ref = get_alias(self._client, self.settings.model_name)
         current = self.current
         if ref is None:
-            self.problem = NO_CHAMPION if current is None else (
-                f"the champion alias of {self.settings.model_name} is gone; still serving v{current.ref.version}")
+            self._report(
+                NO_CHAMPION
+                if current is None
+                else (f"the champion alias of {self.settings.model_name} is gone; still serving v{current.ref.version}")
+            )
             return
         if current is not None and current.ref.version == ref.version:
-            self.problem = None
+            self._report(None)
             return
         failed_at = self._failed.get(ref.version)
         if failed_at is not None and time.monotonic() - failed_at < max(RETRY_FAILED_SECONDS, self.poll_seconds):
             return
         log.info("loading champion %s v%s (run %s)", ref.model_name, ref.version, ref.run_id)
+        self._prepare_tensorflow()
         try:
             loaded = load(ref)
         except Exception as err:
             self._failed[ref.version] = time.monotonic()
-            self.problem = f"champion v{ref.version} could not be loaded ({type(err).__name__}: {err})" + (
-                f"; still serving v{current.ref.version}" if current else "")
-            log.error("%s", self.problem)
+            self._report(
+                f"champion v{ref.version} could not be loaded ({type(err).__name__}: {err})"
+                + (f"; still serving v{current.ref.version}" if current else "")
+            )
             return
         self.current = loaded  # the swap: one reference assignment
         self._failed.pop(ref.version, None)
-        self.problem = None
-        log.info("now serving %s v%s (loaded in %.1f s; was %s)", ref.model_name, ref.version, loaded.load_seconds,
-                 f"v{current.ref.version}" if current else "none")
+        self._report(None)
+        _settle_garbage_collector()
+        log.info(
+            "now serving %s v%s (loaded in %.1f s; was %s)",
+            ref.model_name,
+            ref.version,
+            loaded.load_seconds,
+            f"v{current.ref.version}" if current else "none",
+        )
+
+    def _report(self, problem: str | None, detail: str | None = None) -> None:
+        """Set what is wrong (shown to clients); log it once when it changes (with detail for the log)."""
+        if problem != self.problem and problem is not None:
+            log.warning("%s", detail or problem)
+        self.problem = problem
 
     # ------------------------------------------------------------ for requests
 

@@ -12,7 +12,6 @@ import contextlib
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,9 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = "serving.service:DigitClassifier"
+# `digits serve` as the project's CLI registers it: app.command()(serve)
+CLI_SERVE = "import typer; from serving.cli import serve; app = typer.Typer(); app.command()(serve); app()"
 
 
 # ---------------------------------------------------------------- a store with champions
@@ -60,31 +62,47 @@ def using_store(home: Path) -> Iterator[None]:
             get_settings.cache_clear()
 
 
-def train_and_log(dataset, *, seed: int = 42, epochs: int = 2) -> tuple[str, str, float]:
-    """Train a small CNN on ``dataset`` and log it like the retraining flow: (run_id, model_uri, accuracy)."""
+# a small CNN: enough to read clear digits after a few seconds of training on the slice
+SMALL_MODEL = {"model.conv_filters": [16, 32], "model.dense_units": 64}
+_trained: dict[tuple, tuple] = {}
+
+
+def trained_model(dataset, seed: int = 42, epochs: int = 3):
+    """A CNN trained with ``pipeline.train`` on ``dataset`` (once per session and seed): (model, accuracy)."""
+    key = (id(dataset), seed, epochs)
+    if key not in _trained:
+        from pipeline.params import load_params
+        from pipeline.preprocess import to_model_input
+        from pipeline.train import compiled_predictor, train
+
+        params = load_params(
+            REPO / "params.yaml", {**SMALL_MODEL, "train.epochs": epochs, "train.seed": seed, "train.validation_split": 0.0}
+        )
+        model = train(dataset, params).model
+        probabilities = compiled_predictor(model)(to_model_input(dataset.x_test))
+        _trained[key] = (model, float((probabilities.argmax(1) == dataset.y_test).mean()))
+    return _trained[key]
+
+
+def log_model(model, dataset, accuracy: float) -> tuple[str, str]:
+    """Log a Keras model into the current store like the retraining flow does: (run_id, model_uri)."""
     import mlflow
     import mlflow.tensorflow
     from mlflow.models import infer_signature
 
     from pipeline import registry
-    from pipeline.params import load_params
     from pipeline.preprocess import to_model_input
     from pipeline.settings import get_settings
-    from pipeline.train import compiled_predictor, train
+    from pipeline.train import compiled_predictor
 
-    params = load_params(REPO / "params.yaml", {"train.epochs": epochs, "train.seed": seed,
-                                                 "train.validation_split": 0.0})
     registry.connect(get_settings())
-    result = train(dataset, params)
-    probabilities = compiled_predictor(result.model)(to_model_input(dataset.x_test))
-    accuracy = float((probabilities.argmax(1) == dataset.y_test).mean())
+    example = to_model_input(dataset.x_test[:2])
     with mlflow.start_run() as run:
         mlflow.log_metrics({"test_accuracy": accuracy, "test_min_class_recall": 0.0})
-        example = to_model_input(dataset.x_test[:2])
-        info = mlflow.tensorflow.log_model(result.model, name="model",
-                                           signature=infer_signature(example, probabilities[:2]),
-                                           input_example=example)
-    return run.info.run_id, info.model_uri, accuracy
+        info = mlflow.tensorflow.log_model(
+            model, name="model", input_example=example, signature=infer_signature(example, compiled_predictor(model)(example))
+        )
+    return run.info.run_id, info.model_uri
 
 
 def register_and_promote(run_id: str, model_uri: str, reason: str = "test") -> str:
@@ -103,12 +121,6 @@ def register_and_promote(run_id: str, model_uri: str, reason: str = "test") -> s
 # ---------------------------------------------------------------- a real server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Server:
     """A ``bentoml serve`` subprocess (in its own process group, so that stopping it stops its workers)."""
@@ -116,6 +128,7 @@ class Server:
     home: Path
     port: int = field(default_factory=free_port)
     poll_seconds: float = 1.0
+    via_cli: bool = False  # start it with `digits serve` (serving.cli.serve) instead of `bentoml serve`
     log_path: Path | None = None
     process: subprocess.Popen | None = None
 
@@ -126,17 +139,33 @@ class Server:
     def start(self) -> Server:
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
         env.update(store_env(self.home))
-        env.update({
-            "DIGITS_CHAMPION_POLL_SECONDS": str(self.poll_seconds),
-            "BENTOML_HOME": str(self.home / "bentoml"),
-            "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        })
+        env.update(
+            {
+                "DIGITS_CHAMPION_POLL_SECONDS": str(self.poll_seconds),
+                "BENTOML_HOME": str(self.home / "bentoml"),
+                "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+            }
+        )
         self.log_path = self.log_path or self.home / f"server-{self.port}.log"
         log = open(self.log_path, "wb")
+        if self.via_cli:
+            command = [sys.executable, "-c", CLI_SERVE, "--host", "127.0.0.1", "--port", str(self.port)]
+        else:
+            command = [
+                sys.executable,
+                "-m",
+                "bentoml",
+                "serve",
+                SERVICE,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--working-dir",
+                str(REPO),
+            ]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1", "--port", str(self.port),
-             "--working-dir", str(REPO)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            command, cwd=self.home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         log.close()
         return self
@@ -192,3 +221,20 @@ def render(pixels: np.ndarray, fmt: str = "PNG", size: int = 300, dark_on_light:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, quality=90)
     return buffer.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny valid PNG whose header claims ``width`` x ``height`` (a decompression bomb when large)."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8), 255).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    header = bytearray(data[16:29])  # the IHDR chunk's data: width, height, depth, ...
+    header[0:8] = struct.pack(">II", width, height)
+    data[16:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(header)))
+    return bytes(data)

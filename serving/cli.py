@@ -1,0 +1,147 @@
+"""``digits predict`` and ``digits serve``: plain functions with typer annotations.
+
+Register them on a Typer app with ``app.command()(predict)`` and ``app.command()(serve)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+# the folder that holds the `serving` and `pipeline` packages (`bentoml serve --working-dir`)
+ROOT = Path(__file__).resolve().parents[1]
+SERVICE = "serving.service:DigitClassifier"
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def predict(
+    images: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Image files of one handwritten digit each: PNG or JPEG photos, scans or drawings, "
+            "dark-on-light or light-on-dark, any size.",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            show_default=False,
+        ),
+    ] = None,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--image",
+            "-i",
+            help="An image file (repeatable); the same as giving it as an argument.",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print one JSON object per line: file, digit, confidence, probabilities, model."),
+    ] = False,
+) -> None:
+    """Print the digit in each image and its confidence, from the champion model.
+
+    The champion (`models:/<name>@champion` in the MLflow registry) is loaded in this process: no server is needed. Each image gets the same MNIST-style normalisation as the training data. Exits with 1 if any image could not be read.
+    """  # noqa: E501 (one line per paragraph: typer keeps line breaks)
+    paths = [*(images or []), *(image or [])]
+    if not paths:
+        _fail("give one or more image files: digits predict digit.png [more.jpg ...]", 2)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import numpy as np
+
+    from pipeline.preprocess import ImageError
+    from pipeline.settings import get_settings
+    from serving.champion import ModelUnavailable, load_champion
+    from serving.inputs import read_digit
+
+    digits, problems, answers = {}, {}, {}
+    for path in paths:
+        try:
+            digits[path] = read_digit(path.read_bytes())
+        except (ImageError, OSError) as err:
+            problems[path] = str(err)
+    model = None
+    if digits:
+        try:
+            model = load_champion(get_settings())
+        except ModelUnavailable as err:
+            _fail(str(err))
+        answers = dict(zip(digits, model.answers(np.stack(list(digits.values()))), strict=True))
+    for path in paths:
+        if path in problems:
+            if as_json:
+                typer.echo(json.dumps({"file": str(path), "error": problems[path]}))
+            else:
+                typer.secho(f"{path}: error: {problems[path]}", fg=typer.colors.RED, err=True)
+            continue
+        answer = answers[path]
+        if as_json:
+            typer.echo(json.dumps({"file": str(path), **answer}))
+        else:
+            typer.echo(f"{path}: {answer['digit']} ({answer['confidence']:.1%})")
+    if model is not None and not as_json:
+        ref = model.ref
+        typer.echo(f"answered by {ref.model_name} v{ref.version} (run {ref.run_id})", err=True)
+    if problems:
+        raise typer.Exit(1)
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def serve(
+    host: Annotated[
+        str | None,
+        typer.Option(help="Interface to listen on (default 127.0.0.1, or DIGITS_SERVE_HOST).", show_default=False),
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port to listen on (default 3000, or DIGITS_SERVE_PORT).", show_default=False)
+    ] = None,
+) -> None:
+    """Serve the champion model over HTTP with BentoML (runs `bentoml serve`).
+
+    The service answers with whatever `models:/<name>@champion` points to, and switches to a newly promoted version within DIGITS_CHAMPION_POLL_SECONDS (default 10) plus its load time, without failing requests. Until a model is promoted it answers 503 saying so.
+
+    Open http://127.0.0.1:3000/draw to draw a digit; the API is described at http://127.0.0.1:3000/ and the champion at /model.
+    """  # noqa: E501 (one line per paragraph: typer keeps line breaks)
+    from pipeline.settings import get_settings
+
+    settings = get_settings()
+    host = host or settings.serve_host
+    port = port or settings.serve_port
+    if not _port_free(host, port):
+        _fail(f"{host}:{port} is in use (another `digits serve`?): choose another with --port", 2)
+    env = {**os.environ, "DIGITS_HOME": str(settings.home.resolve())}
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(
+        f"serving models:/{settings.model_name}@champion on http://{shown}:{port}  "
+        f"(drawing pad: /draw, API: /, champion: /model; Ctrl+C stops)",
+        err=True,
+    )
+    command = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port), "--working-dir", str(ROOT)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # become the server: Ctrl+C and SIGTERM reach it directly, and no process is left behind
+    os.execve(sys.executable, command, env)

@@ -1,0 +1,214 @@
+// The drawing pad: pointer events (mouse, finger, pen) draw dark ink on a white canvas; the PNG goes
+// to POST /predict, and the answer is shown as a digit with one probability bar per class.
+"use strict";
+
+(function () {
+  const pad = document.getElementById("pad");
+  const ctx = pad.getContext("2d");
+  const predictButton = document.getElementById("predict");
+  const clearButton = document.getElementById("clear");
+  const auto = document.getElementById("auto");
+  const digitEl = document.getElementById("digit");
+  const confidenceEl = document.getElementById("confidence");
+  const barsEl = document.getElementById("bars");
+  const statusEl = document.getElementById("status");
+  const modelEl = document.getElementById("model");
+
+  // about the stroke width of MNIST digits once the drawing is scaled into a 20x20 box
+  const STROKE = Math.round(pad.width / 14);
+  let drawing = false;
+  let hasInk = false;
+  let last = null;
+  let pending = null; // the request in flight
+  let again = false; // the drawing changed while a request was in flight
+  let shownVersion = null; // the model version in the header
+
+  // ------------------------------------------------------------ the pad
+
+  function clearPad() {
+    ctx.fillStyle = "#fff";
+    ctx.fillRect(0, 0, pad.width, pad.height);
+    hasInk = false;
+  }
+
+  function point(event) {
+    const rect = pad.getBoundingClientRect();
+    return {
+      x: ((event.clientX - rect.left) * pad.width) / rect.width,
+      y: ((event.clientY - rect.top) * pad.height) / rect.height,
+    };
+  }
+
+  function stroke(from, to) {
+    ctx.strokeStyle = "#000";
+    ctx.lineWidth = STROKE;
+    ctx.lineCap = "round";
+    ctx.lineJoin = "round";
+    ctx.beginPath();
+    ctx.moveTo(from.x, from.y);
+    ctx.lineTo(to.x, to.y);
+    ctx.stroke();
+    hasInk = true;
+  }
+
+  pad.addEventListener("pointerdown", (event) => {
+    if (event.button !== undefined && event.button > 0) return; // left button, touch or pen only
+    event.preventDefault();
+    pad.setPointerCapture?.(event.pointerId);
+    drawing = true;
+    last = point(event);
+    stroke(last, last); // a tap leaves a dot
+  });
+
+  pad.addEventListener("pointermove", (event) => {
+    if (!drawing) return;
+    event.preventDefault();
+    const events = event.getCoalescedEvents ? event.getCoalescedEvents() : [event];
+    for (const e of events.length ? events : [event]) {
+      const next = point(e);
+      stroke(last, next);
+      last = next;
+    }
+  });
+
+  function endStroke(event) {
+    if (!drawing) return;
+    drawing = false;
+    last = null;
+    pad.releasePointerCapture?.(event.pointerId);
+    if (auto.checked) predict();
+  }
+  pad.addEventListener("pointerup", endStroke);
+  pad.addEventListener("pointercancel", endStroke);
+
+  // ------------------------------------------------------------ the answer
+
+  function buildBars() {
+    barsEl.innerHTML = "";
+    for (let d = 0; d < 10; d++) {
+      const li = document.createElement("li");
+      li.className = "bar";
+      li.dataset.digit = String(d);
+      li.innerHTML =
+        `<span class="label">${d}</span>` +
+        `<span class="track"><span class="fill"></span></span>` +
+        `<span class="value">–</span>`;
+      barsEl.appendChild(li);
+    }
+  }
+
+  function showAnswer(answer) {
+    digitEl.textContent = String(answer.digit);
+    digitEl.dataset.state = "answered";
+    confidenceEl.textContent = `${(answer.confidence * 100).toFixed(1)}% sure`;
+    answer.probabilities.forEach((p, d) => {
+      const li = barsEl.children[d];
+      li.classList.toggle("top", d === answer.digit);
+      li.querySelector(".fill").style.width = `${(p * 100).toFixed(1)}%`;
+      li.querySelector(".value").textContent = `${(p * 100).toFixed(1)}%`;
+      li.dataset.probability = String(p);
+    });
+    setStatus(`answered by ${answer.model_name} v${answer.model_version} (run ${(answer.run_id || "?").slice(0, 8)})`);
+    if (answer.model_version !== shownVersion) loadModelInfo(); // the champion moved: refresh the header
+  }
+
+  function resetAnswer() {
+    digitEl.textContent = "?";
+    digitEl.dataset.state = "empty";
+    confidenceEl.textContent = "";
+    for (const li of barsEl.children) {
+      li.classList.remove("top");
+      li.querySelector(".fill").style.width = "0";
+      li.querySelector(".value").textContent = "–";
+      delete li.dataset.probability;
+    }
+  }
+
+  function setStatus(text, isError = false) {
+    statusEl.textContent = text;
+    statusEl.classList.toggle("error", isError);
+  }
+
+  async function errorText(response) {
+    try {
+      const body = await response.json();
+      const item = Array.isArray(body) ? body[0] : body;
+      return (item && item.error) || JSON.stringify(body);
+    } catch (_) {
+      return `${response.status} ${response.statusText}`;
+    }
+  }
+
+  // ------------------------------------------------------------ talking to the service
+
+  function pngOfPad() {
+    return new Promise((resolve) => pad.toBlob(resolve, "image/png"));
+  }
+
+  async function predict() {
+    if (!hasInk) {
+      setStatus("Draw a digit first.", true);
+      return;
+    }
+    if (pending) {
+      again = true; // predict once more with the latest drawing when this answer is in
+      return;
+    }
+    predictButton.disabled = true;
+    setStatus("predicting…");
+    pending = (async () => {
+      try {
+        const form = new FormData();
+        form.append("image", await pngOfPad(), "drawing.png");
+        const response = await fetch("predict", { method: "POST", body: form });
+        if (!response.ok) {
+          resetAnswer();
+          setStatus(`${response.status}: ${await errorText(response)}`, true);
+          return;
+        }
+        showAnswer(await response.json());
+      } catch (err) {
+        setStatus(`the service did not answer: ${err}`, true);
+      } finally {
+        pending = null;
+        predictButton.disabled = false;
+        if (again) {
+          again = false;
+          predict();
+        }
+      }
+    })();
+  }
+
+  async function loadModelInfo() {
+    try {
+      const response = await fetch("model");
+      if (!response.ok) {
+        modelEl.textContent = await errorText(response);
+        modelEl.classList.add("error");
+        return;
+      }
+      const info = await response.json();
+      shownVersion = info.model_version;
+      modelEl.classList.remove("error");
+      const accuracy = info.metrics && info.metrics.test_accuracy;
+      modelEl.textContent =
+        `model ${info.model_name} v${info.model_version}` +
+        (accuracy !== undefined ? ` · test accuracy ${(accuracy * 100).toFixed(2)}%` : "") +
+        (info.promoted_at ? ` · promoted ${info.promoted_at}` : "");
+    } catch (err) {
+      modelEl.textContent = `the service did not answer: ${err}`;
+    }
+  }
+
+  predictButton.addEventListener("click", predict);
+  clearButton.addEventListener("click", () => {
+    clearPad();
+    resetAnswer();
+    setStatus("Draw one digit, large and centred, then press Predict.");
+  });
+
+  clearPad();
+  buildBars();
+  loadModelInfo();
+})();

@@ -1,0 +1,147 @@
+"""The drawing page in real headless Chromium: draw strokes with the mouse and a finger, read the answer."""
+
+from __future__ import annotations
+
+import base64
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.integration.serving_fixtures import Server, log_model, register_and_promote, trained_model, using_store
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, mnist_slice):
+    server = Server(tmp_path_factory.mktemp("drawing") / "project")
+    server.home.mkdir(parents=True)
+    server.start()  # boots while the model is logged
+    try:
+        model, accuracy = trained_model(mnist_slice, seed=42)
+        with using_store(server.home):
+            run_id, uri = log_model(model, mnist_slice, accuracy)
+            register_and_promote(run_id, uri, "champion for the drawing page")
+        server.wait("/readyz", timeout=240)
+        yield server
+    finally:
+        server.stop()
+
+
+def _answer(browser) -> dict:
+    """What the page shows: the digit, and each bar's probability and drawn width."""
+    from selenium.webdriver.common.by import By
+
+    bars = browser.find_elements(By.CSS_SELECTOR, "#bars .bar")
+    return {
+        "digit": browser.find_element(By.ID, "digit").text,
+        "status": browser.find_element(By.ID, "status").text,
+        "bars": [
+            (
+                int(b.get_attribute("data-digit")),
+                float(b.get_attribute("data-probability") or "nan"),
+                b.find_element(By.CLASS_NAME, "fill").size["width"],
+                "top" in b.get_attribute("class"),
+            )
+            for b in bars
+        ],
+    }
+
+
+def _wait_for_answer(browser) -> dict:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 30).until(
+        lambda b: (
+            b.find_element(By.ID, "digit").get_attribute("data-state") == "answered"
+            and not b.find_element(By.ID, "predict").get_attribute("disabled")
+        )
+    )
+    WebDriverWait(browser, 5).until(  # the bars grow in a short transition
+        lambda b: b.find_element(By.CSS_SELECTOR, "#bars .bar.top .fill").size["width"] > 20
+    )
+    return _answer(browser)
+
+
+def _pad_png(browser) -> bytes:
+    data_url = browser.execute_script("return document.getElementById('pad').toDataURL('image/png')")
+    return base64.b64decode(data_url.split(",", 1)[1])
+
+
+def _check_shown_answer(shown: dict, server: Server, png: bytes) -> None:
+    assert shown["digit"] in list("0123456789"), shown
+    digits, probabilities, widths, top = zip(*shown["bars"], strict=True)
+    assert digits == tuple(range(10))
+    assert abs(sum(probabilities) - 1) < 1e-3
+    assert top.index(True) == int(shown["digit"]) == int(np.argmax(probabilities))
+    assert widths[int(shown["digit"])] > 0  # the winning bar is drawn (in pixels, on screen)
+    assert "answered by digits-cnn v1" in shown["status"]
+    # the page shows what the API answers for exactly this drawing
+    api = httpx.post(server.url + "/predict", files={"image": ("pad.png", png, "image/png")}, timeout=60).json()
+    assert api["digit"] == int(shown["digit"])
+    np.testing.assert_allclose(api["probabilities"], probabilities, atol=1e-6)
+
+
+def test_draw_a_digit_with_the_mouse_and_see_the_prediction(server, browser):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url + "/draw")
+    WebDriverWait(browser, 30).until(lambda b: "digits-cnn v1" in b.find_element(By.ID, "model").text)
+    pad = browser.find_element(By.ID, "pad")
+
+    # pressing Predict on an empty pad asks for a drawing
+    browser.find_element(By.ID, "predict").click()
+    assert "Draw a digit first" in browser.find_element(By.ID, "status").text
+
+    # a 7: the top bar, then the long diagonal stroke (offsets are from the pad's centre)
+    strokes = ActionChains(browser, duration=10)
+    strokes.move_to_element_with_offset(pad, -70, -90).click_and_hold()
+    for _ in range(7):
+        strokes.move_by_offset(20, 0)
+    for _ in range(9):
+        strokes.move_by_offset(-8, 20)
+    strokes.release().perform()  # auto-predict fires when the stroke ends
+    shown = _wait_for_answer(browser)
+    _check_shown_answer(shown, server, _pad_png(browser))
+
+    # Clear empties the pad and the answer; a vertical stroke and the Predict button read a 1
+    browser.find_element(By.ID, "clear").click()
+    assert browser.find_element(By.ID, "digit").text == "?"
+    browser.find_element(By.ID, "auto").click()  # predict on the button only
+    one = ActionChains(browser, duration=10)
+    one.move_to_element_with_offset(pad, 0, -95).click_and_hold()
+    for _ in range(10):
+        one.move_by_offset(0, 19)
+    one.release().perform()
+    assert browser.find_element(By.ID, "digit").get_attribute("data-state") == "empty"
+    browser.find_element(By.ID, "predict").click()
+    shown = _wait_for_answer(browser)
+    _check_shown_answer(shown, server, _pad_png(browser))
+    assert shown["digit"] == "1"
+
+
+def test_draw_with_a_finger(server, browser):
+    """Touch input (pointer events of kind touch) draws too, without scrolling the page."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions import interaction
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+    from selenium.webdriver.common.actions.pointer_input import PointerInput
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url + "/draw")
+    WebDriverWait(browser, 30).until(lambda b: "digits-cnn v1" in b.find_element(By.ID, "model").text)
+    pad = browser.find_element(By.ID, "pad")
+    finger = ActionChains(browser)
+    finger.w3c_actions = ActionBuilder(browser, mouse=PointerInput(interaction.POINTER_TOUCH, "finger"), duration=10)
+    finger.w3c_actions.pointer_action.move_to(pad, 0, -95).pointer_down()
+    for step in range(1, 11):
+        finger.w3c_actions.pointer_action.move_to(pad, 0, -95 + 19 * step)
+    finger.w3c_actions.pointer_action.pointer_up()
+    finger.perform()
+    shown = _wait_for_answer(browser)
+    _check_shown_answer(shown, server, _pad_png(browser))

@@ -1,0 +1,565 @@
+"""The BentoML service over real HTTP: a real ``bentoml serve`` process, a real MLflow registry.
+
+Two servers start when the module starts (in parallel with training): one on a store that gets a
+champion, one on a store that has none (503 until a first promotion). Models are small CNNs trained
+on a slice of real MNIST.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.integration.serving_fixtures import (
+    REPO,
+    Server,
+    log_model,
+    png_claiming,
+    register_and_promote,
+    render,
+    trained_model,
+    using_store,
+)
+
+pytestmark = pytest.mark.integration
+
+NO_CHAMPION = "no model has been promoted yet; run `digits retrain`"
+
+
+@dataclass
+class Champion:
+    server: Server
+    version: str
+    run_id: str
+    model: object
+    accuracy: float
+
+    def expected(self, pixels: np.ndarray) -> np.ndarray:
+        """Probabilities computed in this process with the same model and the same code path."""
+        from pipeline.preprocess import to_model_input
+        from pipeline.train import compiled_predictor
+
+        return compiled_predictor(self.model)(to_model_input(pixels))
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """Both servers boot while the test process trains (each takes a few seconds to import TensorFlow)."""
+    main = Server(tmp_path_factory.mktemp("served") / "project")
+    empty = Server(tmp_path_factory.mktemp("empty") / "project", via_cli=True)  # `digits serve`
+    for server in (main, empty):
+        server.home.mkdir(parents=True)
+        server.start()
+    yield main, empty
+    for server in (main, empty):
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def champion(servers, mnist_slice) -> Champion:
+    main, _ = servers
+    model, accuracy = trained_model(mnist_slice, seed=42)
+    with using_store(main.home):
+        run_id, uri = log_model(model, mnist_slice, accuracy)
+        version = register_and_promote(run_id, uri, "first champion")
+    main.wait("/readyz", timeout=240)
+    return Champion(main, version, run_id, model, accuracy)
+
+
+@pytest.fixture(scope="module")
+def http(champion):
+    with httpx.Client(base_url=champion.server.url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def confident_digits(champion, mnist_slice) -> tuple[np.ndarray, np.ndarray]:
+    """Test digits the model reads with confidence on the raw pixels: 2 of each class where possible."""
+    probabilities = champion.expected(mnist_slice.x_test)
+    right = (probabilities.argmax(1) == mnist_slice.y_test) & (probabilities.max(1) > 0.9)
+    chosen = [i for digit in range(10) for i in np.flatnonzero(right & (mnist_slice.y_test == digit))[:2]]
+    return mnist_slice.x_test[chosen], mnist_slice.y_test[chosen]
+
+
+def _assert_answer(answer: dict, champion: Champion) -> None:
+    assert set(answer) == {"digit", "confidence", "probabilities", "model_name", "model_version", "run_id"}
+    assert len(answer["probabilities"]) == 10 and abs(sum(answer["probabilities"]) - 1) < 1e-3
+    assert answer["digit"] == int(np.argmax(answer["probabilities"]))
+    assert answer["confidence"] == max(answer["probabilities"])
+    assert answer["model_name"] == "digits-cnn"
+    assert (answer["model_version"], answer["run_id"]) == (champion.version, champion.run_id)
+
+
+def _pixels(http: httpx.Client, pixels) -> httpx.Response:
+    return http.post("/predict_pixels", json={"pixels": np.asarray(pixels).tolist()})
+
+
+# ---------------------------------------------------------------- no champion yet
+
+
+def test_without_a_champion_the_service_answers_503_until_the_first_promotion(servers, mnist_slice):
+    _, empty = servers
+    empty.wait("/livez", timeout=240)
+    with httpx.Client(base_url=empty.url, timeout=60) as http:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the first look at the registry happens in the background
+            info = http.get("/model")
+            if NO_CHAMPION in info.json()["error"]:
+                break
+            time.sleep(0.5)
+        assert info.status_code == 503 and NO_CHAMPION in info.json()["error"], info.text
+        assert http.get("/readyz").status_code == 503
+        assert http.get("/livez").status_code == 200
+
+        png = render(mnist_slice.x_test[0])
+        for response in (
+            http.post("/predict", files={"image": ("d.png", png, "image/png")}),
+            _pixels(http, mnist_slice.x_test[0]),
+        ):
+            assert response.status_code == 503, response.text
+            assert NO_CHAMPION in response.json()["error"]
+            assert response.headers["Retry-After"] == "1"
+
+        import bentoml
+
+        # readiness means "a model is loaded": skip the client's wait for it
+        with bentoml.SyncHTTPClient(empty.url, server_ready_timeout=0) as client:
+            with pytest.raises(bentoml.exceptions.BentoMLException) as raised:
+                client.predict_pixels(pixels=mnist_slice.x_test[:2])
+        assert raised.value.error_code == 503 and NO_CHAMPION in str(raised.value)
+
+        # the first promotion: the running service picks it up without a restart
+        model, accuracy = trained_model(mnist_slice, seed=42)
+        with using_store(empty.home):
+            run_id, uri = log_model(model, mnist_slice, accuracy)
+            version = register_and_promote(run_id, uri, "first champion")
+        promoted = time.monotonic()
+        empty.wait("/readyz", timeout=30)
+        answer = _pixels(http, mnist_slice.x_test[0])
+        assert answer.status_code == 200, answer.text
+        assert answer.json()[0]["model_version"] == version and answer.json()[0]["run_id"] == run_id
+        assert time.monotonic() - promoted < 30
+
+
+# ---------------------------------------------------------------- health and model info
+
+
+def test_health_and_model_info(champion, http):
+    assert http.get("/livez").status_code == 200
+    assert http.get("/readyz").status_code == 200
+    info = http.get("/model")
+    assert info.status_code == 200, info.text
+    info = info.json()
+    assert info["model_name"] == "digits-cnn" and info["model_version"] == champion.version
+    assert info["run_id"] == champion.run_id and info["uri"] == f"models:/digits-cnn/{champion.version}"
+    assert info["metrics"]["test_accuracy"] == pytest.approx(champion.accuracy)
+    assert info["data_version"] == "test-data"
+    assert info["promoted_at"] and info["promotion_reason"] == "first champion" and info["promoted_by"]
+    assert info["champion_poll_seconds"] == 1 and info["problem"] is None
+
+
+# ---------------------------------------------------------------- images
+
+
+def test_photos_and_drawings_of_real_digits(champion, http, confident_digits):
+    """Real MNIST test digits as a person would send them: large, dark ink on light paper, PNG or JPEG."""
+    from PIL import Image
+
+    from serving.inputs import read_digit
+
+    images, labels = confident_digits
+    right = total = 0
+    for pixels, label in zip(images, labels, strict=True):
+        transparent = Image.new("RGBA", (200, 200), (0, 0, 0, 0))  # dark ink on a transparent canvas
+        ink = Image.fromarray(pixels).resize((200, 200), Image.Resampling.BICUBIC)
+        transparent.putalpha(ink)
+        buffer = io.BytesIO()
+        transparent.save(buffer, format="PNG")
+        uploads = {
+            "photo.png": (render(pixels, "PNG", 300), "image/png"),
+            "photo.jpg": (render(pixels, "JPEG", 300), "image/jpeg"),
+            "light-on-dark.png": (render(pixels, "PNG", 120, dark_on_light=False), "image/png"),
+            "drawing.png": (buffer.getvalue(), "image/png"),
+        }
+        for name, (data, media_type) in uploads.items():
+            response = http.post("/predict", files={"image": (name, data, media_type)})
+            assert response.status_code == 200, response.text
+            answer = response.json()
+            _assert_answer(answer, champion)
+            # the service normalises exactly like the library: same digit, same probabilities
+            expected = champion.expected(read_digit(data)[None])[0]
+            assert answer["digit"] == int(expected.argmax())
+            np.testing.assert_allclose(answer["probabilities"], expected, atol=2e-4)
+            right += answer["digit"] == label
+            total += 1
+    assert right >= 0.9 * total, f"only {right} of {total} real digits read right through the photo path"
+
+
+# ---------------------------------------------------------------- raw pixels
+
+
+def test_raw_pixels_one_image_and_batches(champion, http, mnist_slice):
+    x = mnist_slice.x_test
+    expected = champion.expected(x)
+
+    single = _pixels(http, x[0])
+    assert single.status_code == 200, single.text
+    [answer] = single.json()
+    _assert_answer(answer, champion)
+    np.testing.assert_allclose(answer["probabilities"], expected[0], atol=2e-4)
+
+    as_floats = _pixels(http, x[0] * 0.99 + 0.25)  # floats on the 0-255 scale are fine
+    assert as_floats.status_code == 200 and as_floats.json()[0]["digit"] == answer["digit"]
+
+    batch = _pixels(http, x[:64])
+    assert batch.status_code == 200, batch.text
+    answers = batch.json()
+    assert [a["digit"] for a in answers] == expected[:64].argmax(1).tolist()
+    np.testing.assert_allclose([a["probabilities"] for a in answers], expected[:64], atol=2e-4)
+
+    largest = np.resize(x, (1000, 28, 28))  # the largest batch a request may carry
+    response = _pixels(http, largest)
+    assert response.status_code == 200 and len(response.json()) == 1000
+
+
+def test_concurrent_requests_are_batched_without_mixing_answers(champion, http, mnist_slice):
+    """32 clients at once: adaptive batching merges their images, and each still gets its own answer."""
+    x = mnist_slice.x_test[:256]
+    expected = champion.expected(x).argmax(1)
+    results: dict[int, int] = {}
+    failures: list[str] = []
+
+    def client(worker: int) -> None:
+        with httpx.Client(base_url=champion.server.url, timeout=60) as own:
+            for i in range(worker, len(x), 32):
+                response = _pixels(own, x[i])
+                if response.status_code != 200:
+                    failures.append(f"{response.status_code} {response.text[:200]}")
+                else:
+                    results[i] = response.json()[0]["digit"]
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+    assert [results[i] for i in range(len(x))] == expected.tolist()
+
+
+def test_bentoml_python_client(champion, mnist_slice, tmp_path):
+    import bentoml
+
+    image = tmp_path / "seven.png"
+    image.write_bytes(render(mnist_slice.x_test[0]))
+    expected = champion.expected(mnist_slice.x_test[:5]).argmax(1).tolist()
+    with bentoml.SyncHTTPClient(champion.server.url) as client:
+        assert client.is_ready()
+        answer = client.predict(image=image)
+        _assert_answer(answer, champion)
+        answers = client.predict_pixels(pixels=mnist_slice.x_test[:5])
+        assert [a["digit"] for a in answers] == expected
+        with pytest.raises(bentoml.exceptions.BentoMLException) as raised:
+            client.predict_pixels(pixels=mnist_slice.x_test[:2] * 2.0)
+    assert raised.value.error_code == 400 and "above 255" in str(raised.value)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _seven(mnist_slice) -> bytes:
+    return render(mnist_slice.x_test[0])
+
+
+def _jpeg(mnist_slice) -> bytes:
+    return render(mnist_slice.x_test[0], "JPEG")
+
+
+ZEROS = np.zeros((28, 28), dtype=int).tolist()
+BAD_INPUTS = {
+    # name: (route, request keyword arguments (a callable of the slice), status, fragment of the message)
+    "empty body": ("/predict", lambda s: {}, 400, "image is required"),
+    "wrong form field": (
+        "/predict",
+        lambda s: {"files": {"file": ("d.png", _seven(s), "image/png")}},
+        400,
+        "unexpected form field(s) with binary data: file; POST /predict takes a multipart form with the file in field `image`",
+    ),
+    "empty file": ("/predict", lambda s: {"files": {"image": ("d.png", b"", "image/png")}}, 400, "the image is empty (0 bytes)"),
+    "not an image": (
+        "/predict",
+        lambda s: {"files": {"image": ("d.png", b"%PDF-1.4 not an image", "image/png")}},
+        400,
+        "not a PNG, JPEG or other image format (its first bytes are b'%PDF-1.4 not'",
+    ),
+    "truncated PNG": (
+        "/predict",
+        lambda s: {"files": {"image": ("d.png", _seven(s)[:-200], "image/png")}},
+        400,
+        "the image is corrupt or truncated",
+    ),
+    "truncated JPEG": (
+        "/predict",
+        lambda s: {"files": {"image": ("d.jpg", _jpeg(s)[: len(_jpeg(s)) // 2], "image/jpeg")}},
+        400,
+        "the image is corrupt or truncated",
+    ),
+    "decompression bomb": (
+        "/predict",
+        lambda s: {"files": {"image": ("b.png", png_claiming(8000, 8000), "image/png")}},
+        400,
+        "the image is 8000x8000 pixels; the limit is 8192 on a side and 40,000,000 in all",
+    ),
+    "0 pixels on a side": (
+        "/predict",
+        lambda s: {"files": {"image": ("z.png", png_claiming(0, 28), "image/png")}},
+        400,
+        "the image is 0x28 pixels; it needs at least 1x1",
+    ),
+    "100,000 pixels on a side": (
+        "/predict",
+        lambda s: {"files": {"image": ("w.png", png_claiming(100_000, 28), "image/png")}},
+        400,
+        "the image is 100000x28 pixels; the limit is 8192 on a side",
+    ),
+    "file just over 20 MiB": (
+        "/predict",
+        lambda s: {"files": {"image": ("big.png", os.urandom(20 * 2**20 + 10), "image/png")}},
+        413,
+        "the image is 20,971,530 bytes; the limit is 20,971,520",
+    ),
+    "body of 100 MiB": (
+        "/predict",
+        lambda s: {"content": b"x" * (100 * 2**20), "headers": {"content-type": "multipart/form-data; boundary=x"}},
+        413,
+        "the request body is 104,857,600 bytes; /predict takes at most 21,037,056",
+    ),
+    "pixels body of 20 MiB": (
+        "/predict_pixels",
+        lambda s: {"content": b'{"pixels": [' + b"0," * (10 * 2**20) + b"0]}", "headers": {"content-type": "application/json"}},
+        413,
+        "/predict_pixels takes at most",
+    ),
+    "pixels missing": ("/predict_pixels", lambda s: {"json": {}}, 400, "pixels is required"),
+    "pixels not JSON": (
+        "/predict_pixels",
+        lambda s: {"content": b"pixels=1", "headers": {"content-type": "application/json"}},
+        400,
+        "the body is not valid JSON",
+    ),
+    "pixels null": ("/predict_pixels", lambda s: {"json": {"pixels": None}}, 400, "pixels is null"),
+    "pixels a string": (
+        "/predict_pixels",
+        lambda s: {"json": {"pixels": "seven"}},
+        400,
+        "pixels must be a 28x28 array or a batch (n, 28, 28) of numbers; got a str",
+    ),
+    "pixels of strings": (
+        "/predict_pixels",
+        lambda s: {"json": {"pixels": [["0"] * 28] * 28}},
+        400,
+        "pixels must be numbers 0-255; got strings",
+    ),
+    "pixels of booleans": (
+        "/predict_pixels",
+        lambda s: {"json": {"pixels": [[True] * 28] * 28}},
+        400,
+        "pixels must be numbers 0-255, not booleans",
+    ),
+    "pixels with nulls": (
+        "/predict_pixels",
+        lambda s: {"json": {"pixels": [[None] * 28] * 28}},
+        400,
+        "pixels must hold only numbers 0-255",
+    ),
+    "ragged rows": (
+        "/predict_pixels",
+        lambda s: {"json": {"pixels": [[0] * 28] * 27 + [[0] * 27]}},
+        400,
+        "pixels is not a rectangular array",
+    ),
+    "wrong shape 28x27": (
+        "/predict_pixels",
+        lambda s: {"json": {"pixels": [[0] * 27] * 28}},
+        400,
+        "pixels has shape (28, 27); expected one image (28, 28) or a batch (n, 28, 28)",
+    ),
+    "wrong shape with channel": (
+        "/predict_pixels",
+        lambda s: {"json": {"pixels": [[[[0]] * 28] * 28]}},
+        400,
+        "pixels has shape (1, 28, 28, 1)",
+    ),
+    "flat 784 values": ("/predict_pixels", lambda s: {"json": {"pixels": [0] * 784}}, 400, "pixels has shape (784,)"),
+    "empty array": ("/predict_pixels", lambda s: {"json": {"pixels": []}}, 400, "pixels is empty"),
+    "NaN": (
+        "/predict_pixels",
+        lambda s: {
+            "content": json.dumps({"pixels": [[float("nan")] * 28] * 28}).encode(),
+            "headers": {"content-type": "application/json"},
+        },
+        400,
+        "pixels holds 784 NaN or infinite value(s), the first at image 0, row 0, column 0",
+    ),
+    "negative values": (
+        "/predict_pixels",
+        lambda s: {"json": {"pixels": [[0] * 28] * 27 + [[0] * 27 + [-1]]}},
+        400,
+        "pixel values must lie within 0-255; 1 is below 0, the first -1 at image 0, row 27, column 27",
+    ),
+    "values above 255": ("/predict_pixels", lambda s: {"json": {"pixels": [[256] * 28] * 28}}, 400, "784 are above 255"),
+    "values normalised to 0-1": (
+        "/predict_pixels",
+        lambda s: {"json": {"pixels": (s.x_test[0] / 255).tolist()}},
+        400,
+        "pixel values look normalised to 0-1",
+    ),
+    "oversized batch": (
+        "/predict_pixels",
+        lambda s: {"json": {"pixels": [ZEROS] * 1001}},
+        400,
+        "the batch holds 1,001 images; the limit is 1,000 per request",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_a_precise_4xx_and_the_service_keeps_serving(case, champion, http, mnist_slice):
+    route, request, status, fragment = BAD_INPUTS[case]
+    response = http.post(route, **request(mnist_slice))
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["error"], response.text
+    after = _pixels(http, mnist_slice.x_test[0])
+    assert after.status_code == 200 and after.json()[0]["model_version"] == champion.version
+
+
+# ---------------------------------------------------------------- CLI and Bento
+
+
+def test_cli_predict_prints_digit_and_confidence(champion, mnist_slice, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from serving.cli import predict
+
+    app = typer.Typer()
+    app.command()(predict)
+    app.command("other")(lambda: None)  # two commands, as in `digits predict`
+    good, bad = tmp_path / "seven.png", tmp_path / "broken.png"
+    good.write_bytes(render(mnist_slice.x_test[0]))
+    bad.write_bytes(b"not an image")
+    expected = int(champion.expected(mnist_slice.x_test[:1]).argmax())
+    with using_store(champion.server.home):
+        result = CliRunner().invoke(app, ["predict", str(good), "--image", str(bad)])
+        as_json = CliRunner().invoke(app, ["predict", "--json", str(good)])
+    assert result.exit_code == 1, result.output
+    assert f"seven.png: {expected} (" in result.stdout and "%)" in result.stdout
+    assert "broken.png: error: not a readable image" in result.stderr
+    assert f"answered by digits-cnn v{champion.version}" in result.stderr
+    assert as_json.exit_code == 0 and json.loads(as_json.stdout)["digit"] == expected
+
+
+def test_bentoml_build_makes_a_bento(tmp_path):
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    built = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "-f", "serving/bentofile.yaml", "-o", "tag", "."],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    name, version = tag.split(":")
+    bento = tmp_path / "bentoml" / "bentos" / name / version
+    for file in (
+        "serving/service.py",
+        "serving/champion.py",
+        "serving/static/index.html",
+        "serving/static/draw.js",
+        "pipeline/preprocess.py",
+        "pipeline/registry.py",
+    ):
+        assert (bento / "src" / file).is_file(), file
+    manifest = (bento / "bento.yaml").read_text()
+    assert "service: serving.service:DigitClassifier" in manifest
+    assert "route: /predict\n" in manifest and "route: /predict_pixels" in manifest
+    assert "tensorflow-cpu==" in (bento / "env" / "python" / "requirements.txt").read_text()
+
+
+# ---------------------------------------------------------------- hot swap (last: it moves the champion)
+
+
+def test_promotion_during_traffic_swaps_without_failed_requests(champion, mnist_slice):
+    """Move the champion while clients send requests: no request fails, answers switch to the new version."""
+    server = champion.server
+    new_model, accuracy = trained_model(mnist_slice, seed=7)
+    with using_store(server.home):
+        run_id, uri = log_model(new_model, mnist_slice, accuracy)  # logged before traffic, like a retrain
+
+    stop = threading.Event()
+    failures: list[str] = []
+    seen: list[list[tuple[float, str]]] = [[] for _ in range(6)]
+    png = render(mnist_slice.x_test[1])
+
+    def client(worker: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as own:
+            while not stop.is_set():
+                try:
+                    if worker % 2:
+                        response = own.post("/predict", files={"image": ("d.png", png, "image/png")})
+                        version = response.json()["model_version"] if response.status_code == 200 else None
+                    else:
+                        response = _pixels(own, mnist_slice.x_test[worker : worker + 3])
+                        version = response.json()[0]["model_version"] if response.status_code == 200 else None
+                    if response.status_code != 200:
+                        failures.append(f"{response.status_code}: {response.text[:300]}")
+                    else:
+                        seen[worker].append((time.monotonic(), version))
+                except httpx.HTTPError as err:
+                    failures.append(repr(err))
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(len(seen))]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        with using_store(server.home):
+            new_version = register_and_promote(run_id, uri, "better model")
+        moved = time.monotonic()
+        deadline = moved + 60
+        while time.monotonic() < deadline and not any(v == new_version for w in seen for _, v in w):
+            time.sleep(0.1)
+        time.sleep(2)  # keep the traffic going after the swap
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+    assert not failures, failures[:5]
+    answered = sorted(a for w in seen for a in w)
+    assert len(answered) > 50
+    switched = min(t for t, v in answered if v == new_version)
+    swap_seconds = switched - moved
+    print(
+        f"\nswap: first answer from v{new_version} {swap_seconds:.1f} s after the alias moved; {len(answered)} requests, 0 failed"
+    )
+    assert swap_seconds < 30  # the bound: poll (1 s here, 10 s by default) + load and warm-up
+    assert any(v == champion.version and t > moved for t, v in answered), "no request was served during the load"
+    for worker in seen:  # once a client saw the new version, it never sees the old one again
+        versions = [v for _, v in worker]
+        if new_version in versions:
+            assert set(versions[versions.index(new_version) :]) == {new_version}
+    info = httpx.get(server.url + "/model").json()
+    assert info["model_version"] == new_version and info["run_id"] == run_id
