@@ -7,6 +7,7 @@ ink, scaled into a 20x20 box and centred by its centre of mass in a 28x28 frame.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 import numpy as np
@@ -36,13 +37,46 @@ def decode_image(data: bytes) -> Image.Image:
             image = Image.open(io.BytesIO(data))
             _check_size(image.width, image.height)
             image.load()
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    except UnidentifiedImageError:
+        raise ImageError(_unidentified(data)) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError(f"not a readable image: {err}") from None
     except (OSError, SyntaxError, ValueError) as err:
         if isinstance(err, ImageError):
             raise
         raise ImageError(f"the image is corrupt or truncated: {err}") from None
     return image
+
+
+def declared_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height written in a PNG, GIF, BMP or JPEG header, without decoding; None if unknown."""
+    try:
+        if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+            return struct.unpack(">II", data[16:24])
+        if data[:6] in (b"GIF87a", b"GIF89a"):
+            return struct.unpack("<HH", data[6:10])
+        if data[:2] == b"BM" and len(data) >= 26:
+            width, height = struct.unpack("<ii", data[18:26])
+            return abs(width), abs(height)
+        if data[:2] == b"\xff\xd8":
+            i = 2
+            while i + 9 <= len(data) and data[i] == 0xFF:
+                marker = data[i + 1]
+                if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+                    height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+                    return width, height
+                i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
+    except struct.error:
+        return None
+    return None
+
+
+def _unidentified(data: bytes) -> str:
+    """Why Pillow could not identify a file: Pillow refuses 0-pixel images without saying so."""
+    size = declared_size(data)
+    if size is not None and min(size) < 1:
+        return f"the image is {size[0]}x{size[1]} pixels; it needs at least 1x1"
+    return f"not a readable image: the data is not a PNG, JPEG or other image format (its first bytes are {data[:12]!r})"
 
 
 def _check_size(width: int, height: int) -> None:

@@ -63,15 +63,14 @@ def predict(
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np
 
-    from pipeline.preprocess import ImageError
+    from pipeline.preprocess import ImageError, image_bytes_to_mnist
     from pipeline.settings import get_settings
     from serving.champion import ModelUnavailable, load_champion
-    from serving.inputs import read_digit
 
     digits, problems, answers = {}, {}, {}
     for path in paths:
         try:
-            digits[path] = read_digit(path.read_bytes())
+            digits[path] = image_bytes_to_mnist(path.read_bytes())
         except (ImageError, OSError) as err:
             problems[path] = str(err)
     model = None

@@ -1,68 +1,16 @@
-"""Checking what clients send: raw pixel arrays, and precise reasons for unreadable image files.
-
-Images are decoded by ``pipeline.preprocess.image_bytes_to_mnist`` (the one preprocessing path);
-this module only sharpens its message when Pillow cannot identify a file at all, by reading the
-header itself (a 0-pixel side, or which bytes the file starts with).
-"""
+"""Checking raw pixel arrays that clients send (image files are checked by ``pipeline.preprocess``)."""
 
 from __future__ import annotations
 
-import re
-import struct
 from typing import Any
 
 import numpy as np
 
-from pipeline.preprocess import SIDE, ImageError, image_bytes_to_mnist
+from pipeline.preprocess import SIDE
 
 
 class InputRefused(ValueError):
     """An input the service will not answer; the message says precisely why."""
-
-
-# ---------------------------------------------------------------- image files
-
-
-def declared_size(data: bytes) -> tuple[int, int] | None:
-    """Width and height written in a PNG, GIF, BMP or JPEG header, without decoding; None if unknown."""
-    try:
-        if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
-            return struct.unpack(">II", data[16:24])
-        if data[:6] in (b"GIF87a", b"GIF89a"):
-            return struct.unpack("<HH", data[6:10])
-        if data[:2] == b"BM" and len(data) >= 26:
-            width, height = struct.unpack("<ii", data[18:26])
-            return abs(width), abs(height)
-        if data[:2] == b"\xff\xd8":
-            i = 2
-            while i + 9 <= len(data) and data[i] == 0xFF:
-                marker = data[i + 1]
-                if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
-                    height, width = struct.unpack(">HH", data[i + 5 : i + 9])
-                    return width, height
-                i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
-    except struct.error:
-        return None
-    return None
-
-
-def explain_image_error(err: ImageError, data: bytes) -> str:
-    """The decoder's message, made precise when Pillow could not even identify the file."""
-    message = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))
-    if "cannot identify image file" not in message:
-        return message
-    size = declared_size(data)
-    if size is not None and min(size) < 1:
-        return f"the image is {size[0]}x{size[1]} pixels; it needs at least 1x1"
-    return f"not a readable image: the data is not a PNG, JPEG or other image format (its first bytes are {data[:12]!r})"
-
-
-def read_digit(data: bytes) -> np.ndarray:
-    """Image file bytes -> the 28x28 uint8 MNIST-style digit; ImageError with a precise message."""
-    try:
-        return image_bytes_to_mnist(data)
-    except ImageError as err:
-        raise ImageError(explain_image_error(err, data)) from None
 
 
 # ---------------------------------------------------------------- raw pixels

@@ -39,11 +39,11 @@ from pydantic_core import PydanticCustomError
 from starlette.responses import JSONResponse
 from starlette.staticfiles import StaticFiles
 
-from pipeline.preprocess import MAX_BYTES, SIDE, ImageError
+from pipeline.preprocess import MAX_BYTES, SIDE, ImageError, image_bytes_to_mnist
 from pipeline.settings import get_settings
 from serving.batching import MicroBatcher
 from serving.champion import ChampionWatcher, ModelUnavailable
-from serving.inputs import InputRefused, parse_pixels, read_digit
+from serving.inputs import InputRefused, parse_pixels
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def _read_upload(path: Path) -> np.ndarray:
     size = path.stat().st_size
     if size > MAX_BYTES:
         raise _TooLarge(f"the image is {size:,} bytes; the limit is {MAX_BYTES:,}")
-    return read_digit(path.read_bytes())
+    return image_bytes_to_mnist(path.read_bytes())
 
 
 def _error(status: int, message: str, **headers: str) -> JSONResponse:

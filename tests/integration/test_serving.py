@@ -175,7 +175,7 @@ def test_photos_and_drawings_of_real_digits(champion, http, confident_digits):
     """Real MNIST test digits as a person would send them: large, dark ink on light paper, PNG or JPEG."""
     from PIL import Image
 
-    from serving.inputs import read_digit
+    from pipeline.preprocess import image_bytes_to_mnist
 
     images, labels = confident_digits
     right = total = 0
@@ -197,7 +197,7 @@ def test_photos_and_drawings_of_real_digits(champion, http, confident_digits):
             answer = response.json()
             _assert_answer(answer, champion)
             # the service normalises exactly like the library: same digit, same probabilities
-            expected = champion.expected(read_digit(data)[None])[0]
+            expected = champion.expected(image_bytes_to_mnist(data)[None])[0]
             assert answer["digit"] == int(expected.argmax())
             np.testing.assert_allclose(answer["probabilities"], expected, atol=2e-4)
             right += answer["digit"] == label

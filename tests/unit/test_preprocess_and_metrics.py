@@ -73,6 +73,19 @@ def test_huge_image_is_refused_from_its_header():
         image_bytes_to_mnist(buffer.getvalue())
 
 
+@pytest.mark.parametrize(("width", "height"), [(0, 8), (8, 0)])
+def test_image_with_a_zero_side_is_named_as_such(width, height):
+    from tests.integration.serving_fixtures import png_claiming
+
+    with pytest.raises(ImageError, match=f"{width}x{height} pixels; it needs at least 1x1"):
+        image_bytes_to_mnist(png_claiming(width, height))
+
+
+def test_unknown_format_names_its_first_bytes():
+    with pytest.raises(ImageError, match=r"not a PNG, JPEG or other image format \(its first bytes are b'GIF00 not re'"):
+        image_bytes_to_mnist(b"GIF00 not really")
+
+
 def test_model_input_is_scaled_and_shaped():
     x = to_model_input(np.full((2, 28, 28), 255, np.uint8))
     assert x.shape == (2, 28, 28, 1) and x.dtype == np.float32 and x.max() == 1.0
