@@ -88,9 +88,11 @@ def retrain(sets: SetOption = None, as_json: JsonOption = False) -> None:
     `champion` alias. A worse model never replaces the champion; the summary says why.
     """
     _quiet_libraries()
+    from pipeline.data import DataError
     from pipeline.params import ParamsError, load_params
     from pipeline.settings import get_settings
     from pipeline.validation import DataValidationError
+    from pipeline.versioning import VersioningError
 
     overrides = _parse_sets(sets)
     try:
@@ -102,6 +104,8 @@ def retrain(sets: SetOption = None, as_json: JsonOption = False) -> None:
         _fail(str(err), 2)
     except DataValidationError as err:
         _fail(f"data validation failed; nothing was trained or promoted.\n{err}")
+    except (DataError, VersioningError) as err:
+        _fail(f"{err}\nNothing was trained or promoted.")
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
 
@@ -146,13 +150,14 @@ def status(
 def _manual_promotion(version: str | None, allow_regression: bool) -> None:
     _quiet_libraries()
     from pipeline import registry, steps
+    from pipeline.data import DataError
     from pipeline.params import load_params
     from pipeline.settings import get_settings
 
     settings = get_settings()
     try:
         outcome = steps.promote_version(settings, load_params(settings.params_path), version, allow_regression)
-    except registry.PromotionError as err:
+    except (registry.PromotionError, DataError) as err:
         _fail(str(err))
     typer.echo(outcome.decision.to_markdown())
     if not outcome.decision.promote:

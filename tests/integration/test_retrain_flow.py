@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from pipeline import registry, steps
@@ -103,3 +104,19 @@ def test_crash_mid_training_marks_the_run_failed_and_keeps_the_champion(project,
     again = _retrain()
     assert again["test_accuracy"] == first["test_accuracy"]
     assert again["promoted"] and again["champion_version"] == "2"
+
+
+def test_a_source_failing_its_checksum_stops_the_flow_before_any_version(project, slice_npz):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    params_file = project / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["data"].update(source="keras-url", keras_url={"url": slice_npz.as_uri(), "sha256": "0" * 64})
+    params_file.write_text(yaml.safe_dump(params))
+
+    result = CliRunner().invoke(app, ["retrain"])
+    assert result.exit_code == 1
+    assert "checksum mismatch" in result.output and "Nothing was trained or promoted" in result.output
+    assert not (project / "data.dvc").exists() and not (project / "data").exists()
