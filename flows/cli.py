@@ -67,6 +67,8 @@ def _quiet_libraries() -> None:
     logging.getLogger("pipeline").setLevel(logging.INFO)
     for noisy in ("alembic", "urllib3", "matplotlib", "PIL", "great_expectations", "mlflow", "dvc", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # a fresh clone has no cached data yet: pipeline.versioning says so in one line
+    logging.getLogger("dvc_data").setLevel(logging.ERROR)
 
 
 SetOption = Annotated[

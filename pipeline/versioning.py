@@ -40,6 +40,11 @@ def read_pointer(pointer: Path) -> dict | None:
     return outs[0] if outs else None
 
 
+def pointer_md5(pointer: Path) -> str | None:
+    out = read_pointer(pointer)
+    return out["md5"] if out else None
+
+
 def _repo(root: Path):
     from dvc.repo import Repo
 
@@ -58,7 +63,12 @@ def pull(root: Path, data_dir: Path) -> bool:
     try:
         repo.pull(targets=[str(pointer)])
     except Exception as err:  # the remote is empty, unreachable, or lacks this version
-        log.info("dvc pull did not restore %s (%s)", data_dir.name, str(err).splitlines()[0] if str(err) else type(err).__name__)
+        log.info(
+            "version %s of %s is in neither the DVC cache nor the remote (%s)",
+            pointer_md5(pointer),
+            data_dir.name,
+            str(err).splitlines()[0] if str(err) else type(err).__name__,
+        )
         return False
     finally:
         repo.close()

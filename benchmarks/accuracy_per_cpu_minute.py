@@ -1,0 +1,434 @@
+"""Benchmark 1 of issue 4: test accuracy per CPU-minute, our default against the Keras reference CNN.
+
+Run from the project folder:
+
+    .venv/bin/python benchmarks/accuracy_per_cpu_minute.py [--seeds 42 43 44] [--quick]
+
+Both configurations train in this one process, one after the other, on the same MNIST split:
+
+* ``default``   -- exactly what the retraining flow does: ``pipeline.train.train(dataset, params)``
+                  with ``params.yaml``, scored with ``compiled_predictor`` + ``predict_classes`` /
+                  ``compute_metrics``.
+* ``reference`` -- the Keras MNIST example CNN (conv32-pool-conv64-pool-dropout0.5-dense10, Adam
+                  1e-3, batch 128, 34,826 parameters), fitted on the same 95 % of the training
+                  images with the same 5 % validation hold-out, same seeding and determinism.
+
+The test accuracy is measured at the end of every epoch by a callback; the time spent measuring it
+is taken out of the clock, so ``(train seconds, test accuracy)`` pairs give "accuracy within 60 s"
+without a second run. Ratios are against the reference trained with the same seed in the same run
+(the machine is noisy and shared). Nothing here asserts: it prints a table and writes JSON.
+
+``--config`` adds exploration candidates defined below (see ``CANDIDATES``); ``--set`` overrides
+``params.yaml`` keys for the ``default`` configuration (``--set train.epochs=12``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+from pipeline import evaluate  # noqa: E402
+from pipeline import train as train_module  # noqa: E402
+from pipeline.data import Dataset, has_dataset, ingest, load_dataset  # noqa: E402
+from pipeline.params import Params, load_params  # noqa: E402
+from pipeline.preprocess import to_model_input  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "accuracy_per_cpu_minute.json"
+BUDGET_SHORT_S = 60.0
+BUDGET_LONG_S = 600.0
+TARGET_SHORT = 0.990
+TARGET_LONG = 0.995
+
+
+@dataclass
+class RunResult:
+    config: str
+    seed: int
+    epochs: int
+    batch_size: int
+    parameters: int
+    train_seconds: float  # wall time of the fit, per-epoch test scoring taken out
+    images_per_second: float
+    test_accuracy: float  # final model, via compiled_predictor + predict_classes + compute_metrics
+    accuracy_at_60s: float | None  # last end-of-epoch test accuracy with train time <= 60 s
+    seconds_to_99_0: float | None
+    seconds_to_99_5: float | None
+    curve: list[tuple[float, float]] = field(default_factory=list)  # (train seconds, test accuracy)
+    ratio_vs_reference: float | None = None
+
+
+class TestCurve:
+    """End-of-epoch test accuracy against training time, with its own scoring time excluded."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.x_test = dataset.x_test
+        self.y_test = dataset.y_test
+        self.model = None
+        self.started = 0.0
+        self.scoring = 0.0
+        self.points: list[tuple[float, float]] = []
+        self._predict = None
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started - self.scoring
+
+    def record(self) -> None:
+        at = self.elapsed()
+        t0 = time.perf_counter()
+        if self._predict is None:
+            self._predict = train_module.compiled_predictor(self.model)
+        _, predicted = evaluate.predict_classes(self._predict, self.x_test)
+        accuracy = float(np.mean(predicted == self.y_test))
+        self.points.append((round(at, 2), accuracy))
+        self.scoring += time.perf_counter() - t0
+        print(f"    epoch {len(self.points)}: {at:6.1f} s  test accuracy {accuracy:.2%}", file=sys.stderr, flush=True)
+
+    def keras_callback(self):
+        import keras
+
+        curve = self
+
+        class Record(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+                curve.record()
+
+        return Record()
+
+
+def score(model, dataset: Dataset) -> float:
+    """The flow's scoring: compiled predictor, predict_classes, compute_metrics."""
+    _, predicted = evaluate.predict_classes(train_module.compiled_predictor(model), dataset.x_test)
+    return evaluate.compute_metrics(dataset.y_test, predicted).accuracy
+
+
+def summarise(config: str, seed: int, epochs: int, batch: int, model, n_images: int, curve: TestCurve,
+              train_seconds: float, accuracy: float) -> RunResult:
+    def first_reaching(target: float) -> float | None:
+        return next((t for t, a in curve.points if a >= target), None)
+
+    within = [a for t, a in curve.points if t <= BUDGET_SHORT_S]
+    return RunResult(
+        config=config,
+        seed=seed,
+        epochs=epochs,
+        batch_size=batch,
+        parameters=int(model.count_params()),
+        train_seconds=round(train_seconds, 2),
+        images_per_second=round(n_images * epochs / train_seconds, 1),
+        test_accuracy=accuracy,
+        accuracy_at_60s=within[-1] if within else None,
+        seconds_to_99_0=first_reaching(TARGET_SHORT),
+        seconds_to_99_5=first_reaching(TARGET_LONG),
+        curve=curve.points,
+    )
+
+
+# ------------------------------------------------------------------ (a) the default, as the flow trains it
+
+
+def run_default(dataset: Dataset, params: Params, seed: int, name: str = "default") -> RunResult:
+    params = params.model_copy(update={"train": params.train.model_copy(update={"seed": seed})})
+    curve = TestCurve(dataset)
+    original_build = train_module.build_model
+
+    def capturing_build(*args, **kwargs):
+        curve.model = original_build(*args, **kwargs)
+        curve.start()  # the clock starts where train() starts its own: at the fit, after the build
+        return curve.model
+
+    train_module.build_model = capturing_build  # only to reach the model from the epoch hook
+    try:
+        result = train_module.train(dataset, params, on_epoch=lambda epoch, values: curve.record())
+    finally:
+        train_module.build_model = original_build
+    train_seconds = result.seconds - curve.scoring
+    n_fit = len(dataset.x_train) - int(round(len(dataset.x_train) * params.train.validation_split))
+    return summarise(name, seed, params.train.epochs, params.train.batch_size, result.model, n_fit, curve,
+                     train_seconds, score(result.model, dataset))
+
+
+# ------------------------------------------------------------------ (b) the reference, and candidates
+
+
+def reference_model(steps_per_epoch: int, epochs: int):
+    """The Keras MNIST example ("Simple MNIST convnet"), 34,826 parameters."""
+    import keras
+    from keras import layers
+
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(28, 28, 1)),
+            layers.Conv2D(32, kernel_size=(3, 3), activation="relu"),
+            layers.MaxPooling2D(pool_size=(2, 2)),
+            layers.Conv2D(64, kernel_size=(3, 3), activation="relu"),
+            layers.MaxPooling2D(pool_size=(2, 2)),
+            layers.Flatten(),
+            layers.Dropout(0.5),
+            layers.Dense(10, activation="softmax"),
+        ],
+        name="keras_reference",
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def candidate_model(
+    steps_per_epoch: int,
+    epochs: int,
+    *,
+    blocks: tuple[tuple[int, ...], ...] = ((32,), (64,)),
+    dense: int = 128,
+    dropout: float = 0.25,
+    shift: float = 0.0,
+    rotation: float = 0.0,
+    zoom: float = 0.0,
+    lr: float = 0.002,
+    schedule: str = "cosine",
+    warmup_share: float = 0.0,
+):
+    """An exploration net: blocks of (conv3x3-BN-relu)xk -> max-pool, optional augmentation layers
+    (active only in training, so inference and serving are unchanged), dense, dropout, softmax."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=(28, 28, 1), name="pixels")
+    x = inputs
+    if shift:
+        x = layers.RandomTranslation(shift, shift, fill_mode="constant")(x)
+    if rotation:
+        x = layers.RandomRotation(rotation, fill_mode="constant")(x)
+    if zoom:
+        x = layers.RandomZoom(zoom, fill_mode="constant")(x)
+    for block in blocks:
+        for filters in block:
+            x = layers.Conv2D(filters, 3, use_bias=False, padding="same")(x)
+            x = layers.BatchNormalization(momentum=0.9)(x)
+            x = layers.ReLU()(x)
+        x = layers.MaxPooling2D()(x)
+    x = layers.Flatten()(x)
+    if dense:
+        x = layers.Dense(dense, activation="relu")(x)
+    x = layers.Dropout(dropout)(x)
+    outputs = layers.Dense(10, activation="softmax", name="probabilities")(x)
+    model = keras.Model(inputs, outputs, name="digits_cnn_candidate")
+    total = max(1, steps_per_epoch * epochs)
+    warmup = int(total * warmup_share)
+    if schedule == "cosine":
+        lr_schedule = keras.optimizers.schedules.CosineDecay(
+            lr if not warmup else lr / 10, decay_steps=total - warmup, warmup_target=lr if warmup else None,
+            warmup_steps=warmup,
+        )
+    else:
+        lr_schedule = lr
+    model.compile(
+        optimizer=keras.optimizers.Adam(lr_schedule), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
+    return model
+
+
+@dataclass(frozen=True)
+class Candidate:
+    epochs: int
+    batch_size: int
+    build: Callable  # (steps_per_epoch, epochs) -> compiled keras.Model
+
+
+def _cand(epochs: int, batch: int = 128, **kw) -> Candidate:
+    return Candidate(epochs, batch, lambda steps, ep: candidate_model(steps, ep, **kw))
+
+
+CANDIDATES: dict[str, Candidate] = {
+    "reference": Candidate(15, 128, reference_model),
+    # the default net, with training-time augmentation and a longer cosine schedule
+    "aug-e15": _cand(15, shift=0.1, rotation=0.05),
+    "aug-shift-e15": _cand(15, shift=0.1),
+    "aug-shift-e20": _cand(20, shift=0.1),
+    "aug-shift-e20-b256": _cand(20, 256, shift=0.1, lr=0.003),
+    "aug-shift-e3": _cand(3, shift=0.1),
+    "noaug-e3": _cand(3),
+    "noaug-e2-b64": _cand(2, 64, lr=0.002),
+    "wide-aug-e15": _cand(15, blocks=((32,), (64,)), dense=256, dropout=0.4, shift=0.1),
+    "deep-aug-e12": _cand(12, blocks=((32, 32), (64, 64)), dense=128, dropout=0.3, shift=0.1),
+}
+
+
+def run_keras(name: str, dataset: Dataset, params: Params, seed: int, epochs: int | None = None) -> RunResult:
+    """Fit a model built here the way ``pipeline.train.train`` fits ours: same seeding, split, fit."""
+    spec = CANDIDATES[name]
+    epochs = epochs or spec.epochs
+    train_module.seed_everything(seed)
+    curve = TestCurve(dataset)
+    x_fit, y_fit, x_val, y_val = train_module.split_for_validation(
+        dataset.x_train, dataset.y_train, params.train.validation_split, seed
+    )
+    steps = int(np.ceil(len(x_fit) / spec.batch_size))
+    model = curve.model = spec.build(steps, epochs)
+    curve.start()
+    started = time.perf_counter()
+    model.fit(
+        to_model_input(x_fit),
+        y_fit.astype(np.int32),
+        batch_size=spec.batch_size,
+        epochs=epochs,
+        validation_data=(to_model_input(x_val), y_val.astype(np.int32)) if len(x_val) else None,
+        shuffle=True,
+        verbose=0,
+        callbacks=[curve.keras_callback()],
+    )
+    train_seconds = time.perf_counter() - started - curve.scoring
+    return summarise(name, seed, epochs, spec.batch_size, model, len(x_fit), curve, train_seconds, score(model, dataset))
+
+
+# ------------------------------------------------------------------ report
+
+
+def fmt(value: float | None, pattern: str) -> str:
+    return "-" if value is None else format(value, pattern)
+
+
+def table(results: list[RunResult]) -> str:
+    head = (
+        f"{'config':<20} {'seed':>4} {'epochs':>6} {'params':>8} {'train s':>8} {'img/s':>7} "
+        f"{'test acc':>8} {'acc@60s':>8} {'s->99.0':>7} {'s->99.5':>7} {'time/ref':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(
+            f"{r.config:<20} {r.seed:>4} {r.epochs:>6} {r.parameters:>8,} {r.train_seconds:>8.1f} "
+            f"{r.images_per_second:>7,.0f} {r.test_accuracy:>8.2%} {fmt(r.accuracy_at_60s, '>8.2%')} "
+            f"{fmt(r.seconds_to_99_0, '>7.0f')} {fmt(r.seconds_to_99_5, '>7.0f')} "
+            f"{fmt(r.ratio_vs_reference, '>7.2f')}{'x' if r.ratio_vs_reference is not None else ''}"
+        )
+    return "\n".join(lines)
+
+
+def aggregate(results: list[RunResult]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for config in dict.fromkeys(r.config for r in results):
+        rs = [r for r in results if r.config == config]
+        at60 = [r.accuracy_at_60s or 0.0 for r in rs]
+        out[config] = {
+            "runs": len(rs),
+            "mean_test_accuracy": statistics.fmean(r.test_accuracy for r in rs),
+            "mean_train_seconds": statistics.fmean(r.train_seconds for r in rs),
+            "mean_images_per_second": statistics.fmean(r.images_per_second for r in rs),
+            "mean_accuracy_at_60s": statistics.fmean(at60),
+            "mean_time_ratio_vs_reference": (
+                statistics.fmean(r.ratio_vs_reference for r in rs)
+                if all(r.ratio_vs_reference is not None for r in rs)
+                else None
+            ),
+            "meets_99_5_within_600s": statistics.fmean(r.test_accuracy for r in rs) >= TARGET_LONG
+            and max(r.train_seconds for r in rs) <= BUDGET_LONG_S,
+            "meets_99_0_within_60s": statistics.fmean(at60) >= TARGET_SHORT,
+        }
+    return out
+
+
+def parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: one seed, 1 epoch each, 10k training images (figures not comparable)")
+    parser.add_argument("--config", nargs="+", default=["default", "reference"],
+                        help=f"configurations to run: default, {', '.join(CANDIDATES)}")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="params.yaml overrides for 'default', e.g. train.epochs=12")
+    parser.add_argument("--reference-epochs", type=int, default=None,
+                        help="epochs for the reference (the Keras example uses 15)")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    os.chdir(ROOT)
+    overrides = parse_set(args.set)
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    if args.quick:
+        overrides["train.epochs"] = 1
+    params = load_params(Path("params.yaml"), overrides)
+    if not has_dataset(Path("data")):
+        ingest(params.data, Path("data"), Path(".cache"))
+    dataset = load_dataset(Path("data"))
+    if args.quick:
+        dataset = dataset.head(10_000, None)
+
+    import tensorflow as tf
+
+    results: list[RunResult] = []
+    for seed in seeds:
+        for config in args.config:
+            if config == "default":
+                r = run_default(dataset, params, seed)
+            else:
+                epochs = 1 if args.quick else (args.reference_epochs if config == "reference" else None)
+                r = run_keras(config, dataset, params, seed, epochs)
+            results.append(r)
+            print(f"  {r.config} seed {r.seed}: {r.test_accuracy:.2%} in {r.train_seconds:.0f} s "
+                  f"({r.images_per_second:,.0f} img/s)  curve {r.curve}", flush=True)
+        ref = next((r for r in results if r.config == "reference" and r.seed == seed), None)
+        for r in results:
+            if r.seed == seed and ref is not None:
+                r.ratio_vs_reference = round(r.train_seconds / ref.train_seconds, 3)
+
+    summary = aggregate(results)
+    print()
+    print(table(results))
+    print()
+    for config, s in summary.items():
+        print(
+            f"{config:<20} mean of {s['runs']}: test {s['mean_test_accuracy']:.2%} in {s['mean_train_seconds']:.0f} s"
+            f" ({s['mean_images_per_second']:,.0f} img/s), acc@60s {s['mean_accuracy_at_60s']:.2%};"
+            f" targets 99.5%/600s {'met' if s['meets_99_5_within_600s'] else 'not met'},"
+            f" 99.0%/60s {'met' if s['meets_99_0_within_60s'] else 'not met'}"
+        )
+    print("(2 shared CPU cores; times exclude the per-epoch test scoring; acc@60s is the last end-of-epoch"
+          " test accuracy at or before 60 s of training)")
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(
+        json.dumps(
+            {
+                "benchmark": "accuracy_per_cpu_minute",
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "tensorflow": tf.__version__},
+                "quick": args.quick,
+                "params_overrides": overrides,
+                "targets": {"accuracy_600s": TARGET_LONG, "accuracy_60s": TARGET_SHORT},
+                "runs": [asdict(r) for r in results],
+                "summary": summary,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"wrote {args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
