@@ -11,7 +11,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipeline import steps
+from pipeline import steps, versioning
 from pipeline.params import Params, load_params
 from pipeline.settings import Settings, get_settings
 from pipeline.validation import DataValidationError
@@ -51,6 +51,12 @@ def promote(settings: Settings, candidate: steps.Candidate, decision, data_versi
     return steps.promote(settings, candidate, decision, data_version)
 
 
+@task(name="record the run in dvc.lock", retries=1, retry_delay_seconds=2, **_task)
+def lock_stages(settings: Settings, candidate: steps.Candidate, decision) -> bool:
+    steps.write_reports(settings, candidate, decision)
+    return versioning.lock_stages(settings.home)
+
+
 def summarize(data_version: DataVersion, run_id: str, outcome: steps.Outcome, candidate: steps.Candidate) -> dict[str, Any]:
     champion = outcome.champion
     return {
@@ -88,6 +94,8 @@ def retrain(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         steps.finish_run(settings, run_id, failed=True, stopped_at="training or promotion")
         raise
     steps.finish_run(settings, run_id)
+    if not overrides:  # with overrides the run no longer matches params.yaml, which dvc.lock records
+        lock_stages(settings, candidate, outcome.decision)
     create_markdown_artifact(outcome.decision.to_markdown(), key="gate-decision", description="promotion gate")
     summary = summarize(data_version, run_id, outcome, candidate)
     print(render_summary(summary))

@@ -308,6 +308,15 @@ def promote(settings: Settings, candidate: Candidate, decision: GateDecision, da
     )
 
 
+def write_reports(settings: Settings, candidate: Candidate | None = None, decision: GateDecision | None = None) -> None:
+    """The stage outputs of dvc.yaml: reports/candidate.json and reports/gate.json."""
+    settings.reports_dir.mkdir(parents=True, exist_ok=True)
+    if candidate is not None:
+        (settings.reports_dir / "candidate.json").write_text(candidate.to_json())
+    if decision is not None:
+        (settings.reports_dir / "gate.json").write_text(json.dumps(decision.to_dict(), indent=2))
+
+
 def promote_version(settings: Settings, params: Params, version: str | None, allow_regression: bool = False) -> Outcome:
     """A person's override (``digits promote`` / ``digits rollback``) through the same checks.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 from dataclasses import dataclass
@@ -111,6 +112,26 @@ def record(root: Path, data_dir: Path, push: bool = True) -> DataVersion:
     if before is None or before.get("md5") != out["md5"]:
         log.info("%s now names data version %s: commit it (git add %s && git commit)", pointer.name, out["md5"], pointer.name)
     return DataVersion(md5=out["md5"], files=int(out.get("nfiles", 0)), size=int(out.get("size", 0)), pushed=pushed)
+
+
+def lock_stages(root: Path) -> bool:
+    """Record dvc.yaml's stages in dvc.lock as the flow just ran them, so ``dvc status`` is clean.
+
+    The flow runs the same steps as ``dvc repro``; without this, DVC would think they never ran.
+    Returns False where the project has no dvc.yaml or DVC could not record them.
+    """
+    if not (root / "dvc.yaml").exists():
+        return False
+    repo = _repo(root)
+    try:
+        with contextlib.chdir(root):  # DVC resolves stage files against the working directory
+            repo.commit(force=True)
+    except Exception as err:  # bookkeeping only: the run and its promotion stand
+        log.warning("could not record the stages in dvc.lock (%s): `dvc status` will list them as changed", err)
+        return False
+    finally:
+        repo.close()
+    return True
 
 
 def git_commit(root: Path) -> str | None:

@@ -23,9 +23,18 @@ def _env(project: Path) -> dict[str, str]:
     return {**os.environ, "DIGITS_HOME": str(project), "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
 
 
-def test_dvc_repro_validates_trains_and_promotes(project):
+def _with_dvc_stages(project: Path) -> None:
     (project / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
     (project / "pipeline").symlink_to(REPO / "pipeline")  # the stages depend on the library's code
+
+
+def _dvc_status(project: Path) -> str:
+    status = subprocess.run([f"{VENV_BIN}/dvc", "status"], cwd=project, env=_env(project), capture_output=True, text=True)
+    return status.stdout + status.stderr
+
+
+def test_dvc_repro_validates_trains_and_promotes(project):
+    _with_dvc_stages(project)
     subprocess.run([f"{VENV_BIN}/digits", "data", "ingest"], cwd=project, env=_env(project), check=True, capture_output=True)
     repro = subprocess.run([f"{VENV_BIN}/dvc", "repro"], cwd=project, env=_env(project), capture_output=True, text=True)
     assert repro.returncode == 0, repro.stdout + repro.stderr
@@ -49,8 +58,11 @@ def test_mlflow_ui_shows_the_run_its_data_version_and_the_champion(project, brow
 
     from flows.retrain import retrain
 
+    _with_dvc_stages(project)
     summary = retrain()
     assert summary["promoted"], summary["reasons"]
+    # the flow ran the same steps as the DVC stages and recorded them
+    assert "Data and pipelines are up to date" in _dvc_status(project)
     port = free_port()
     ui = subprocess.Popen(
         [f"{VENV_BIN}/digits", "ui", "--port", str(port)],
