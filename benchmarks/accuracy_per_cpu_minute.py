@@ -264,9 +264,12 @@ CANDIDATES: dict[str, Candidate] = {
     "aug-shift-e20-b256": _cand(20, 256, shift=0.1, lr=0.003),
     "aug-shift-e3": _cand(3, shift=0.1),
     "noaug-e3": _cand(3),
+    "noaug-e2": _cand(2),  # the default net and schedule, fitted to a 60 s budget
     "noaug-e2-b64": _cand(2, 64, lr=0.002),
     "wide-aug-e15": _cand(15, blocks=((32,), (64,)), dense=256, dropout=0.4, shift=0.1),
     "deep-aug-e12": _cand(12, blocks=((32, 32), (64, 64)), dense=128, dropout=0.3, shift=0.1),
+    "c3-aug-e8": _cand(8, blocks=((32,), (64,), (128,)), dense=128, dropout=0.3, shift=0.1),
+    "c3-aug-e15": _cand(15, blocks=((32,), (64,), (128,)), dense=128, dropout=0.3, shift=0.1),
 }
 
 
