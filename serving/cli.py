@@ -55,8 +55,10 @@ def predict(
 ) -> None:
     """Print the digit in each image and its confidence, from the champion model.
 
-    The champion (`models:/<name>@champion` in the MLflow registry) is loaded in this process: no server is needed. Each image gets the same MNIST-style normalisation as the training data. Exits with 1 if any image could not be read.
-    """  # noqa: E501 (one line per paragraph: typer keeps line breaks)
+    The champion (`models:/<name>@champion` in the MLflow registry) is loaded in this process:
+    no server is needed. Each image gets the same MNIST-style normalisation as the training
+    data. Exits with 1 if any image could not be read.
+    """
     paths = [*(images or []), *(image or [])]
     if not paths:
         _fail("give one or more image files: digits predict digit.png [more.jpg ...]", 2)
@@ -119,10 +121,13 @@ def serve(
 ) -> None:
     """Serve the champion model over HTTP with BentoML (runs `bentoml serve`).
 
-    The service answers with whatever `models:/<name>@champion` points to, and switches to a newly promoted version within DIGITS_CHAMPION_POLL_SECONDS (default 10) plus its load time, without failing requests. Until a model is promoted it answers 503 saying so.
+    The service answers with whatever `models:/<name>@champion` points to, and switches to a
+    newly promoted version within DIGITS_CHAMPION_POLL_SECONDS (default 10) plus its load time,
+    without failing requests. Until a model is promoted it answers 503 saying so.
 
-    Open http://127.0.0.1:3000/draw to draw a digit; the API is described at http://127.0.0.1:3000/ and the champion at /model.
-    """  # noqa: E501 (one line per paragraph: typer keeps line breaks)
+    Open http://127.0.0.1:3000/draw to draw a digit; the API is described at
+    http://127.0.0.1:3000/ and the champion at /model.
+    """
     from pipeline.settings import get_settings
 
     settings = get_settings()
