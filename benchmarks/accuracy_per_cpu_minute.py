@@ -25,9 +25,7 @@ without a second run. Ratios are against the reference trained with the same see
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 from pipeline import evaluate  # noqa: E402
 from pipeline import train as train_module  # noqa: E402
@@ -107,6 +106,10 @@ class TestCurve:
         curve = self
 
         class Record(keras.callbacks.Callback):
+            def on_train_begin(self, logs: dict | None = None) -> None:
+                curve.model = self.model
+                curve.start()  # where train() starts its own clock: at the fit, after the build
+
             def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
                 curve.record()
 
@@ -119,8 +122,9 @@ def score(model, dataset: Dataset) -> float:
     return evaluate.compute_metrics(dataset.y_test, predicted).accuracy
 
 
-def summarise(config: str, seed: int, epochs: int, batch: int, model, n_images: int, curve: TestCurve,
-              train_seconds: float, accuracy: float) -> RunResult:
+def summarise(
+    config: str, seed: int, epochs: int, batch: int, model, n_images: int, curve: TestCurve, train_seconds: float, accuracy: float
+) -> RunResult:
     def first_reaching(target: float) -> float | None:
         return next((t for t, a in curve.points if a >= target), None)
 
@@ -147,22 +151,20 @@ def summarise(config: str, seed: int, epochs: int, batch: int, model, n_images: 
 def run_default(dataset: Dataset, params: Params, seed: int, name: str = "default") -> RunResult:
     params = params.model_copy(update={"train": params.train.model_copy(update={"seed": seed})})
     curve = TestCurve(dataset)
-    original_build = train_module.build_model
-
-    def capturing_build(*args, **kwargs):
-        curve.model = original_build(*args, **kwargs)
-        curve.start()  # the clock starts where train() starts its own: at the fit, after the build
-        return curve.model
-
-    train_module.build_model = capturing_build  # only to reach the model from the epoch hook
-    try:
-        result = train_module.train(dataset, params, on_epoch=lambda epoch, values: curve.record())
-    finally:
-        train_module.build_model = original_build
+    result = train_module.train(dataset, params, callbacks=[curve.keras_callback()])
     train_seconds = result.seconds - curve.scoring
     n_fit = len(dataset.x_train) - int(round(len(dataset.x_train) * params.train.validation_split))
-    return summarise(name, seed, params.train.epochs, params.train.batch_size, result.model, n_fit, curve,
-                     train_seconds, score(result.model, dataset))
+    return summarise(
+        name,
+        seed,
+        params.train.epochs,
+        params.train.batch_size,
+        result.model,
+        n_fit,
+        curve,
+        train_seconds,
+        score(result.model, dataset),
+    )
 
 
 # ------------------------------------------------------------------ (b) the reference, and candidates
@@ -233,14 +235,14 @@ def candidate_model(
     warmup = int(total * warmup_share)
     if schedule == "cosine":
         lr_schedule = keras.optimizers.schedules.CosineDecay(
-            lr if not warmup else lr / 10, decay_steps=total - warmup, warmup_target=lr if warmup else None,
+            lr if not warmup else lr / 10,
+            decay_steps=total - warmup,
+            warmup_target=lr if warmup else None,
             warmup_steps=warmup,
         )
     else:
         lr_schedule = lr
-    model.compile(
-        optimizer=keras.optimizers.Adam(lr_schedule), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
-    )
+    model.compile(optimizer=keras.optimizers.Adam(lr_schedule), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     return model
 
 
@@ -270,6 +272,9 @@ CANDIDATES: dict[str, Candidate] = {
     "deep-aug-e12": _cand(12, blocks=((32, 32), (64, 64)), dense=128, dropout=0.3, shift=0.1),
     "c3-aug-e8": _cand(8, blocks=((32,), (64,), (128,)), dense=128, dropout=0.3, shift=0.1),
     "c3-aug-e15": _cand(15, blocks=((32,), (64,), (128,)), dense=128, dropout=0.3, shift=0.1),
+    "m3-aug-e15": _cand(15, blocks=((24,), (48,), (96,)), dense=128, dropout=0.3, shift=0.1),
+    "s3-aug-e15": _cand(15, blocks=((16,), (32,), (64,)), dense=128, dropout=0.3, shift=0.1),
+    "s3-aug-e15-b256": _cand(15, 256, blocks=((16,), (32,), (64,)), dense=128, dropout=0.3, shift=0.1, lr=0.003),
 }
 
 
@@ -283,8 +288,7 @@ def run_keras(name: str, dataset: Dataset, params: Params, seed: int, epochs: in
         dataset.x_train, dataset.y_train, params.train.validation_split, seed
     )
     steps = int(np.ceil(len(x_fit) / spec.batch_size))
-    model = curve.model = spec.build(steps, epochs)
-    curve.start()
+    model = spec.build(steps, epochs)
     started = time.perf_counter()
     model.fit(
         to_model_input(x_fit),
@@ -335,9 +339,7 @@ def aggregate(results: list[RunResult]) -> dict[str, dict]:
             "mean_images_per_second": statistics.fmean(r.images_per_second for r in rs),
             "mean_accuracy_at_60s": statistics.fmean(at60),
             "mean_time_ratio_vs_reference": (
-                statistics.fmean(r.ratio_vs_reference for r in rs)
-                if all(r.ratio_vs_reference is not None for r in rs)
-                else None
+                statistics.fmean(r.ratio_vs_reference for r in rs) if all(r.ratio_vs_reference is not None for r in rs) else None
             ),
             "meets_99_5_within_600s": statistics.fmean(r.test_accuracy for r in rs) >= TARGET_LONG
             and max(r.train_seconds for r in rs) <= BUDGET_LONG_S,
@@ -357,14 +359,16 @@ def parse_set(items: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: one seed, 1 epoch each, 10k training images (figures not comparable)")
-    parser.add_argument("--config", nargs="+", default=["default", "reference"],
-                        help=f"configurations to run: default, {', '.join(CANDIDATES)}")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="params.yaml overrides for 'default', e.g. train.epochs=12")
-    parser.add_argument("--reference-epochs", type=int, default=None,
-                        help="epochs for the reference (the Keras example uses 15)")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: one seed, 1 epoch each, 10k training images (figures not comparable)"
+    )
+    parser.add_argument(
+        "--config", nargs="+", default=["default", "reference"], help=f"configurations to run: default, {', '.join(CANDIDATES)}"
+    )
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="params.yaml overrides for 'default', e.g. train.epochs=12"
+    )
+    parser.add_argument("--reference-epochs", type=int, default=None, help="epochs for the reference (the Keras example uses 15)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -380,8 +384,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         dataset = dataset.head(10_000, None)
 
-    import tensorflow as tf
-
     results: list[RunResult] = []
     for seed in seeds:
         for config in args.config:
@@ -391,8 +393,11 @@ def main(argv: list[str] | None = None) -> int:
                 epochs = 1 if args.quick else (args.reference_epochs if config == "reference" else None)
                 r = run_keras(config, dataset, params, seed, epochs)
             results.append(r)
-            print(f"  {r.config} seed {r.seed}: {r.test_accuracy:.2%} in {r.train_seconds:.0f} s "
-                  f"({r.images_per_second:,.0f} img/s)  curve {r.curve}", flush=True)
+            print(
+                f"  {r.config} seed {r.seed}: {r.test_accuracy:.2%} in {r.train_seconds:.0f} s "
+                f"({r.images_per_second:,.0f} img/s)  curve {r.curve}",
+                flush=True,
+            )
         ref = next((r for r in results if r.config == "reference" and r.seed == seed), None)
         for r in results:
             if r.seed == seed and ref is not None:
@@ -409,27 +414,20 @@ def main(argv: list[str] | None = None) -> int:
             f" targets 99.5%/600s {'met' if s['meets_99_5_within_600s'] else 'not met'},"
             f" 99.0%/60s {'met' if s['meets_99_0_within_60s'] else 'not met'}"
         )
-    print("(2 shared CPU cores; times exclude the per-epoch test scoring; acc@60s is the last end-of-epoch"
-          " test accuracy at or before 60 s of training)")
-
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(
-        json.dumps(
-            {
-                "benchmark": "accuracy_per_cpu_minute",
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "tensorflow": tf.__version__},
-                "quick": args.quick,
-                "params_overrides": overrides,
-                "targets": {"accuracy_600s": TARGET_LONG, "accuracy_60s": TARGET_SHORT},
-                "runs": [asdict(r) for r in results],
-                "summary": summary,
-            },
-            indent=2,
-        )
-        + "\n"
+    print(
+        "(2 shared CPU cores; times exclude the per-epoch test scoring; acc@60s is the last end-of-epoch"
+        " test accuracy at or before 60 s of training)"
     )
-    print(f"wrote {args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output}")
+
+    write_results(
+        args.output,
+        "accuracy_per_cpu_minute",
+        quick=args.quick,
+        params_overrides=overrides,
+        targets={"accuracy_600s": TARGET_LONG, "accuracy_60s": TARGET_SHORT},
+        runs=[asdict(r) for r in results],
+        summary=summary,
+    )
     return 0
 
 

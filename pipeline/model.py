@@ -11,8 +11,9 @@ if TYPE_CHECKING:
 
 
 def build_model(params: ModelParams, learning_rate: float, steps_per_epoch: int, epochs: int) -> keras.Model:
-    """Conv blocks (conv -> [batch norm] -> relu -> max-pool) -> [dense] -> dropout -> softmax(10).
+    """[random shift] -> conv blocks (conv -> [batch norm] -> relu -> max-pool) -> [dense] -> dropout -> softmax(10).
 
+    The shift is active in training only: inference, evaluation and serving see the images as they are.
     The learning rate follows a cosine decay over the whole run, which lets a short run settle.
     """
     import keras
@@ -20,6 +21,9 @@ def build_model(params: ModelParams, learning_rate: float, steps_per_epoch: int,
 
     inputs = keras.Input(shape=(28, 28, 1), name="pixels")
     x = inputs
+    if params.augment_shift:
+        # shifted copies are new training images for free: the strongest regulariser measured for this net
+        x = layers.RandomTranslation(params.augment_shift, params.augment_shift, fill_mode="constant")(x)
     for filters in params.conv_filters:
         x = layers.Conv2D(filters, params.kernel_size, use_bias=not params.batch_norm, padding="same")(x)
         if params.batch_norm:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,11 +53,14 @@ class ValidationParams(_Strict):
 
 
 class ModelParams(_Strict):
-    conv_filters: list[int] = Field(default_factory=lambda: [32, 64], min_length=1)
+    # each block halves the 28-pixel image with its max-pool: after four, one pixel is left
+    conv_filters: list[int] = Field(default_factory=lambda: [32, 64], min_length=1, max_length=4)
     kernel_size: int = Field(3, ge=1, le=7)
     batch_norm: bool = True
     dense_units: int = Field(128, ge=0)
     dropout: float = Field(0.25, ge=0, lt=1)
+    # random shifts of up to this share of the image, in training only (0 turns it off)
+    augment_shift: float = Field(0.0, ge=0, lt=0.5)
 
 
 class TrainParams(_Strict):
@@ -72,12 +77,18 @@ class GateParams(_Strict):
     max_accuracy_drop: float = Field(0.0, ge=0, le=1)
 
 
+class SweepParams(_Strict):
+    # dotted params key (model.* or train.*) -> the values to try; every combination is one candidate
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+
 class Params(_Strict):
     data: DataParams
     validation: ValidationParams = ValidationParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     gate: GateParams = GateParams()
+    sweep: SweepParams = SweepParams()
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys for ``mlflow.log_params`` (``train.epochs`` ...), data sources left out."""
@@ -107,9 +118,11 @@ def parse_params(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -
     """Validate a params mapping; ``overrides`` maps dotted keys to values (``train.epochs``)."""
     merged = _apply_overrides(raw, overrides or {})
     try:
-        return Params.model_validate(merged)
+        params = Params.model_validate(merged)
     except ValidationError as err:
         raise ParamsError(f"invalid parameters:\n{_describe(err)}") from None
+    sweep_candidates(params)  # a bad grid key or value is refused here too, before any work
+    return params
 
 
 def load_params(path: Path, overrides: dict[str, Any] | None = None) -> Params:
@@ -138,3 +151,80 @@ def _apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str
                 raise ParamsError(f"override {dotted}: {part} is not a section")
         node[leaf] = value
     return merged
+
+
+# ---------------------------------------------------------------- sweep grid
+
+# A grid varies the net and its training. The seed and the validation share pick the hold-out that
+# candidates are compared on, so they stay the same for every candidate.
+SWEEP_SECTIONS = {"model": ModelParams, "train": TrainParams}
+SWEEP_FIXED = {"train.seed", "train.validation_split"}
+
+
+@dataclass(frozen=True)
+class SweepCandidate:
+    """One point of the grid: its name (c1, c2, ... in grid order), its grid values and its whole params."""
+
+    name: str
+    values: dict[str, Any]
+    params: Params
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{key}={value}" for key, value in self.values.items()) or "params.yaml as it is"
+
+
+def _grid_error(key: str, problem: str) -> ParamsError:
+    return ParamsError(f"invalid parameters:\n  sweep.grid.{key}: {problem}")
+
+
+def _with_values(params: Params, values: dict[str, Any]) -> Params:
+    """``params`` with dotted ``values`` applied, as a single configuration (no grid of its own)."""
+    raw = params.model_dump()
+    for dotted, value in values.items():
+        section, field = dotted.split(".")
+        raw[section][field] = value
+    raw["sweep"] = {"grid": {}}
+    return Params.model_validate(raw)
+
+
+def sweep_candidates(params: Params) -> list[SweepCandidate]:
+    """Every combination of ``params.sweep.grid`` applied to ``params``, in grid order (a pure function).
+
+    Each grid key must name a model.* or train.* value, each value must be valid there, and the
+    candidates need a validation hold-out (``train.validation_split`` > 0): the sweep chooses on it,
+    never on the test set. An empty grid is one candidate: ``params`` as they are.
+    """
+    grid = params.sweep.grid
+    for key, values in grid.items():
+        section, _, field = key.partition(".")
+        if section not in SWEEP_SECTIONS or not field or "." in field:
+            raise _grid_error(key, "a grid key names one model.* or train.* value (e.g. model.dense_units); the rest stays fixed")
+        if field not in SWEEP_SECTIONS[section].model_fields:
+            raise _grid_error(key, f"unknown key (check its spelling against the {section} section of params.yaml)")
+        if key in SWEEP_FIXED:
+            raise _grid_error(key, "cannot vary in a sweep: it picks the validation hold-out that candidates are compared on")
+        if not values:
+            raise _grid_error(key, "give at least one value to try, e.g. [64, 128]")
+        for i, value in enumerate(values):
+            if value in values[:i]:
+                raise _grid_error(key, f"{value!r} is listed twice")
+            try:
+                _with_values(params, {key: value})
+            except ValidationError as err:
+                raise _grid_error(key, f"{value!r} is not a valid value: {err.errors()[0]['msg']}") from None
+    if grid and params.train.validation_split <= 0:
+        raise ParamsError(
+            "invalid parameters:\n  train.validation_split: is 0, but a sweep chooses its candidate on the validation "
+            "hold-out; set it above 0 (e.g. 0.05)"
+        )
+    keys = list(grid)
+    candidates = []
+    for number, combination in enumerate(itertools.product(*grid.values()), start=1):
+        values = dict(zip(keys, combination, strict=True))
+        try:
+            candidate_params = _with_values(params, values)
+        except ValidationError as err:  # values valid one by one but not together
+            raise ParamsError(f"invalid parameters: sweep candidate {values}:\n{_describe(err)}") from None
+        candidates.append(SweepCandidate(f"c{number}", values, candidate_params))
+    return candidates

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -51,7 +51,13 @@ def split_for_validation(x: np.ndarray, y: np.ndarray, share: float, seed: int) 
     return x[n_val:], y[n_val:], x[:n_val], y[:n_val]
 
 
-def train(dataset: Dataset, params: Params, on_epoch: EpochHook | None = None) -> TrainResult:
+def train(
+    dataset: Dataset,
+    params: Params,
+    on_epoch: EpochHook | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> TrainResult:
+    """Seeded training on ``params``; ``on_epoch`` gets each epoch's metrics, ``callbacks`` the Keras events."""
     import keras
 
     seed_everything(params.train.seed)
@@ -99,7 +105,7 @@ def train(dataset: Dataset, params: Params, on_epoch: EpochHook | None = None) -
         validation_data=(to_model_input(x_val), y_val.astype(np.int32)) if len(x_val) else None,
         shuffle=True,
         verbose=0,
-        callbacks=[Progress()],
+        callbacks=[Progress(), *callbacks],
     )
     seconds = time.perf_counter() - started
     history = {k: [float(v) for v in values] for k, values in fitted.history.items() if k != "learning_rate"}

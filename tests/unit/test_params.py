@@ -43,6 +43,13 @@ def test_out_of_range_threshold_is_rejected():
         parse_params(bad)
 
 
+def test_more_conv_blocks_than_the_image_can_halve_are_refused():
+    # a fifth max-pool would shrink the last pixel to nothing and crash Keras mid-build
+    with pytest.raises(ParamsError, match=r"model\.conv_filters: .*at most 4"):
+        parse_params(raw(), {"model.conv_filters": [8, 8, 8, 8, 8]})
+    assert parse_params(raw(), {"model.conv_filters": [8, 8, 8, 8]}).model.conv_filters == [8, 8, 8, 8]
+
+
 def test_local_source_needs_a_path():
     bad = raw()
     bad["data"]["source"] = "local"

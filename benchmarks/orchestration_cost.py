@@ -1,0 +1,184 @@
+"""Benchmark 3 of issue 4: what Prefect, MLflow and DVC add to a retrain's wall time.
+
+Run from the project folder:
+
+    .venv/bin/python benchmarks/orchestration_cost.py [--epochs 1 3] [--quick]
+
+For each epoch count, in fresh subprocesses one after the other, on the full MNIST:
+
+* ``direct``: the same pipeline functions called from a plain script, without Prefect, MLflow or DVC:
+  ingest -> Great Expectations validation -> train -> score the test set -> gate decision;
+* ``flow``: ``digits retrain`` in a throw-away project (git + DVC with a local remote + its own
+  MLflow store): the Prefect flow with every task, DVC add/push and dvc.lock, MLflow params,
+  per-epoch metrics, plots, the model, registration, the smoke prediction from the registry and the
+  promotion.
+
+Both start from a bare interpreter (imports included) and ingest from the same local ``.npz`` copy
+of MNIST. The extra wall time of the flow, measured at two training lengths, splits into a fixed
+part and a part proportional to the work: ``flow - direct = fixed + share x direct``. Targets
+(issue 4): ``share`` at most 5 %, ``fixed`` under 15 s. Nothing here asserts: it prints a table and
+writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from results_file import write_results
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "orchestration_cost.json"
+
+# the pipeline without orchestration, tracking or versioning: the same functions the flow's tasks call
+DIRECT = """
+import sys, time
+from pathlib import Path
+home = Path(sys.argv[1])
+from pipeline.data import ingest, load_dataset
+from pipeline.evaluate import compute_metrics, predict_classes
+from pipeline.gate import decide
+from pipeline.params import load_params
+from pipeline.train import compiled_predictor, train
+from pipeline.validation import validate_dataset
+params = load_params(home / "params.yaml")
+ingest(params.data, home / "data", home / ".cache")
+dataset = load_dataset(home / "data")
+report = validate_dataset(dataset, params.validation, home / "reports" / "validation")
+assert report.success, report.summary()
+model = train(dataset, params).model
+_, predicted = predict_classes(compiled_predictor(model), dataset.x_test)
+metrics = compute_metrics(dataset.y_test, predicted)
+print("accuracy", metrics.accuracy, "promote", decide(metrics, params.gate).promote)
+"""
+
+
+def make_project(base: Path, name: str, source: Path, epochs: int) -> Path:
+    """A project folder like a fresh clone: params.yaml on the local .npz, git, DVC with a local remote."""
+    home = base / name
+    home.mkdir()
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(source="local", local_path=str(source))
+    params["train"]["epochs"] = epochs
+    (home / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copy(ROOT / "dvc.yaml", home / "dvc.yaml")
+    (home / ".gitignore").write_text("/data/\n/mlflow/\n/reports/\n/.dvc-remote/\n/.cache/\n")
+
+    def run(*command: str) -> None:
+        subprocess.run(command, cwd=home, check=True, capture_output=True)
+
+    run("git", "init", "-q")
+    run("git", "-c", "user.name=bench", "-c", "user.email=bench@example.com", "commit", "-q", "--allow-empty", "-m", "init")
+    run(str(Path(sys.executable).parent / "dvc"), "init", "-q")
+    (home / ".dvc" / "config").write_text("[core]\n    remote = local\n['remote \"local\"']\n    url = ../.dvc-remote\n")
+    return home
+
+
+def timed_subprocess(command: list[str], home: Path, log: Path) -> float:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(
+        DIGITS_HOME=str(home),
+        TF_CPP_MIN_LOG_LEVEL="2",
+        MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
+        PYTHONPATH=str(ROOT),
+        DO_NOT_TRACK="1",
+    )
+    started = time.perf_counter()
+    with open(log, "wb") as out:
+        finished = subprocess.run(command, cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - started
+    if finished.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:3])} failed with exit code {finished.returncode}; see {log}")
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        nargs=2,
+        default=[1, 3],
+        metavar=("SHORT", "LONG"),
+        help="the two training lengths (default 1 and 3 epochs)",
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: 10,000 training images, 1 and 2 epochs")
+    parser.add_argument("--keep", action="store_true", help="keep the throw-away projects and logs (printed)")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(ROOT))
+    from pipeline.data import has_dataset, ingest, load_dataset
+    from pipeline.params import load_params
+
+    epochs = [1, 2] if args.quick else args.epochs
+    if not has_dataset(ROOT / "data"):
+        ingest(load_params(ROOT / "params.yaml").data, ROOT / "data", ROOT / ".cache")
+    dataset = load_dataset(ROOT / "data")
+    if args.quick:
+        dataset = dataset.head(10_000, None)
+    digits = str(Path(sys.executable).parent / "digits")
+
+    base = Path(tempfile.mkdtemp(prefix="digits-orchestration-"))
+    rows = []
+    try:
+        source = base / "mnist.npz"
+        np.savez(source, x_train=dataset.x_train, y_train=dataset.y_train, x_test=dataset.x_test, y_test=dataset.y_test)
+        for n in epochs:
+            for config in ("direct", "flow"):
+                home = make_project(base, f"{config}-e{n}", source, n)
+                if args.quick:  # the validation bounds expect the full MNIST
+                    params = yaml.safe_load((home / "params.yaml").read_text())
+                    params["validation"]["min_train_rows"] = len(dataset.x_train)
+                    (home / "params.yaml").write_text(yaml.safe_dump(params))
+                command = [sys.executable, "-c", DIRECT, str(home)] if config == "direct" else [digits, "retrain"]
+                seconds = timed_subprocess(command, home, base / f"{config}-e{n}.log")
+                rows.append({"config": config, "epochs": n, "seconds": round(seconds, 2)})
+                print(f"  {config} {n} epoch(s): {seconds:.1f} s", file=sys.stderr, flush=True)
+    finally:
+        if args.keep:
+            print(f"projects and logs kept in {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+    seconds = {(r["config"], r["epochs"]): r["seconds"] for r in rows}
+    short, long = epochs
+    extra = {n: seconds["flow", n] - seconds["direct", n] for n in epochs}
+    share = (extra[long] - extra[short]) / (seconds["direct", long] - seconds["direct", short])
+    fixed = extra[short] - share * seconds["direct", short]
+
+    print(f"\n{len(dataset.x_train):,} training images; fresh subprocesses; {os.cpu_count()} CPU cores")
+    print(f"{'epochs':>6} {'direct s':>9} {'flow s':>8} {'extra s':>8} {'flow/direct':>11}")
+    print("-" * 46)
+    for n in epochs:
+        print(
+            f"{n:>6} {seconds['direct', n]:>9.1f} {seconds['flow', n]:>8.1f} {extra[n]:>8.1f}"
+            f" {seconds['flow', n] / seconds['direct', n]:>10.3f}x"
+        )
+    print(
+        f"\nflow - direct = {fixed:.1f} s fixed + {share:.1%} of the direct time"
+        f" (targets: fixed < 15 s {'met' if fixed < 15 else 'not met'}, share <= 5% {'met' if share <= 0.05 else 'not met'})"
+    )
+
+    write_results(
+        args.output,
+        "orchestration_cost",
+        quick=args.quick,
+        training_images=len(dataset.x_train),
+        rows=rows,
+        fixed_seconds=round(fixed, 2),
+        proportional_share=round(share, 4),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

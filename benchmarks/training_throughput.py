@@ -1,0 +1,165 @@
+"""Benchmark 2 of issue 4: training throughput of our training step against a bare ``model.fit``.
+
+Run from the project folder:
+
+    .venv/bin/python benchmarks/training_throughput.py [--epochs 2] [--rounds 2] [--quick]
+
+In this one process, alternating so that drift on a shared machine hits both alike
+(bare, ours, bare, ours, ...):
+
+* ``bare``: the default net (``pipeline.model.build_model`` from ``params.yaml``) and a plain
+  ``model.fit`` on the same 57,000 training images, already normalised float32 arrays in memory:
+  no validation, no callbacks, no tracking;
+* ``ours``: the retraining flow's training step itself, ``pipeline.steps.train_candidate``, in an
+  MLflow run of a throw-away store: normalisation, the seeded split, per-epoch validation on the
+  hold-out, per-epoch metrics logged to MLflow, progress lines. Its images/s is the run's
+  ``train_images_per_second`` metric, the clock the flow itself reports (``model.fit`` only: the
+  evaluation, plots and model logging that follow are not training);
+* ``reference``: a bare ``model.fit`` of the Keras reference CNN (34,826 parameters), the absolute
+  figure to set against the roughly 10,000 images/s that 2 AVX2 cores allow for that net.
+
+Each figure is images/s over all epochs of a fit (the first epoch's tracing included, alike for all);
+the ratio is ours / bare from the same round. Nothing here asserts: it prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import numpy as np  # noqa: E402
+from results_file import write_results  # noqa: E402
+
+from pipeline.data import Dataset, has_dataset, ingest, load_dataset  # noqa: E402
+from pipeline.params import Params, load_params  # noqa: E402
+from pipeline.preprocess import to_model_input  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "training_throughput.json"
+
+
+def bare_fit(dataset: Dataset, params: Params, reference: bool = False) -> float:
+    """images/s of a plain ``model.fit`` on in-memory arrays (the same images ``train`` fits on)."""
+    from pipeline.model import build_model
+    from pipeline.train import seed_everything, split_for_validation
+
+    seed_everything(params.train.seed)
+    x_fit, y_fit, _, _ = split_for_validation(dataset.x_train, dataset.y_train, params.train.validation_split, params.train.seed)
+    x, y = to_model_input(x_fit), y_fit.astype(np.int32)
+    steps = int(np.ceil(len(x) / params.train.batch_size))
+    if reference:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from accuracy_per_cpu_minute import reference_model
+
+        model = reference_model(steps, params.train.epochs)
+    else:
+        model = build_model(params.model, params.train.learning_rate, steps, params.train.epochs)
+    started = time.perf_counter()
+    model.fit(x, y, batch_size=params.train.batch_size, epochs=params.train.epochs, shuffle=True, verbose=0)
+    return len(x) * params.train.epochs / (time.perf_counter() - started)
+
+
+def our_step(home: Path, params: Params) -> float:
+    """images/s reported by the flow's own training step, tracked in a throw-away MLflow store."""
+    from mlflow import MlflowClient
+
+    from pipeline import registry, steps
+    from pipeline.settings import Settings
+
+    settings = Settings(home=home)
+    client = registry.connect(settings)
+    experiment = client.get_experiment_by_name(settings.experiment)
+    run_id = client.create_run(experiment.experiment_id, run_name="training-throughput").info.run_id
+    steps.train_candidate(settings, params, run_id)
+    steps.finish_run(settings, run_id)
+    return float(MlflowClient().get_run(run_id).data.metrics["train_images_per_second"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per fit (default 2)")
+    parser.add_argument("--rounds", type=int, default=2, help="bare/ours pairs (default 2)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 1 epoch, 6,000 images")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    os.chdir(ROOT)
+    rounds = 1 if args.quick else args.rounds
+    epochs = 1 if args.quick else args.epochs
+    params = load_params(Path("params.yaml"), {"train.epochs": epochs})
+    if not has_dataset(Path("data")):
+        ingest(params.data, Path("data"), Path(".cache"))
+
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="digits-throughput-") as tmp:
+        home = Path(tmp)
+        if args.quick:  # a small copy of the data, so that train_candidate reads it like the flow does
+            full = load_dataset(Path("data"))
+            small = full.head(6_000, 1_000)
+            (home / "data" / "mnist").mkdir(parents=True)
+            for name, array in (
+                ("train_images", small.x_train),
+                ("train_labels", small.y_train),
+                ("test_images", small.x_test),
+                ("test_labels", small.y_test),
+            ):
+                np.save(home / "data" / "mnist" / f"{name}.npy", array)
+        else:
+            (home / "data").symlink_to(ROOT / "data", target_is_directory=True)
+        dataset = load_dataset(home / "data")
+        for round_ in range(1, rounds + 1):
+            for config, run in (("bare", lambda: bare_fit(dataset, params)), ("ours", lambda: our_step(home, params))):
+                images_per_second = run()
+                rows.append({"round": round_, "config": config, "images_per_second": round(images_per_second, 1)})
+                print(f"  round {round_} {config}: {images_per_second:,.0f} images/s", file=sys.stderr, flush=True)
+        reference = bare_fit(dataset, params, reference=True)
+        rows.append({"round": 0, "config": "reference (bare)", "images_per_second": round(reference, 1)})
+        print(f"  reference: {reference:,.0f} images/s", file=sys.stderr, flush=True)
+
+    ratios = []
+    for round_ in range(1, rounds + 1):
+        figure = {r["config"]: r["images_per_second"] for r in rows if r["round"] == round_}
+        ratios.append(figure["ours"] / figure["bare"])
+    median = {c: statistics.median(r["images_per_second"] for r in rows if r["config"] == c) for c in ("bare", "ours")}
+
+    print(
+        f"\n{len(dataset.x_train) - int(round(len(dataset.x_train) * params.train.validation_split)):,} training images,"
+        f" {epochs} epoch(s) per fit, batch {params.train.batch_size}; {os.cpu_count()} CPU cores"
+    )
+    print(f"{'round':>5} {'config':<18} {'images/s':>9}")
+    print("-" * 34)
+    for row in rows:
+        print(f"{row['round'] or '-':>5} {row['config']:<18} {row['images_per_second']:>9,.0f}")
+    print(f"\nours / bare: {', '.join(f'{r:.3f}' for r in ratios)} (median {statistics.median(ratios):.3f}; target >= 1.0)")
+    print(
+        f"default net: bare {median['bare']:,.0f}, ours {median['ours']:,.0f} images/s;"
+        f" Keras reference net, bare: {reference:,.0f} images/s"
+    )
+
+    write_results(
+        args.output,
+        "training_throughput",
+        quick=args.quick,
+        epochs=epochs,
+        batch_size=params.train.batch_size,
+        rows=rows,
+        ratios_ours_vs_bare=[round(r, 4) for r in ratios],
+        median_ratio=round(statistics.median(ratios), 4),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
