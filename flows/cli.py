@@ -62,6 +62,7 @@ def _quiet_libraries() -> None:
         "GX_ANALYTICS_ENABLED": "false",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "DO_NOT_TRACK": "1",
+        "DASK_LOGGING__DISTRIBUTED": "warning",  # a sweep's Dask cluster: problems only, not every connection
     }.items():
         os.environ.setdefault(key, value)
     logging.getLogger("pipeline").setLevel(logging.INFO)
@@ -81,13 +82,30 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable
 
 
 @app.command()
-def retrain(sets: SetOption = None, as_json: JsonOption = False) -> None:
+def retrain(
+    sets: SetOption = None,
+    as_json: JsonOption = False,
+    on_deployment: Annotated[
+        bool,
+        typer.Option(
+            "--deployment",
+            help="Run on a worker instead: trigger the deployment made by `digits deploy` on the Prefect server in "
+            "PREFECT_API_URL, follow it and print its summary.",
+        ),
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="With --deployment: follow the run to its end, or only start it.")
+    ] = True,
+) -> None:
     """Run the retraining flow end to end with Prefect (no server to start).
 
     Steps: version the dataset with DVC (ingesting MNIST on first use) -> validate it with Great
     Expectations -> train the CNN, tracked in MLflow -> evaluate -> gate against the floors in
     params.yaml and against the champion re-scored on the same test set -> register and move the
     `champion` alias. A worse model never replaces the champion; the summary says why.
+
+    With --deployment the same flow runs on a Prefect worker (see `digits deploy`); --set values
+    are added to the deployment's default ones for this run.
     """
     _quiet_libraries()
     from pipeline.data import DataError
@@ -97,6 +115,9 @@ def retrain(sets: SetOption = None, as_json: JsonOption = False) -> None:
     from pipeline.versioning import VersioningError
 
     overrides = _parse_sets(sets)
+    if on_deployment:
+        _retrain_on_deployment(overrides, wait, as_json)
+        return
     try:
         load_params(get_settings().params_path, overrides)  # refuse bad params before starting any engine
         from flows.retrain import retrain as retrain_flow
@@ -109,6 +130,119 @@ def retrain(sets: SetOption = None, as_json: JsonOption = False) -> None:
     except (DataError, VersioningError) as err:
         _fail(f"{err}\nNothing was trained or promoted.")
     if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+
+
+def _retrain_on_deployment(overrides: dict[str, Any], wait: bool, as_json: bool) -> None:
+    from flows import deployment
+    from flows.retrain import render_summary
+    from pipeline.params import ParamsError, load_params
+    from pipeline.settings import get_settings
+
+    settings = get_settings()
+    try:
+        if overrides and settings.params_path.exists():  # the worker checks too; refuse what we can before a run
+            load_params(settings.params_path, overrides)
+        run = deployment.trigger(settings, overrides)
+        url = deployment.ui_url(f"runs/flow-run/{run.id}")
+        if not wait:
+            started = {"flow_run_id": str(run.id), "flow_run_name": run.name, "url": url}
+            typer.echo(json.dumps(started, indent=2) if as_json else f"started flow run {run.name} ({run.id}): {url or ''}")
+            return
+        typer.echo(f"flow run {run.name} of {deployment.full_name(settings.deployment)}: {url or run.id}", err=True)
+
+        def say_state(r) -> None:
+            typer.echo(f"  {r.state.name}" + (f": {r.state.message}" if r.state.message else ""), err=True)
+
+        try:
+            run = deployment.follow(
+                run.id, on_state=say_state, on_hint=lambda hint: typer.secho(f"  {hint}", fg=typer.colors.YELLOW, err=True)
+            )
+        except KeyboardInterrupt:
+            _fail(f"stopped following flow run {run.name}; it goes on on the worker: {url or run.id}", 130)
+        if not run.state.is_completed():
+            _fail(f"flow run {run.name} ended {run.state.name}: {run.state.message or 'no message'}. Its logs: {url or run.id}")
+        summary = deployment.run_summary(run)
+    except ParamsError as err:
+        _fail(str(err), 2)
+    except deployment.DeploymentError as err:
+        _fail(str(err))
+    typer.echo(json.dumps(summary, indent=2) if as_json else render_summary(summary))
+
+
+def _parse_grid(grid: list[str] | None) -> dict[str, list[Any]]:
+    import yaml
+
+    parsed: dict[str, list[Any]] = {}
+    for item in grid or []:
+        key, sep, value = item.partition("=")
+        values = yaml.safe_load(value) if sep else None
+        if not key or not isinstance(values, list):
+            _fail(f"--grid takes KEY=[V1,V2,...] with a model.* or train.* key, e.g. model.dense_units=[64,128]; got {item!r}", 2)
+        parsed[key.strip()] = values
+    return parsed
+
+
+@app.command()
+def sweep(
+    sets: SetOption = None,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--grid",
+            help="Values to try for one key, replacing the grid in params.yaml: --grid model.dense_units=[64,128] (repeatable).",
+        ),
+    ] = None,
+    dask_address: Annotated[
+        str | None,
+        typer.Option(
+            "--dask-address",
+            help="Dask scheduler to train on, e.g. tcp://10.0.0.5:8786 (default: DIGITS_DASK_ADDRESS, else a local cluster).",
+        ),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Train every combination of the grid in params.yaml (sweep.grid) in parallel, and gate the best.
+
+    Steps: version and validate the dataset once -> train each candidate as a Prefect task on Dask
+    (a local cluster, one worker per core; or the scheduler in --dask-address), each its own MLflow
+    run nested under the sweep's run -> choose the best validation accuracy (the train.validation_split
+    hold-out; the test set takes no part) -> test it, gate it and promote it exactly like `digits retrain`.
+    --set changes what every candidate starts from; grid values win over it.
+    """
+    _quiet_libraries()
+    from pipeline.data import DataError
+    from pipeline.params import ParamsError, load_params, sweep_candidates
+    from pipeline.settings import get_settings
+    from pipeline.validation import DataValidationError
+    from pipeline.versioning import VersioningError
+
+    overrides = _parse_sets(sets)
+    if grid:
+        overrides["sweep.grid"] = _parse_grid(grid)
+    settings = get_settings()
+    try:
+        params = load_params(settings.params_path, overrides)  # bad keys or values stop before any cluster or engine
+    except ParamsError as err:
+        _fail(str(err), 2)
+    if not params.sweep.grid:
+        _fail(
+            "nothing to sweep: sweep.grid in params.yaml is empty. Give values to try, e.g.\n"
+            "  digits sweep --grid model.dense_units=[64,128] --grid train.learning_rate=[0.001,0.002]\n"
+            "or fill sweep.grid in params.yaml (`digits retrain` trains params.yaml as it is).",
+            2,
+        )
+    candidates = sweep_candidates(params)
+    typer.echo(f"{len(candidates)} candidates: " + "; ".join(f"{c.name} {c.label}" for c in candidates), err=True)
+    try:
+        from flows.sweep import sweep as sweep_flow
+
+        summary = sweep_flow(overrides=overrides, dask_address=dask_address)  # None: DIGITS_DASK_ADDRESS or a local cluster
+    except DataValidationError as err:
+        _fail(f"data validation failed; nothing was trained or promoted.\n{err}")
+    except (DataError, VersioningError) as err:
+        _fail(f"{err}\nNothing was trained or promoted.")
+    if as_json:  # the flow printed the summary already
         typer.echo(json.dumps(summary, indent=2))
 
 
@@ -184,6 +318,66 @@ def promote(
 def rollback() -> None:
     """Move `champion` back to `previous-champion` (floors and smoke checks still apply)."""
     _manual_promotion(None, True)
+
+
+@app.command()
+def deploy(
+    cron: Annotated[
+        str | None,
+        typer.Option(help="When to retrain, as cron in UTC (default: DIGITS_RETRAIN_CRON, Mondays 03:00). '' for no schedule."),
+    ] = None,
+    pool: Annotated[
+        str | None, typer.Option(help="Process work pool to create or reuse (default: DIGITS_WORK_POOL, digits).")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Deployment name (default: DIGITS_DEPLOYMENT, digits).")] = None,
+    paused: Annotated[bool, typer.Option(help="Create the schedule paused; resume it in the Prefect UI.")] = False,
+    sets: SetOption = None,
+) -> None:
+    """Deploy the retraining flow to the Prefect server in PREFECT_API_URL, to run on workers.
+
+    Creates (or updates) a process work pool, a concurrency limit of one on promotion across all
+    workers, and the deployment retrain-digits/<name>: the flow from this code folder, run for the
+    project in DIGITS_HOME, on a schedule, with --set values as default parameters. Then start a
+    worker (`prefect worker start --pool digits`) and trigger runs with `digits retrain --deployment`,
+    the Prefect UI or its API.
+    """
+    _quiet_libraries()
+    from flows import deployment
+    from flows.retrain import PROMOTION_TAG
+    from pipeline.params import ParamsError, load_params
+    from pipeline.settings import get_settings
+
+    settings = get_settings()
+    overrides = _parse_sets(sets)
+    try:
+        if overrides and settings.params_path.exists():
+            load_params(settings.params_path, overrides)
+        done = deployment.deploy(
+            settings,
+            pool=pool,
+            name=name,
+            cron=settings.retrain_cron if cron is None else cron,
+            paused=paused,
+            overrides=overrides,
+        )
+    except ParamsError as err:
+        _fail(str(err), 2)
+    except deployment.DeploymentError as err:
+        _fail(str(err))
+    schedule = f"{done.cron} (UTC){', paused' if done.paused else ''}" if done.cron else "none (runs start on demand)"
+    typer.echo(f"work pool        {done.pool} (process, {'created' if done.pool_created else 'already there'})")
+    typer.echo(f"promotion limit  tag {PROMOTION_TAG}: one promotion at a time across workers")
+    typer.echo(f"deployment       {done.name}  {done.url or done.deployment_id}")
+    typer.echo(f"  code           {done.source} ({deployment.ENTRYPOINT})")
+    typer.echo(f"  project        {done.env['DIGITS_HOME']}")
+    typer.echo(f"  schedule       {schedule}")
+    typer.echo(f"  parameters     {json.dumps(done.parameters) if done.parameters else 'params.yaml as it is'}")
+    typer.echo(
+        f"\nStart a worker (keep it running; workers on more machines can share the pool):\n"
+        f"    {deployment.worker_command(done.pool)}\n"
+        "Then trigger a run: `digits retrain --deployment`, the Prefect UI, or "
+        f"`prefect deployment run {done.name}`."
+    )
 
 
 # ---------------------------------------------------------------- single steps (dvc.yaml stages)
@@ -313,13 +507,20 @@ def data_add(
 def ui(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
 ) -> None:
-    """Open the MLflow UI on the embedded store: runs, plots, data versions, registry."""
+    """Open the MLflow UI on the embedded store: runs, plots, data versions, registry.
+
+    With MLFLOW_TRACKING_URI set to a tracking server (http://...), nothing starts here: the
+    server serves the UI, and this prints its address.
+    """
     import subprocess
 
     from pipeline import registry
     from pipeline.settings import get_settings
 
     settings = get_settings()
+    if settings.tracking_server:
+        _tracking_server_ui(settings.tracking_server)
+        return
     registry.connect(settings)
     typer.echo(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
     command = [
@@ -339,6 +540,27 @@ def ui(
     if settings.artifact_location:
         command += ["--default-artifact-root", settings.artifact_location]
     raise typer.Exit(subprocess.call(command))
+
+
+def _tracking_server_ui(url: str) -> None:
+    """Point at the tracking server's own UI: it shows the shared store; nothing local would."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{url}/health", timeout=10).close()
+    except urllib.error.HTTPError:
+        pass  # it answered (perhaps asking for credentials): it is up
+    except OSError as err:
+        _fail(
+            f"MLFLOW_TRACKING_URI points at the tracking server {url}, which does not answer ({err}). "
+            "Start it (`mlflow server ...`), fix MLFLOW_TRACKING_URI, or unset it to use the embedded store."
+        )
+    typer.echo(
+        f"The tracking server in MLFLOW_TRACKING_URI serves the MLflow UI: open {url}\n"
+        "(runs, plots, data versions, the registry). Nothing was started here; unset MLFLOW_TRACKING_URI "
+        "for the embedded store's UI."
+    )
 
 
 # serving commands live with the service; registered here so that `digits` is one tool

@@ -46,7 +46,13 @@ def gate(settings: Settings, params: Params, candidate: steps.Candidate):
     return steps.gate(settings, params, candidate)
 
 
-@task(name="register and promote (MLflow registry)", retries=1, retry_delay_seconds=5, **_task)
+# Runs on several workers share one Prefect server: `digits deploy` gives this tag a concurrency limit of 1, so
+# only one promote task runs at a time across workers (the file lock in the registry only covers one machine).
+# With no limit on the server (the embedded set-up) the tag costs one API call and never waits.
+PROMOTION_TAG = "digits-promotion"
+
+
+@task(name="register and promote (MLflow registry)", tags=[PROMOTION_TAG], retries=1, retry_delay_seconds=5, **_task)
 def promote(settings: Settings, candidate: steps.Candidate, decision, data_version: str) -> steps.Outcome:
     return steps.promote(settings, candidate, decision, data_version)
 

@@ -3,6 +3,13 @@
 The ``champion`` alias names the served model; ``previous-champion`` keeps the one it replaced
 reachable for rollback. Moving ``champion`` is a compare-and-set under a lock, so two retrains
 that finish at once can never both promote.
+
+The MLflow registry has no compare-and-set of its own, so the lock is what makes the check and
+the move one step. It is a file lock in the project folder (``mlflow/promotion.lock``): it covers
+the processes of one machine that work in that folder, with the embedded store or a tracking
+server alike. Promotions from several machines that share a tracking server are serialised by
+Prefect instead: ``digits deploy`` gives the promote task's tag a concurrency limit of one on the
+Prefect server. A ``digits promote`` on another machine at the same moment is covered by neither.
 """
 
 from __future__ import annotations
@@ -147,7 +154,8 @@ def move_champion(
     """Make ``version`` the champion if the champion is still ``expected_champion``.
 
     The check and the move happen under one lock: a retrain that compared itself with a champion
-    that has since moved must not overwrite it without being compared with the new one.
+    that has since moved must not overwrite it without being compared with the new one. The lock
+    is per machine (see the module docstring for what guards it across machines).
     """
     from filelock import FileLock, Timeout
 

@@ -31,6 +31,16 @@ class Settings(BaseSettings):
     # requests/s, batches of 1,000 images 14% slower. More threads fight the HTTP event loop for
     # the cores; scale out with replicas instead.
     serve_tf_threads: int = Field(1, ge=1, description="TensorFlow threads per model call in the service")
+    # scale-out on a Prefect server (`digits deploy`, `digits retrain --deployment`)
+    work_pool: str = Field("digits", description="Prefect process work pool that `digits deploy` creates and workers poll")
+    deployment: str = Field("digits", description="name of the Prefect deployment retrain-digits/<name>")
+    retrain_cron: str = Field("0 3 * * 1", description="the deployment's schedule (cron, UTC); empty: no schedule")
+    # the sweep's Dask cluster (`digits sweep`): a local one sized for this machine unless an address is given
+    dask_address: str | None = Field(None, description="Dask scheduler for sweeps (tcp://host:8786); default: a local cluster")
+    dask_workers: int | None = Field(None, ge=1, description="local cluster size; default: one a core, at most one a candidate")
+    sweep_tf_threads: int | None = Field(
+        None, ge=1, description="TensorFlow threads per sweep training; default on a local cluster: cores / workers"
+    )
 
     @property
     def params_path(self) -> Path:
@@ -55,6 +65,12 @@ class Settings(BaseSettings):
     @property
     def resolved_tracking_uri(self) -> str:
         return self.tracking_uri or f"sqlite:///{(self.mlflow_dir / 'mlflow.db').resolve()}"
+
+    @property
+    def tracking_server(self) -> str | None:
+        """The tracking server's base URL when MLFLOW_TRACKING_URI names one (http/https), else None."""
+        uri = self.tracking_uri
+        return uri.rstrip("/") if uri and uri.split(":", 1)[0].lower() in ("http", "https") else None
 
     @property
     def artifact_location(self) -> str | None:

@@ -77,13 +77,25 @@ def prepare_data(settings: Settings, params: Params) -> versioning.DataVersion:
 # ---------------------------------------------------------------- tracking
 
 
-def start_run(settings: Settings, params: Params, data_version: versioning.DataVersion, run_name: str | None = None) -> str:
-    """Open the MLflow run that every later step logs into; returns its id."""
+def start_run(
+    settings: Settings,
+    params: Params,
+    data_version: versioning.DataVersion,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+) -> str:
+    """Open the MLflow run that every later step logs into; returns its id.
+
+    With ``parent_run_id`` the run is nested under that one (a sweep's candidates under the sweep).
+    """
     import mlflow
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     registry.connect(settings)
     commit = versioning.git_commit(settings.home) or "unknown"
-    run_id = mlflow.start_run(run_name=run_name).info.run_id
+    # the parent is named by tag, not by mlflow's active-run stack: the parent is not active here
+    tags = {MLFLOW_PARENT_RUN_ID: parent_run_id} if parent_run_id else None
+    run_id = mlflow.start_run(run_name=run_name, tags=tags).info.run_id
     with _active(run_id):
         mlflow.log_params({**params.flat(), "data_version": data_version.short})
         mlflow.set_tags({"data_version": data_version.md5, "git_commit": commit, "data_pushed": str(data_version.pushed)})
@@ -208,6 +220,95 @@ def train_candidate(settings: Settings, params: Params, run_id: str) -> Candidat
             pip_requirements=_model_requirements(),
         )
     return Candidate(run_id, info.model_uri, metrics, tuple(int(d) for d in predicted[:SMOKE_IMAGES]))
+
+
+# ---------------------------------------------------------------- sweep trials
+
+
+@dataclass(frozen=True)
+class Trial:
+    """A sweep candidate, trained and scored on the validation hold-out only: the test set is untouched."""
+
+    run_id: str
+    model_uri: str
+    val_accuracy: float
+    val_loss: float
+
+
+def limit_tf_threads(threads: int) -> None:
+    """Size TensorFlow's thread pools before its runtime starts, so parallel trainings share the cores."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # this process trained before: its pools keep the sizes they started with
+        log.info("TensorFlow is initialised already in this process; its thread pools keep their sizes")
+
+
+def train_trial(settings: Settings, params: Params, run_id: str, tags: dict[str, str] | None = None) -> Trial:
+    """Train one sweep candidate into its run: per-epoch metrics, learning curves, the model.
+
+    Nothing here reads the test split. The candidate is judged on its last epoch's validation
+    accuracy (the hold-out of ``train.validation_split``); only the chosen one meets the test set,
+    in ``evaluate_trial`` and the gate.
+    """
+    import keras
+    import mlflow
+    import mlflow.tensorflow
+    from mlflow.models import infer_signature
+
+    from pipeline import plots
+    from pipeline.preprocess import to_model_input
+    from pipeline.train import train
+
+    if params.train.validation_split <= 0:
+        raise ValueError("a sweep trial needs a validation hold-out: set train.validation_split above 0")
+    registry.connect(settings)
+    keras.utils.disable_interactive_logging()
+    dataset = load_dataset(settings.data_dir)
+    result = train(dataset, params, on_epoch=lambda epoch, values: _log_epoch(run_id, epoch, values))
+    trial_metrics = {"val_accuracy": result.history["val_accuracy"][-1], "val_loss": result.history["val_loss"][-1]}
+    log.info("validation accuracy %.4f, loss %.4f", trial_metrics["val_accuracy"], trial_metrics["val_loss"])
+    example = to_model_input(dataset.x_train[:2])  # a training image: the test split stays unseen
+    with _active(run_id):
+        mlflow.set_tags(tags or {})
+        mlflow.log_metrics({"train_seconds": result.seconds, "train_images_per_second": result.images_per_second})
+        mlflow.log_metrics({f"final_{k}": v for k, v in trial_metrics.items()})
+        mlflow.log_figure(plots.learning_curves(result.history), "plots/learning_curves.png")
+        info = mlflow.tensorflow.log_model(
+            result.model,
+            name="model",
+            signature=infer_signature(example, np.asarray(result.model(example, training=False))),
+            input_example=example,
+            pip_requirements=_model_requirements(),
+        )
+    return Trial(run_id, info.model_uri, trial_metrics["val_accuracy"], trial_metrics["val_loss"])
+
+
+def best_trial(trials: list[Trial]) -> Trial:
+    """The highest validation accuracy; a tie goes to the lower validation loss, then to the earlier candidate."""
+    if not trials:
+        raise ValueError("no trial to choose from: every sweep candidate failed")
+    return min(enumerate(trials), key=lambda item: (-item[1].val_accuracy, item[1].val_loss, item[0]))[1]
+
+
+def evaluate_trial(settings: Settings, trial: Trial) -> Candidate:
+    """The chosen trial on the test set: metrics and plots into its run, as ``train_candidate`` logs them."""
+    from pipeline.train import compiled_predictor
+
+    client = registry.connect(settings)
+    dataset = load_dataset(settings.data_dir)
+    probabilities, predicted = predict_classes(compiled_predictor(registry.load_keras(trial.model_uri)), dataset.x_test)
+    metrics = compute_metrics(dataset.y_test, predicted)
+    log.info("chosen trial on the test set: accuracy %.4f, lowest class recall %.4f", metrics.accuracy, metrics.min_class_recall)
+    history = {
+        key: [m.value for m in sorted(client.get_metric_history(trial.run_id, key), key=lambda m: m.step)]
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy")
+    }
+    with _active(trial.run_id):
+        _log_evaluation(dataset, metrics, probabilities, history)
+    return Candidate(trial.run_id, trial.model_uri, metrics, tuple(int(d) for d in predicted[:SMOKE_IMAGES]))
 
 
 def _model_requirements() -> list[str]:

@@ -129,6 +129,7 @@ class Server:
     port: int = field(default_factory=free_port)
     poll_seconds: float = 1.0
     via_cli: bool = False  # start it with `digits serve` (serving.cli.serve) instead of `bentoml serve`
+    tracking_uri: str | None = None  # MLFLOW_TRACKING_URI for the service (a tracking server); None: home's sqlite store
     log_path: Path | None = None
     process: subprocess.Popen | None = None
 
@@ -139,6 +140,8 @@ class Server:
     def start(self) -> Server:
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
         env.update(store_env(self.home))
+        if self.tracking_uri:
+            env["MLFLOW_TRACKING_URI"] = self.tracking_uri
         env.update(
             {
                 "DIGITS_CHAMPION_POLL_SECONDS": str(self.poll_seconds),
