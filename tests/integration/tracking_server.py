@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import free_port, wait_for_http
+from conftest import free_port, stop_process_group, wait_for_http
 
 SUPERUSER = "digits"  # the cluster's superuser (initdb -U); trust authentication on 127.0.0.1 only
 INSTALL_HINT = "apt-get install postgresql (tests/run does it when it runs as root on Debian)"
@@ -226,17 +226,8 @@ class TrackingServer:
         return self
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=20)
-        # `mlflow server` runs its web server as a child: leave nothing of the group behind
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
+        if self.process is not None:  # `mlflow server` runs its web server as a child: the whole group goes
+            stop_process_group(self.process)
 
 
 @dataclass
