@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,7 +31,11 @@ class Settings(BaseSettings):
     # Measured on 2 cores, 1 thread against 2: one image 5.7 vs 7.7 ms, 32 clients 407 vs 339
     # requests/s, batches of 1,000 images 14% slower. More threads fight the HTTP event loop for
     # the cores; scale out with replicas instead.
-    serve_tf_threads: int = Field(1, ge=1, description="TensorFlow threads per model call in the service")
+    serve_tf_threads: int = Field(1, ge=1, description="TensorFlow (or LiteRT) threads per model call in the service")
+    serve_runtime: Literal["tflite", "keras"] = Field(
+        "tflite",
+        description="what answers in the service: the champion's TensorFlow Lite export when it has one, or always Keras",
+    )
     # scale-out on a Prefect server (`digits deploy`, `digits retrain --deployment`)
     work_pool: str = Field("digits", description="Prefect process work pool that `digits deploy` creates and workers poll")
     deployment: str = Field("digits", description="name of the Prefect deployment retrain-digits/<name>")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -219,7 +220,26 @@ def train_candidate(settings: Settings, params: Params, run_id: str) -> Candidat
             # stated, not inferred: inference re-imports the model in a subprocess (~20 s)
             pip_requirements=_model_requirements(),
         )
+        _export_for_serving(result.model, dataset, probabilities)
     return Candidate(run_id, info.model_uri, metrics, tuple(int(d) for d in predicted[:SMOKE_IMAGES]))
+
+
+def _export_for_serving(model, dataset: Dataset, probabilities: np.ndarray) -> None:
+    """Log the TensorFlow Lite export the service runs, checked on the whole test set (into the active run).
+
+    A failed conversion costs the run nothing: the service then runs the Keras model.
+    """
+    from pipeline import export
+
+    try:
+        check = export.log_tflite_export(model, dataset.x_test, probabilities, threads=os.cpu_count() or 1)
+    except Exception as err:  # the converter's failures are many and version-specific
+        log.warning("no TensorFlow Lite export (%s: %s); the service will run the Keras model", type(err).__name__, err)
+        return
+    if check.ok:
+        log.info("TensorFlow Lite export for serving: %s", check.summary())
+    else:
+        log.warning("TensorFlow Lite export not kept (%s); the service will run the Keras model", check.summary())
 
 
 # ---------------------------------------------------------------- sweep trials
@@ -299,7 +319,8 @@ def evaluate_trial(settings: Settings, trial: Trial) -> Candidate:
 
     client = registry.connect(settings)
     dataset = load_dataset(settings.data_dir)
-    probabilities, predicted = predict_classes(compiled_predictor(registry.load_keras(trial.model_uri)), dataset.x_test)
+    model = registry.load_keras(trial.model_uri)
+    probabilities, predicted = predict_classes(compiled_predictor(model), dataset.x_test)
     metrics = compute_metrics(dataset.y_test, predicted)
     log.info("chosen trial on the test set: accuracy %.4f, lowest class recall %.4f", metrics.accuracy, metrics.min_class_recall)
     history = {
@@ -308,6 +329,7 @@ def evaluate_trial(settings: Settings, trial: Trial) -> Candidate:
     }
     with _active(trial.run_id):
         _log_evaluation(dataset, metrics, probabilities, history)
+        _export_for_serving(model, dataset, probabilities)
     return Candidate(trial.run_id, trial.model_uri, metrics, tuple(int(d) for d in predicted[:SMOKE_IMAGES]))
 
 

@@ -46,6 +46,7 @@ class LoadedModel:
 
     ref: ModelRef
     predictor: Callable[[np.ndarray], np.ndarray]
+    runtime: str  # "tflite" (the version's TensorFlow Lite export) or "keras"
     loaded_at: str
     load_seconds: float
 
@@ -72,6 +73,7 @@ class LoadedModel:
         return {
             **self.ref.to_dict(),
             "uri": self.ref.uri,
+            "runtime": self.runtime,
             "loaded_at": self.loaded_at,
             "load_seconds": round(self.load_seconds, 3),
         }
@@ -112,22 +114,29 @@ def registry_client(settings: Settings) -> MlflowClient:
     return MlflowClient(settings.resolved_tracking_uri, settings.resolved_tracking_uri)
 
 
-def load(ref: ModelRef) -> LoadedModel:
-    """Load one registered version (by version, not by alias) and warm its compiled predictor.
+def load(ref: ModelRef, runtime: str = "tflite", threads: int = 1) -> LoadedModel:
+    """Load one registered version (by version, not by alias) and warm it.
 
-    Warming traces the ``tf.function`` for one image and for a batch, so the first requests after a
-    swap are as fast as the rest.
+    With ``runtime="tflite"`` the version's TensorFlow Lite export answers, through LiteRT with
+    ``threads`` threads, when its training run logged one (checked there to answer the test set like
+    the Keras model); otherwise the Keras model does, through a compiled ``tf.function``. Warming runs
+    one image and batches, so the first requests after a swap are as fast as the rest.
     """
-    from pipeline.registry import load_keras
+    from pipeline.export import tflite_predictor
+    from pipeline.registry import load_keras, load_tflite
     from pipeline.train import compiled_predictor
 
     started = time.perf_counter()
-    predictor = compiled_predictor(load_keras(ref.uri))
+    content = load_tflite(ref) if runtime == "tflite" else None
+    if content is not None:
+        predictor = tflite_predictor(content, threads)
+    else:
+        predictor, runtime = compiled_predictor(load_keras(ref.uri)), "keras"
     for n in (1, 2, 3, 32):
         out = predictor(np.zeros((n, SIDE, SIDE, 1), dtype=np.float32))
         if out.shape != (n, 10) or not np.isfinite(out).all():
             raise ValueError(f"{ref.uri} answers shape {out.shape} for {n} images; expected ({n}, 10) probabilities")
-    return LoadedModel(ref, predictor, datetime.now(UTC).isoformat(timespec="seconds"), time.perf_counter() - started)
+    return LoadedModel(ref, predictor, runtime, datetime.now(UTC).isoformat(timespec="seconds"), time.perf_counter() - started)
 
 
 def missing_store(settings: Settings) -> str | None:
@@ -153,7 +162,7 @@ def load_champion(settings: Settings) -> LoadedModel:
     ref = get_alias(registry_client(settings), settings.model_name)
     if ref is None:
         raise ModelUnavailable(f"{NO_CHAMPION} (model {settings.model_name} in {settings.resolved_tracking_uri})")
-    return load(ref)
+    return load(ref, settings.serve_runtime, settings.serve_tf_threads)
 
 
 class ChampionWatcher:
@@ -246,7 +255,7 @@ class ChampionWatcher:
         log.info("loading champion %s v%s (run %s)", ref.model_name, ref.version, ref.run_id)
         self._prepare_tensorflow()
         try:
-            loaded = load(ref)
+            loaded = load(ref, self.settings.serve_runtime, self.tf_threads or 1)
         except Exception as err:
             self._failed[ref.version] = time.monotonic()
             self._report(
@@ -259,9 +268,10 @@ class ChampionWatcher:
         self._report(None)
         _settle_garbage_collector()
         log.info(
-            "now serving %s v%s (loaded in %.1f s; was %s)",
+            "now serving %s v%s through %s (loaded in %.1f s; was %s)",
             ref.model_name,
             ref.version,
+            loaded.runtime,
             loaded.load_seconds,
             f"v{current.ref.version}" if current else "none",
         )

@@ -83,13 +83,17 @@ def trained_model(dataset, seed: int = 42, epochs: int = 3):
     return _trained[key]
 
 
-def log_model(model, dataset, accuracy: float) -> tuple[str, str]:
-    """Log a Keras model into the current store like the retraining flow does: (run_id, model_uri)."""
+def log_model(model, dataset, accuracy: float, tflite: bool = True) -> tuple[str, str]:
+    """Log a Keras model into the current store like the retraining flow does: (run_id, model_uri).
+
+    With ``tflite`` the run also gets the checked TensorFlow Lite export, which the service then runs;
+    without it the run looks like one from before exports, served through Keras.
+    """
     import mlflow
     import mlflow.tensorflow
     from mlflow.models import infer_signature
 
-    from pipeline import registry
+    from pipeline import export, registry
     from pipeline.preprocess import to_model_input
     from pipeline.settings import get_settings
     from pipeline.train import compiled_predictor
@@ -101,6 +105,9 @@ def log_model(model, dataset, accuracy: float) -> tuple[str, str]:
         info = mlflow.tensorflow.log_model(
             model, name="model", input_example=example, signature=infer_signature(example, compiled_predictor(model)(example))
         )
+        if tflite:
+            check = export.log_tflite_export(model, dataset.x_test, compiled_predictor(model)(to_model_input(dataset.x_test)))
+            assert check.ok, check.summary()
     return run.info.run_id, info.model_uri
 
 

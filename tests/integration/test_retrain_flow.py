@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,6 +46,13 @@ def test_first_run_promotes_and_worse_runs_leave_the_champion(project):
     assert {"plots", "validation_report", "gate", "evaluation"} <= artifacts
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/learning_curves.png", "plots/confusion_matrix.png", "plots/misclassified.png"} <= plots
+    # the serving export: checked against the Keras model on the whole test set, then kept
+    exported = {a.path for a in client.list_artifacts(run.info.run_id, "serving")}
+    assert {"serving/model.tflite", "serving/agreement.json"} <= exported
+    agreement = json.loads(Path(client.download_artifacts(run.info.run_id, "serving/agreement.json")).read_text())
+    assert agreement["ok"] and agreement["same_digits"] == agreement["images"] > 0
+    assert run.data.tags["serving_runtime"] == "tflite"
+    assert registry.load_tflite(registry.get_alias(client, get_settings().model_name))[4:8] == b"TFL3"
 
     champion = registry.get_alias(client, get_settings().model_name)
     assert champion.version == "1" and champion.data_version == first["data_version"] and champion.promoted_at

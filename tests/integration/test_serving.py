@@ -166,6 +166,7 @@ def test_health_and_model_info(champion, http):
     assert info["data_version"] == "test-data"
     assert info["promoted_at"] and info["promotion_reason"] == "first champion" and info["promoted_by"]
     assert info["champion_poll_seconds"] == 1 and info["problem"] is None
+    assert info["runtime"] == "tflite"  # the run logged a checked TensorFlow Lite export
 
 
 # ---------------------------------------------------------------- images
@@ -506,7 +507,8 @@ def test_promotion_during_traffic_swaps_without_failed_requests(champion, mnist_
     server = champion.server
     new_model, accuracy = trained_model(mnist_slice, seed=7)
     with using_store(server.home):
-        run_id, uri = log_model(new_model, mnist_slice, accuracy)  # logged before traffic, like a retrain
+        # logged before traffic, like a retrain; without an export, like a version from before exports
+        run_id, uri = log_model(new_model, mnist_slice, accuracy, tflite=False)
 
     stop = threading.Event()
     failures: list[str] = []
@@ -563,3 +565,4 @@ def test_promotion_during_traffic_swaps_without_failed_requests(champion, mnist_
             assert set(versions[versions.index(new_version) :]) == {new_version}
     info = httpx.get(server.url + "/model").json()
     assert info["model_version"] == new_version and info["run_id"] == run_id
+    assert info["runtime"] == "keras"  # no export in its run: the Keras model answers

@@ -103,7 +103,7 @@ def test_retrain_status_and_serving_through_the_tracking_server(on_server, infra
         png = Path(client.download_artifacts(run_id, "plots/confusion_matrix.png", str(downloads))).read_bytes()
         assert png.startswith(b"\x89PNG")
         stored = {path.name for path in server.artifacts.rglob("*") if path.is_file()}
-        assert {"confusion_matrix.png", "gate_decision.json", "MLmodel", "index.html"} <= stored
+        assert {"confusion_matrix.png", "gate_decision.json", "MLmodel", "index.html", "model.tflite"} <= stored
         # nothing went to the embedded store
         assert not (project / "mlflow" / "mlflow.db").exists() and not (project / "mlflow" / "artifacts").exists()
 
@@ -129,6 +129,7 @@ def test_retrain_status_and_serving_through_the_tracking_server(on_server, infra
         service.wait("/readyz", timeout=600)
         model = _wait_for_version(service, "1")
         assert model["run_id"] == run_id and model["data_version"] == summary["data_version"]
+        assert model["runtime"] == "tflite"  # the run's TensorFlow Lite export, downloaded through the server
         response = httpx.post(f"{service.url}/predict_pixels", json={"pixels": mnist_slice.x_test.tolist()}, timeout=120)
         assert response.status_code == 200, response.text
         answers = response.json()
