@@ -6,11 +6,15 @@ Run from the project folder:
 
 The same model (the champion of the project's store; when there is none, the default architecture of
 ``params.yaml`` trained here for one epoch into a temporary store: latency does not depend on accuracy)
-answers the same real MNIST test images three ways, one after the other, never at the same time:
+answers the same real MNIST test images these ways, one after the other, never at the same time:
 
-* ``in-process`` -- the model called in a Python process, no HTTP: ``compiled_predictor(model)`` (what
-                    the service calls) and Keras ``model.predict``, timed per call;
-* ``ours``       -- the project's service, ``bentoml serve serving.service:DigitClassifier``;
+* ``in-process`` -- the model called in a Python process, no HTTP, timed per call: its TensorFlow Lite
+                    export through LiteRT (``tflite``, what the service runs), ``compiled_predictor``
+                    (Keras in a ``tf.function``) and Keras ``model.predict``;
+* ``ours``       -- the project's service, ``bentoml serve serving.service:DigitClassifier``, running
+                    the champion's TensorFlow Lite export (Keras when its run has none: the table
+                    says which);
+* ``ours-keras`` -- the same service with ``DIGITS_SERVE_RUNTIME=keras``;
 * ``naive``      -- ``benchmarks/naive_service.py``, BentoML calling ``model.predict`` per request: the
                     baseline of the ratios, measured in the same run.
 
@@ -63,11 +67,14 @@ from pipeline.registry import ModelRef  # noqa: E402
 from pipeline.settings import get_settings  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "serving_latency.json"
-# name -> (bentoml service target, --working-dir)
+# name -> (bentoml service target, --working-dir, extra environment)
 SERVICES = {
-    "ours": ("serving.service:DigitClassifier", ROOT),
-    "naive": ("naive_service:NaiveDigitClassifier", ROOT / "benchmarks"),
+    "ours": ("serving.service:DigitClassifier", ROOT, {"DIGITS_SERVE_RUNTIME": "tflite"}),
+    "ours-keras": ("serving.service:DigitClassifier", ROOT, {"DIGITS_SERVE_RUNTIME": "keras"}),
+    "naive": ("naive_service:NaiveDigitClassifier", ROOT / "benchmarks", {}),
 }
+# our services, and the in-process method each calls for a request
+OURS = {"ours": "tflite", "ours-keras": "compiled_predictor"}
 RATES = (10, 25, 50, 100, 200, 400)
 CLIENTS = 32
 BATCH = 64
@@ -381,6 +388,15 @@ class Server:
 # ---------------------------------------------------------------- the model
 
 
+def served_runtime(server: Server) -> str | None:
+    """What answers in the server ("tflite" or "keras", from ``/model``); None for the naive service."""
+    try:
+        with urllib.request.urlopen(server.url + "/model", timeout=30) as response:
+            return json.loads(response.read()).get("runtime")
+    except (urllib.error.URLError, ValueError, OSError):
+        return None
+
+
 def describe_store(home: Path, tracking_uri: str | None) -> str:
     """Where the model comes from, without machine paths (the JSON may be committed)."""
     if tracking_uri:
@@ -418,7 +434,7 @@ def train_temporary_champion(store: Path, dataset: Dataset) -> tuple[ModelRef, f
     import mlflow.tensorflow
     from mlflow.models import infer_signature
 
-    from pipeline import registry
+    from pipeline import export, registry
     from pipeline.preprocess import to_model_input
     from pipeline.train import compiled_predictor, train
 
@@ -442,6 +458,7 @@ def train_temporary_champion(store: Path, dataset: Dataset) -> tuple[ModelRef, f
             input_example=example,
             pip_requirements=requirements,
         )
+        export.log_tflite_export(result.model, dataset.x_test, probabilities)  # as the flow does: the service runs it
     version = registry.register(
         client, settings.model_name, info.model_uri, run.info.run_id, {"data_version": "serving-benchmark"}
     )
@@ -454,8 +471,9 @@ def train_temporary_champion(store: Path, dataset: Dataset) -> tuple[ModelRef, f
 
 def in_process_main(spec: dict) -> dict:
     """Time the model called in this process, per call, on the benchmark's images (run as a child)."""
+    from pipeline.export import tflite_predictor
     from pipeline.preprocess import to_model_input
-    from pipeline.registry import load_keras
+    from pipeline.registry import load_keras, load_tflite
     from pipeline.train import compiled_predictor
     from serving.champion import configure_tensorflow, registry_client
 
@@ -467,8 +485,13 @@ def in_process_main(spec: dict) -> dict:
     pool = load_dataset(ROOT / "data").x_test[: spec["pool"]]
     digits = predictor(to_model_input(pool)).argmax(1)
     methods = {"compiled_predictor": predictor, "model.predict": lambda x: model.predict(x, verbose=0)}
+    if (content := load_tflite(spec["run_id"])) is not None:  # what the service runs when the run has it
+        methods["tflite"] = tflite_predictor(content, settings.serve_tf_threads)
     results = []
     for method, calls_by_size in spec["calls"].items():
+        if method not in methods:
+            print(f"  in-process {method}: the run has no TensorFlow Lite export; skipped", file=sys.stderr, flush=True)
+            continue
         fn = methods[method]
         for size, calls in calls_by_size.items():
             n = int(size)
@@ -698,7 +721,7 @@ class LoadGenerator:
 def progress(r: LoadResult) -> None:
     what = f"{r.offered_rate:g} req/s" if r.load == "open" else f"{r.clients} clients"
     print(
-        f"  {r.service:<5} {r.load:<6} {what:>10} x{r.images_per_request:<3} {r.requests_per_second:8.1f} req/s "
+        f"  {r.service:<10} {r.load:<6} {what:>10} x{r.images_per_request:<3} {r.requests_per_second:8.1f} req/s "
         f"p50 {fmt(r.p50_ms, '.1f')} ms p99 {fmt(r.p99_ms, '.1f')} ms errors {r.error_count}"
         f"{'  (saturated)' if r.saturated else ''}",
         file=sys.stderr,
@@ -750,7 +773,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def load_table(services: dict[str, dict]) -> str:
     head = (
-        f"{'service':<7} {'load':<18} {'img/req':>7} {'req/s':>8} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'service':<10} {'load':<18} {'img/req':>7} {'req/s':>8} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'max ms':>8} {'errors':>6} {'srv CPU':>7} {'gen CPU':>7}"
     )
     lines = [head, "-" * len(head)]
@@ -759,12 +782,12 @@ def load_table(services: dict[str, dict]) -> str:
             what = f"open {r.offered_rate:g}/s" if r.load == "open" else f"closed {r.clients} clients"
             srv = "-" if r.server_cpu_seconds is None else f"{r.server_cpu_seconds / r.seconds:.0%}"
             lines.append(
-                f"{name:<7} {what:<18} {r.images_per_request:>7} {r.requests_per_second:>8,.1f} {r.images_per_second:>8,.0f} "
+                f"{name:<10} {what:<18} {r.images_per_request:>7} {r.requests_per_second:>8,.1f} {r.images_per_second:>8,.0f} "
                 f"{fmt(r.p50_ms, '>8.2f')} {fmt(r.p99_ms, '>8.2f')} {fmt(r.max_ms, '>8.1f')} {r.error_count:>6} "
                 f"{srv:>7} {r.client_cpu_seconds / r.seconds:>7.0%}{'  saturated' if r.saturated else ''}"
             )
         if s["skipped_rates"]:
-            lines.append(f"{name:<7} open {', '.join(f'{x:g}' for x in s['skipped_rates'])}/s: not run (saturated below)")
+            lines.append(f"{name:<10} open {', '.join(f'{x:g}' for x in s['skipped_rates'])}/s: not run (saturated below)")
     return "\n".join(lines)
 
 
@@ -786,8 +809,13 @@ def find(runs: list[LoadResult], load: str, images: int, rate: float | None = No
 
 
 def compare(services: dict[str, dict], in_process: list[dict], batch: int) -> dict:
-    """The ratios: ours against naive (throughput, p99 at each rate), ours against in-process (p99)."""
-    ours, naive = services.get("ours", {}).get("runs", []), services.get("naive", {}).get("runs", [])
+    """The ratios of each of our services (by runtime) against naive and against its model in-process."""
+    return {name: compare_one(services, name, in_process, batch) for name in OURS if name in services}
+
+
+def compare_one(services: dict[str, dict], name: str, in_process: list[dict], batch: int) -> dict:
+    """One of ours against naive (throughput, p99 at each rate) and against in-process (p99)."""
+    ours, naive = services[name]["runs"], services.get("naive", {}).get("runs", [])
     local = {(r["method"], r["images_per_call"]): r for r in in_process}
     out: dict = {"throughput": {}, "p99_at_rate": {}}
     for images, key in ((1, "single"), (batch, f"batch_{batch}")):
@@ -800,7 +828,8 @@ def compare(services: dict[str, dict], in_process: list[dict], batch: int) -> di
             "naive_p99_ms": n.p99_ms if n else None,
             "errors": {"ours": o.error_count if o else None, "naive": n.error_count if n else None},
         }
-    compiled, predict = local.get(("compiled_predictor", 1)), local.get(("model.predict", 1))
+    same, predict = local.get((OURS[name], 1)), local.get(("model.predict", 1))
+    out["in_process_method"] = OURS[name]
     for o in (r for r in ours if r.load == "open"):
         n = find(naive, "open", 1, o.offered_rate)
         naive_note = None if n else ("not run: it saturated at a lower rate" if naive else "not measured")
@@ -813,7 +842,7 @@ def compare(services: dict[str, dict], in_process: list[dict], batch: int) -> di
             "naive_p99_ms": n.p99_ms if n else None,
             "naive_note": naive_note,
             "naive_over_ours": ratio(n.p99_ms, o.p99_ms) if n and not n.saturated else None,
-            "ours_over_in_process_compiled": ratio(o.p99_ms, compiled["p99_ms"]) if compiled else None,
+            "ours_over_in_process_same_runtime": ratio(o.p99_ms, same["p99_ms"]) if same else None,
             "ours_over_in_process_model_predict": ratio(o.p99_ms, predict["p99_ms"]) if predict else None,
         }
     at_target = out["p99_at_rate"].get(f"{TARGET_RATE:g}")
@@ -827,9 +856,7 @@ def compare(services: dict[str, dict], in_process: list[dict], batch: int) -> di
             else x["ours_over_naive"] >= TARGET_THROUGHPUT_RATIO
             for key, x in out["throughput"].items()
         },
-        "zero_errors_ours": None
-        if not ours
-        else (sum(r.error_count for r in ours) == 0 and not services["ours"]["warm_up_errors"]),
+        "zero_errors": None if not ours else (sum(r.error_count for r in ours) == 0 and not services[name]["warm_up_errors"]),
     }
     return out
 
@@ -846,28 +873,25 @@ def answering(service: dict) -> list[str]:
 def print_summary(
     ratios: dict, services: dict[str, dict], in_process: list[dict], batch: int, clients: int, version: str
 ) -> None:
-    t = ratios["throughput"]
-    for key, label in (("single", "single images"), (f"batch_{batch}", f"batches of {batch}")):
-        x = t[key]
-        print(
-            f"peak throughput, {clients} clients, {label}: ours {fmt(x['ours_images_per_second'], ',.0f')} img/s, "
-            f"naive {fmt(x['naive_images_per_second'], ',.1f')} img/s -> {fmt(x['ours_over_naive'], '.1f')}x"
-        )
+    for name, r in ratios.items():
+        runtime = services[name].get("runtime") or "?"
+        for key, label in (("single", "single images"), (f"batch_{batch}", f"batches of {batch}")):
+            x = r["throughput"][key]
+            print(
+                f"{name} ({runtime}), peak throughput, {clients} clients, {label}: "
+                f"{fmt(x['ours_images_per_second'], ',.0f')} img/s, naive {fmt(x['naive_images_per_second'], ',.1f')} img/s"
+                f" -> {fmt(x['ours_over_naive'], '.1f')}x"
+            )
+        for rate, x in r["p99_at_rate"].items():
+            naive = f"naive {fmt(x['naive_p99_ms'], '.1f')} ms" + (f" [{x['naive_note']}]" if x["naive_note"] else "")
+            print(
+                f"{name} ({runtime}), p99 at {rate} req/s: {fmt(x['ours_p99_ms'], '.2f')} ms ({x['ours_errors']} errors), "
+                f"{naive}, naive/{name} {fmt(x['naive_over_ours'], '.1f')}x; {name}/in-process {r['in_process_method']} "
+                f"{fmt(x['ours_over_in_process_same_runtime'], '.1f')}x"
+            )
     local = {(r["method"], r["images_per_call"]): r for r in in_process}
-    for rate, x in ratios["p99_at_rate"].items():
-        naive = f"naive {fmt(x['naive_p99_ms'], '.1f')} ms" + (f" [{x['naive_note']}]" if x["naive_note"] else "")
-        print(
-            f"p99 at {rate} req/s: ours {fmt(x['ours_p99_ms'], '.2f')} ms ({x['ours_errors']} errors), {naive}, "
-            f"naive/ours {fmt(x['naive_over_ours'], '.1f')}x; ours/in-process compiled "
-            f"{fmt(x['ours_over_in_process_compiled'], '.1f')}x, ours/in-process model.predict "
-            f"{fmt(x['ours_over_in_process_model_predict'], '.2f')}x"
-        )
-    c = local.get(("compiled_predictor", 1))
-    if c:
-        print(
-            f"(in-process, one image: compiled_predictor p99 {c['p99_ms']:.2f} ms, model.predict p99 "
-            f"{local[('model.predict', 1)]['p99_ms']:.1f} ms)"
-        )
+    methods = [m for m in ("tflite", "compiled_predictor", "model.predict") if (m, 1) in local]
+    print("(in-process, one image, p99: " + ", ".join(f"{m} {local[(m, 1)]['p99_ms']:.2f} ms" for m in methods) + ")")
     for name, s in services.items():
         if s.get("failed"):
             print(f"{name}: NOT MEASURED, the server did not start: {s['failed'].splitlines()[0]}")
@@ -890,8 +914,9 @@ def print_summary(
                 f"  WARNING: the in-process baseline used v{version} but {name} answered with v{', v'.join(answering(s))}: "
                 "the champion moved during the run (differing answers and latencies around the swap come from that)"
             )
-    for key, value in ratios["targets"].items():
-        print(f"target {key}: {verdict(value)}")
+    for name, r in ratios.items():
+        for key, value in r["targets"].items():
+            print(f"target {key} ({name}): {verdict(value)}")
 
 
 # ---------------------------------------------------------------- main
@@ -944,9 +969,17 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup = 1.0 if args.quick else 3.0
     args.timeout = args.timeout or 10.0
     calls = (
-        {"compiled_predictor": {"1": 200, str(args.batch): 50}, "model.predict": {"1": 20, str(args.batch): 10}}
+        {
+            "tflite": {"1": 200, str(args.batch): 50},
+            "compiled_predictor": {"1": 200, str(args.batch): 50},
+            "model.predict": {"1": 20, str(args.batch): 10},
+        }
         if args.quick
-        else {"compiled_predictor": {"1": 2000, str(args.batch): 500}, "model.predict": {"1": 300, str(args.batch): 100}}
+        else {
+            "tflite": {"1": 2000, str(args.batch): 500},
+            "compiled_predictor": {"1": 2000, str(args.batch): 500},
+            "model.predict": {"1": 300, str(args.batch): 100},
+        }
     )
     pool_size = args.batch * (8 if args.quick else 32)  # test images the requests cycle through
 
@@ -992,7 +1025,8 @@ def main(argv: list[str] | None = None) -> int:
         singles, batches = Workload.of(pool, 1), Workload.of(pool, args.batch)
         if cpus:
             pin_this_process(cpus[1])
-        in_process = run_in_process({"uri": ref.uri, "pool": pool_size, "calls": calls}, env, cpus[0] if cpus else None)
+        spec = {"uri": ref.uri, "run_id": ref.run_id, "pool": pool_size, "calls": calls}
+        in_process = run_in_process(spec, env, cpus[0] if cpus else None)
         expected = np.asarray(in_process["digits"])
 
         gc.collect()
@@ -1000,8 +1034,8 @@ def main(argv: list[str] | None = None) -> int:
         services: dict[str, dict] = {}
         pin_checks: dict[str, dict] = {}
         for name in args.services:
-            target, workdir = SERVICES[name]
-            server = Server(name, target, workdir, env, tmp / f"{name}.log", cpus[0] if cpus else None)
+            target, workdir, extra_env = SERVICES[name]
+            server = Server(name, target, workdir, {**env, **extra_env}, tmp / f"{name}.log", cpus[0] if cpus else None)
             try:
                 server.start()
                 print(f"{name}: starting `bentoml serve {target}`", file=sys.stderr, flush=True)
@@ -1028,6 +1062,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 services[name] = asyncio.run(measure_service(server, expected, singles, batches, args))
                 services[name]["ready_seconds"] = round(ready, 1)
+                services[name]["runtime"] = served_runtime(server)
                 if any(r.error_count for r in services[name]["runs"]) or services[name]["warm_up_errors"]:
                     # evidence for the report, without this machine's paths
                     tail = server.log_tail(60).replace(str(tmp), "<tmp>").replace(str(ROOT), ".")

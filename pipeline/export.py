@@ -52,14 +52,23 @@ class Agreement:
         return {**asdict(self), "ok": self.ok}
 
 
-def to_tflite(model: keras.Model) -> bytes:
-    """The Keras model as a TensorFlow Lite flatbuffer (float32, no quantisation: the same answers)."""
+def to_tflite(model: keras.Model, calibration: np.ndarray | None = None) -> bytes:
+    """The Keras model as a TensorFlow Lite flatbuffer.
+
+    Float32 by default: the same answers as Keras. With ``calibration`` images (normalised), weights
+    and activations are quantised to int8: about 3x the images/s in batches, but not always the same
+    digit (9,999 of the 10,000 test images for the default net), so the service does not use it.
+    """
     import tensorflow as tf
 
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if calibration is not None:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([image[None]] for image in calibration)
     # the converter prints the SavedModel it writes on the way; that says nothing to our users
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return tf.lite.TFLiteConverter.from_keras_model(model).convert()
+        return converter.convert()
 
 
 def tflite_predictor(content: bytes, threads: int = 1) -> Callable[[np.ndarray], np.ndarray]:

@@ -133,8 +133,8 @@ def load_keras(uri: str) -> keras.Model:
     return mlflow.tensorflow.load_model(uri)
 
 
-def load_tflite(ref: ModelRef) -> bytes | None:
-    """The version's TensorFlow Lite export (logged by its training run), or None when it has none.
+def load_tflite(run_id: str | None) -> bytes | None:
+    """The TensorFlow Lite export a training run logged, or None when it has none.
 
     Versions trained before exports existed, or whose export did not answer like the Keras model,
     have none; they are served through Keras.
@@ -148,10 +148,10 @@ def load_tflite(ref: ModelRef) -> bytes | None:
     from pipeline.export import TFLITE_ARTIFACT_DIR, TFLITE_FILE
 
     path = f"{TFLITE_ARTIFACT_DIR}/{TFLITE_FILE}"
-    if ref.run_id is None or path not in {a.path for a in MlflowClient().list_artifacts(ref.run_id, TFLITE_ARTIFACT_DIR)}:
+    if run_id is None or path not in {a.path for a in MlflowClient().list_artifacts(run_id, TFLITE_ARTIFACT_DIR)}:
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        return Path(mlflow.artifacts.download_artifacts(run_id=ref.run_id, artifact_path=path, dst_path=tmp)).read_bytes()
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp)).read_bytes()
 
 
 def register(client: MlflowClient, model_name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> ModelRef:

@@ -127,7 +127,7 @@ def load(ref: ModelRef, runtime: str = "tflite", threads: int = 1) -> LoadedMode
     from pipeline.train import compiled_predictor
 
     started = time.perf_counter()
-    content = load_tflite(ref) if runtime == "tflite" else None
+    content = load_tflite(ref.run_id) if runtime == "tflite" else None
     if content is not None:
         predictor = tflite_predictor(content, threads)
     else:

@@ -52,7 +52,7 @@ def test_first_run_promotes_and_worse_runs_leave_the_champion(project):
     agreement = json.loads(Path(client.download_artifacts(run.info.run_id, "serving/agreement.json")).read_text())
     assert agreement["ok"] and agreement["same_digits"] == agreement["images"] > 0
     assert run.data.tags["serving_runtime"] == "tflite"
-    assert registry.load_tflite(registry.get_alias(client, get_settings().model_name))[4:8] == b"TFL3"
+    assert registry.load_tflite(run.info.run_id)[4:8] == b"TFL3"  # what the service downloads
 
     champion = registry.get_alias(client, get_settings().model_name)
     assert champion.version == "1" and champion.data_version == first["data_version"] and champion.promoted_at
