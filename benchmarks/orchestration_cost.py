@@ -7,7 +7,8 @@ Run from the project folder:
 For each epoch count, in fresh subprocesses one after the other, on the full MNIST:
 
 * ``direct``: the same pipeline functions called from a plain script, without Prefect, MLflow or DVC:
-  ingest -> Great Expectations validation -> train -> score the test set -> gate decision;
+  ingest -> Great Expectations validation -> train -> score the test set -> TensorFlow Lite export,
+  checked on the test set -> gate decision;
 * ``flow``: ``digits retrain`` in a throw-away project (git + DVC with a local remote + its own
   MLflow store): the Prefect flow with every task, DVC add/push and dvc.lock, MLflow params,
   per-epoch metrics, plots, the model, registration, the smoke prediction from the registry and the
@@ -40,13 +41,15 @@ RESULTS = ROOT / "benchmarks" / "results" / "orchestration_cost.json"
 
 # the pipeline without orchestration, tracking or versioning: the same functions the flow's tasks call
 DIRECT = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 home = Path(sys.argv[1])
 from pipeline.data import ingest, load_dataset
 from pipeline.evaluate import compute_metrics, predict_classes
+from pipeline.export import agreement, tflite_predictor, to_tflite
 from pipeline.gate import decide
 from pipeline.params import load_params
+from pipeline.preprocess import to_model_input
 from pipeline.train import compiled_predictor, train
 from pipeline.validation import validate_dataset
 params = load_params(home / "params.yaml")
@@ -55,8 +58,11 @@ dataset = load_dataset(home / "data")
 report = validate_dataset(dataset, params.validation, home / "reports" / "validation")
 assert report.success, report.summary()
 model = train(dataset, params).model
-_, predicted = predict_classes(compiled_predictor(model), dataset.x_test)
+probabilities, predicted = predict_classes(compiled_predictor(model), dataset.x_test)
 metrics = compute_metrics(dataset.y_test, predicted)
+# the serving export, converted and checked on the test set as the flow does (without logging it)
+exported = tflite_predictor(to_tflite(model), os.cpu_count())(to_model_input(dataset.x_test))
+assert agreement(probabilities, exported).ok
 print("accuracy", metrics.accuracy, "promote", decide(metrics, params.gate).promote)
 """
 

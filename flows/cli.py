@@ -6,12 +6,16 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from serving import cli as serving_cli
+
+if TYPE_CHECKING:
+    from pipeline.settings import Settings
 
 app = typer.Typer(
     help=(
@@ -108,20 +112,29 @@ def retrain(
     are added to the deployment's default ones for this run.
     """
     _quiet_libraries()
-    from pipeline.data import DataError
     from pipeline.params import ParamsError, load_params
     from pipeline.settings import get_settings
-    from pipeline.validation import DataValidationError
-    from pipeline.versioning import VersioningError
 
     overrides = _parse_sets(sets)
     if on_deployment:
         _retrain_on_deployment(overrides, wait, as_json)
         return
+    settings = get_settings()
     try:
-        load_params(get_settings().params_path, overrides)  # refuse bad params before starting any engine
-        from flows.retrain import retrain as retrain_flow
+        load_params(settings.params_path, overrides)  # refuse bad params before starting any engine
+    except ParamsError as err:
+        _fail(str(err), 2)
+    # the two slow starts of a first run, side by side: Prefect's temporary server boots in its own process
+    # while this one imports the pipeline and creates the MLflow store
+    prefect_api_ready = _start_temporary_prefect_api()
+    from flows.retrain import retrain as retrain_flow
+    from pipeline.data import DataError
+    from pipeline.validation import DataValidationError
+    from pipeline.versioning import VersioningError
 
+    _prepare_tracking_store(settings)
+    try:
+        prefect_api_ready()
         summary = retrain_flow(overrides=overrides)
     except ParamsError as err:
         _fail(str(err), 2)
@@ -131,6 +144,62 @@ def retrain(
         _fail(f"{err}\nNothing was trained or promoted.")
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
+
+
+def _start_temporary_prefect_api() -> Callable[[], None]:
+    """Without PREFECT_API_URL, start Prefect's temporary API server now, on a thread; returns a wait for it.
+
+    It is the server the flow would start on its first API call (Prefect's ephemeral mode, the same
+    ``SubprocessASGIServer`` instance, stopped at exit by Prefect), only earlier: instead of the flow
+    waiting ~10 s for it, it boots on another core while this process imports and prepares the MLflow
+    store. The wait re-raises Prefect's error if the server did not start.
+    """
+    import threading
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return lambda: None
+    # imported here, not on the thread: concurrent imports of the same package can see half-made modules
+    from prefect.logging.configuration import setup_logging
+    from prefect.server.api.server import SubprocessASGIServer
+
+    setup_logging()  # as `import prefect.main` would: the server's "Starting temporary server" line shows
+
+    server = SubprocessASGIServer()  # no port: the instance get_client() uses in ephemeral mode
+    failed: list[Exception] = []
+
+    def start() -> None:
+        try:
+            server.start()
+        except Exception as err:  # raised in the caller's thread by the wait below
+            failed.append(err)
+
+    thread = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
+    thread.start()
+
+    def ready() -> None:
+        thread.join()
+        if failed:
+            raise failed[0]
+
+    return ready
+
+
+def _prepare_tracking_store(settings: Settings) -> None:
+    """Create the embedded MLflow store and experiment now (a new store's migrations take seconds).
+
+    Best effort: the flow's first MLflow step connects again and reports any failure. A tracking
+    server is left to that step, with its retries.
+    """
+    if settings.tracking_server:
+        return
+    from pipeline import registry
+
+    try:
+        registry.connect(settings)
+    except Exception as err:
+        logging.getLogger(__name__).debug("MLflow store not prepared ahead of the flow: %s", err)
 
 
 def _retrain_on_deployment(overrides: dict[str, Any], wait: bool, as_json: bool) -> None:
