@@ -113,6 +113,16 @@ def get_alias(client: MlflowClient, model_name: str, alias: str = CHAMPION) -> M
     return _version_ref(client, model_name, mv)
 
 
+def alias_version(client: MlflowClient, model_name: str, alias: str = CHAMPION) -> str | None:
+    """Only the version number an alias points to (one query, ~5 ms against ~25 ms for ``get_alias``)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(model_name, alias).version)
+    except MlflowException:
+        return None
+
+
 def get_version(client: MlflowClient, model_name: str, version: str) -> ModelRef:
     from mlflow.exceptions import MlflowException
 
