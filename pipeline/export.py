@@ -83,13 +83,14 @@ def tflite_predictor(content: bytes, threads: int = 1) -> Callable[[np.ndarray],
     source = interpreter.get_input_details()[0]["index"]
     target = interpreter.get_output_details()[0]["index"]
     lock = threading.Lock()
-    planned: list[int | None] = [None]
+    planned: int | None = None  # the batch size the interpreter's tensors are allocated for
 
     def run(x: np.ndarray) -> np.ndarray:
-        if planned[0] != len(x):
+        nonlocal planned
+        if planned != len(x):
             interpreter.resize_tensor_input(source, list(x.shape))
             interpreter.allocate_tensors()
-            planned[0] = len(x)
+            planned = len(x)
         interpreter.set_tensor(source, x)
         interpreter.invoke()
         return interpreter.get_tensor(target)  # a copy: the next call cannot overwrite it
