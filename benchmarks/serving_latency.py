@@ -40,7 +40,6 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -60,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+from results_file import machine  # noqa: E402
 
 from pipeline.data import Dataset, has_dataset, ingest, load_dataset  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
@@ -1092,9 +1092,8 @@ def main(argv: list[str] | None = None) -> int:
                 "benchmark": "serving_latency",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "machine": {
-                    "cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                    **{name: _version(name) for name in ("bentoml", "tensorflow-cpu", "keras", "aiohttp")},
+                    **machine(),
+                    **{name: _version(name) for name in ("bentoml", "keras", "aiohttp", "ai-edge-litert", "uvloop")},
                     "niceness": os.nice(0),
                     "load_average_before": [round(x, 2) for x in load_before],
                 },
