@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from flows.temporary_server import TemporaryPrefectServer, TemporaryServerError
 from serving import cli as serving_cli
 
 if TYPE_CHECKING:
@@ -124,9 +125,9 @@ def retrain(
         load_params(settings.params_path, overrides)  # refuse bad params before starting any engine
     except ParamsError as err:
         _fail(str(err), 2)
-    # the two slow starts of a first run, side by side: Prefect's temporary server boots in its own process
-    # while this one imports the pipeline and creates the MLflow store
-    prefect_api_ready = _start_temporary_prefect_api()
+    # the two slow starts of a first run, side by side: a Prefect server boots in its own process while
+    # this one imports the pipeline and creates the MLflow store
+    prefect_server = TemporaryPrefectServer.start_unless_configured()
     from flows.retrain import retrain as retrain_flow
     from pipeline.data import DataError
     from pipeline.validation import DataValidationError
@@ -134,8 +135,12 @@ def retrain(
 
     _prepare_tracking_store(settings)
     try:
-        prefect_api_ready()
-        summary = retrain_flow(overrides=overrides)
+        with prefect_server.api() if prefect_server else contextlib.nullcontext() as temporary_api_url:
+            if temporary_api_url:
+                typer.echo(f"Prefect API: a temporary server on {temporary_api_url}, stopped at exit", err=True)
+            summary = retrain_flow(overrides=overrides)
+    except TemporaryServerError as err:
+        _fail(f"{err}\nNothing was trained or promoted.")
     except ParamsError as err:
         _fail(str(err), 2)
     except DataValidationError as err:
@@ -144,46 +149,6 @@ def retrain(
         _fail(f"{err}\nNothing was trained or promoted.")
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
-
-
-def _start_temporary_prefect_api() -> Callable[[], None]:
-    """Without PREFECT_API_URL, start Prefect's temporary API server now, on a thread; returns a wait for it.
-
-    It is the server the flow would start on its first API call (Prefect's ephemeral mode, the same
-    ``SubprocessASGIServer`` instance, stopped at exit by Prefect), only earlier: instead of the flow
-    waiting ~10 s for it, it boots on another core while this process imports and prepares the MLflow
-    store. The wait re-raises Prefect's error if the server did not start.
-    """
-    import threading
-
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return lambda: None
-    # imported here, not on the thread: concurrent imports of the same package can see half-made modules
-    from prefect.logging.configuration import setup_logging
-    from prefect.server.api.server import SubprocessASGIServer
-
-    setup_logging()  # as `import prefect.main` would: the server's "Starting temporary server" line shows
-
-    server = SubprocessASGIServer()  # no port: the instance get_client() uses in ephemeral mode
-    failed: list[Exception] = []
-
-    def start() -> None:
-        try:
-            server.start()
-        except Exception as err:  # raised in the caller's thread by the wait below
-            failed.append(err)
-
-    thread = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
-    thread.start()
-
-    def ready() -> None:
-        thread.join()
-        if failed:
-            raise failed[0]
-
-    return ready
 
 
 def _prepare_tracking_store(settings: Settings) -> None:

@@ -1,0 +1,125 @@
+"""A Prefect API server for one command, booting in a child process before this one imports Prefect.
+
+With no server configured, Prefect starts a temporary one on the flow's first API call, and only
+after this process has imported Prefect's server package (~8 s on 2 cores). Here
+``prefect server start`` boots on the other core from the command's first second, while this
+process imports the pipeline and prepares the MLflow store, and this process never imports the
+server package at all.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO
+
+
+class TemporaryServerError(RuntimeError):
+    """The temporary Prefect server did not come up."""
+
+
+class TemporaryPrefectServer:
+    """``prefect server start`` on 127.0.0.1 and a free port, API only, stopped when this process exits."""
+
+    def __init__(self, process: subprocess.Popen, port: int, log: IO[bytes]) -> None:
+        self.process = process
+        self.port = port
+        self._log = log
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    @classmethod
+    def start_unless_configured(cls) -> TemporaryPrefectServer | None:
+        """Start the server now, unless PREFECT_API_URL names one.
+
+        A Prefect profile can name a server too, but reading it means importing Prefect (~3 s):
+        ``api()`` checks it and stops this server unused if so.
+        """
+        if _configured_api_url():
+            return None
+        import socket
+
+        with socket.socket() as sock:  # the port is free now; the server binds it a second later
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        log = tempfile.TemporaryFile()  # read back only to explain a failed start
+        command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        # API only: no UI to build, no scheduler or other services for a single local flow run
+        command += ["--no-ui", "--no-services", "--log-level", "WARNING"]
+        server = cls(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), port, log)
+        atexit.register(server.stop)
+        return server
+
+    @contextmanager
+    def api(self) -> Iterator[str | None]:
+        """Point Prefect at this server once it answers, and yield its API URL; a server a profile names wins (None)."""
+        from prefect.settings import (
+            PREFECT_API_URL,
+            PREFECT_SERVER_EPHEMERAL_ENABLED,
+            PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+            PREFECT_UI_URL,
+            temporary_settings,
+        )
+
+        if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+            self.stop()  # a profile names a server, or forbids temporary ones: Prefect's own rules apply
+            yield None
+            return
+        self.wait_until_ready(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+        # no UI: Prefect's "View at <url>" lines would point at a page that is not there
+        with temporary_settings(updates={PREFECT_API_URL: self.api_url, PREFECT_UI_URL: ""}):
+            yield self.api_url
+
+    def wait_until_ready(self, timeout: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise TemporaryServerError(
+                    f"Prefect's temporary server exited with code {self.process.returncode} before answering:\n"
+                    f"{self._output()}\nTo use a running Prefect server instead, set PREFECT_API_URL."
+                )
+            try:
+                if httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        output = self._output()
+        self.stop()
+        raise TemporaryServerError(
+            f"Prefect's temporary server did not answer on {self.api_url} within {timeout:.0f} s:\n{output}\n"
+            "A slow machine may need longer (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS), "
+            "or set PREFECT_API_URL to a running Prefect server."
+        )
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+    def _output(self, chars: int = 3000) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-chars:].strip() or "(no output)"
+
+
+def _configured_api_url() -> str | None:
+    if "prefect.settings" in sys.modules:  # already imported (a test harness, an embedding program): ask Prefect
+        from prefect.settings import PREFECT_API_URL
+
+        return PREFECT_API_URL.value()
+    return os.environ.get("PREFECT_API_URL")
