@@ -2,9 +2,10 @@
 
 Run from the project folder:
 
-    .venv/bin/python benchmarks/orchestration_cost.py [--epochs 1 3] [--quick]
+    .venv/bin/python benchmarks/orchestration_cost.py [--epochs 1 3] [--rounds N] [--quick]
 
-For each epoch count, in fresh subprocesses one after the other, on the full MNIST:
+For each epoch count, in fresh subprocesses one after the other, on the full MNIST (``--rounds N``:
+all of it N times over, and medians):
 
 * ``direct``: the same pipeline functions called from a plain script, without Prefect, MLflow or DVC:
   ingest -> Great Expectations validation -> train -> score the test set -> TensorFlow Lite export,
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,7 +49,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "orchestration_cost.json"
 
 # the pipeline without orchestration, tracking or versioning: the same functions the flow's tasks call
 DIRECT = """
-import os, sys, time
+import atexit, gc, os, sys, time
+atexit.register(gc.freeze)  # as `digits` does: skipping the exit's last garbage collections is not orchestration
 from pathlib import Path
 home = Path(sys.argv[1])
 from pipeline.data import ingest, load_dataset
@@ -129,6 +132,29 @@ def fit_seconds(config: str, home: Path, log: Path) -> float:
     return float(runs[0].data.metrics["train_seconds"])
 
 
+def measure(base: Path, config: str, epochs: int, round_number: int, source: Path, quick_rows: int | None) -> dict:
+    """One run of ``config`` in a new project: its wall time, its ``model.fit`` time, and the rest."""
+    name = f"{config}-e{epochs}-r{round_number}"
+    home = make_project(base, name, source, epochs)
+    if quick_rows:  # the validation bounds expect the full MNIST
+        params = yaml.safe_load((home / "params.yaml").read_text())
+        params["validation"]["min_train_rows"] = quick_rows
+        (home / "params.yaml").write_text(yaml.safe_dump(params))
+    digits = str(Path(sys.executable).parent / "digits")
+    command = [sys.executable, "-c", DIRECT, str(home)] if config == "direct" else [digits, "retrain"]
+    log = base / f"{name}.log"
+    seconds = timed_subprocess(command, home, log)
+    fit = fit_seconds(config, home, log)
+    return {
+        "round": round_number,
+        "config": config,
+        "epochs": epochs,
+        "seconds": round(seconds, 2),
+        "fit_seconds": round(fit, 2),
+        "outside_fit_seconds": round(seconds - fit, 2),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -138,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         default=[1, 3],
         metavar=("SHORT", "LONG"),
         help="the two training lengths (default 1 and 3 epochs)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every pair this many times, one after the other, and report medians (the host's stalls move single runs)",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 10,000 training images, 1 and 2 epochs")
     parser.add_argument("--keep", action="store_true", help="keep the throw-away projects and logs (printed)")
@@ -154,43 +186,47 @@ def main(argv: list[str] | None = None) -> int:
     dataset = load_dataset(ROOT / "data")
     if args.quick:
         dataset = dataset.head(10_000, None)
-    digits = str(Path(sys.executable).parent / "digits")
 
     base = Path(tempfile.mkdtemp(prefix="digits-orchestration-"))
     rows = []
     try:
         source = base / "mnist.npz"
         np.savez(source, x_train=dataset.x_train, y_train=dataset.y_train, x_test=dataset.x_test, y_test=dataset.y_test)
-        for n in epochs:
-            for config in ("direct", "flow"):
-                home = make_project(base, f"{config}-e{n}", source, n)
-                if args.quick:  # the validation bounds expect the full MNIST
-                    params = yaml.safe_load((home / "params.yaml").read_text())
-                    params["validation"]["min_train_rows"] = len(dataset.x_train)
-                    (home / "params.yaml").write_text(yaml.safe_dump(params))
-                command = [sys.executable, "-c", DIRECT, str(home)] if config == "direct" else [digits, "retrain"]
-                log = base / f"{config}-e{n}.log"
-                seconds = timed_subprocess(command, home, log)
-                fit = fit_seconds(config, home, log)
-                rows.append({"config": config, "epochs": n, "seconds": round(seconds, 2), "fit_seconds": round(fit, 2)})
-                print(f"  {config} {n} epoch(s): {seconds:.1f} s, of which model.fit {fit:.1f} s", file=sys.stderr, flush=True)
+        for round_number in range(1, args.rounds + 1):
+            for n in epochs:
+                for config in ("direct", "flow"):
+                    row = measure(base, config, n, round_number, source, quick_rows=len(dataset.x_train) if args.quick else None)
+                    rows.append(row)
+                    print(
+                        f"  round {round_number}/{args.rounds}, {config} {n} epoch(s): {row['seconds']:.1f} s,"
+                        f" of which model.fit {row['fit_seconds']:.1f} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     finally:
         if args.keep:
             print(f"projects and logs kept in {base}")
         else:
             shutil.rmtree(base, ignore_errors=True)
 
-    seconds = {(r["config"], r["epochs"]): r["seconds"] for r in rows}
-    fits = {(r["config"], r["epochs"]): r["fit_seconds"] for r in rows}
+    def median_of(key: str) -> dict[tuple[str, int], float]:
+        return {
+            (config, n): statistics.median(r[key] for r in rows if (r["config"], r["epochs"]) == (config, n))
+            for config in ("direct", "flow")
+            for n in epochs
+        }
+
+    seconds, fits, outsides = median_of("seconds"), median_of("fit_seconds"), median_of("outside_fit_seconds")
     short, long = epochs
     extra = {n: seconds["flow", n] - seconds["direct", n] for n in epochs}
     share = (extra[long] - extra[short]) / (seconds["direct", long] - seconds["direct", short])
     fixed = extra[short] - share * seconds["direct", short]
     # outside model.fit: what orchestration, tracking and versioning add, without the training's noise
-    outside = {n: (seconds["flow", n] - fits["flow", n]) - (seconds["direct", n] - fits["direct", n]) for n in epochs}
+    outside = {n: outsides["flow", n] - outsides["direct", n] for n in epochs}
     fit_ratio = sum(fits["flow", n] for n in epochs) / sum(fits["direct", n] for n in epochs)
 
-    print(f"\n{len(dataset.x_train):,} training images; fresh subprocesses; {os.cpu_count()} CPU cores")
+    rounds = f"medians of {args.rounds} rounds" if args.rounds > 1 else "one round"
+    print(f"\n{len(dataset.x_train):,} training images; fresh subprocesses; {rounds}; {os.cpu_count()} CPU cores")
     head = (
         f"{'epochs':>6} {'direct s':>9} {'flow s':>8} {'extra s':>8} {'flow/direct':>11}"
         f" {'direct fit':>10} {'flow fit':>9} {'extra outside fit':>17}"
@@ -216,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         args.output,
         "orchestration_cost",
         quick=args.quick,
+        rounds=args.rounds,
         training_images=len(dataset.x_train),
         rows=rows,
         fixed_seconds=round(fixed, 2),

@@ -16,15 +16,17 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.retrain import gate, promote, render_summary, summarize, validate, version_data
+from flows.temporary_server import TemporaryPrefectServer
 from pipeline import registry, steps
 from pipeline.params import Params, SweepCandidate, load_params, sweep_candidates
 from pipeline.settings import Settings, get_settings
@@ -96,27 +98,27 @@ def task_runner(cluster: Cluster):
 def prefect_api_for_workers(cluster: Cluster) -> Iterator[None]:
     """Give Dask workers the Prefect API this process uses.
 
-    With no PREFECT_API_URL, Prefect starts a temporary server per process: every worker would
-    start its own. Here the temporary server is started once and its address handed to the flow,
-    which passes it on to the workers with each task. Workers on other machines cannot reach it:
-    at scale, set PREFECT_API_URL to a Prefect server they can reach.
+    With no Prefect server configured, Prefect starts a temporary one per process: every worker would
+    start its own. Here one temporary server is started (unless `digits sweep` started it already) and
+    its address handed to the flow, which passes it on to the workers with each task. It listens on
+    127.0.0.1 only: workers on other machines need PREFECT_API_URL set to a Prefect server they can reach.
     """
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
+    from prefect.settings import PREFECT_API_URL
 
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        yield
-        return
-    if cluster.address:
-        log.warning(
-            "PREFECT_API_URL is not set: the temporary Prefect server listens on 127.0.0.1 only, so Dask workers "
-            "on other machines cannot report to it. Set PREFECT_API_URL to a Prefect server they can reach."
-        )
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start()
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-        yield
+    server = TemporaryPrefectServer.start_unless_configured()
+    try:
+        with server.api() if server else nullcontext():
+            api_url = PREFECT_API_URL.value()
+            if cluster.address and api_url and urlsplit(api_url).hostname in ("127.0.0.1", "localhost", "::1"):
+                log.warning(
+                    "the Prefect API at %s is on this machine only: Dask workers on other machines cannot report to it. "
+                    "Set PREFECT_API_URL to a Prefect server they can reach.",
+                    api_url,
+                )
+            yield
+    finally:
+        if server:
+            server.stop()
 
 
 # ---------------------------------------------------------------- tasks
