@@ -65,7 +65,7 @@ def champion_or_default(params) -> tuple[object, str]:
         champion = registry.get_alias(registry.connect(settings), settings.model_name)
     if champion is not None:
         return registry.load_keras(champion.uri), f"champion {settings.model_name} v{champion.version}"
-    model = build_model(params.model, params.train.learning_rate, steps_per_epoch=1, epochs=1)
+    model = build_model(params.model, params.train, steps_per_epoch=1)
     return model, "default architecture from params.yaml, untrained (no champion in the store)"
 
 

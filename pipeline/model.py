@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipeline.params import ModelParams
+from pipeline.params import ModelParams, TrainParams
 
 if TYPE_CHECKING:
     import keras
 
 
-def build_model(params: ModelParams, learning_rate: float, steps_per_epoch: int, epochs: int) -> keras.Model:
+def build_model(params: ModelParams, train: TrainParams, steps_per_epoch: int) -> keras.Model:
     """[random shift] -> conv blocks (conv -> [batch norm] -> relu -> max-pool) -> [dense] -> dropout -> softmax(10).
 
     The shift is active in training only: inference, evaluation and serving see the images as they are.
     The learning rate follows a cosine decay over the whole run, which lets a short run settle.
+    With ``train.ema_momentum`` the optimizer also keeps a moving average of the weights, which
+    ``fit`` leaves in the model at its end.
     """
     import keras
     from keras import layers
@@ -37,9 +39,11 @@ def build_model(params: ModelParams, learning_rate: float, steps_per_epoch: int,
     x = layers.Dropout(params.dropout)(x)
     outputs = layers.Dense(10, activation="softmax", name="probabilities")(x)
     model = keras.Model(inputs, outputs, name="digits_cnn")
-    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, steps_per_epoch * epochs))
+    schedule = keras.optimizers.schedules.CosineDecay(train.learning_rate, decay_steps=max(1, steps_per_epoch * train.epochs))
+    # the average is steadier than the last step's weights while the learning rate is still high
+    averaging = {"use_ema": True, "ema_momentum": train.ema_momentum} if train.ema_momentum else {}
     model.compile(
-        optimizer=keras.optimizers.Adam(schedule),
+        optimizer=keras.optimizers.Adam(schedule, **averaging),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )

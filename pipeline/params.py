@@ -69,6 +69,8 @@ class TrainParams(_Strict):
     batch_size: int = Field(128, ge=1)
     learning_rate: float = Field(0.002, gt=0)
     validation_split: float = Field(0.05, ge=0, lt=0.5)
+    # > 0: validate and keep an exponential moving average of the weights with this momentum
+    ema_momentum: float = Field(0.0, ge=0, lt=1)
 
 
 class GateParams(_Strict):

@@ -17,6 +17,7 @@ from pipeline.preprocess import to_model_input
 
 if TYPE_CHECKING:
     import keras
+    import tensorflow as tf
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,26 @@ def split_for_validation(x: np.ndarray, y: np.ndarray, share: float, seed: int) 
     return x[n_val:], y[n_val:], x[:n_val], y[:n_val]
 
 
+def batches(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
+    """(model input, label) batches of raw images, reshuffled every epoch when given a seed.
+
+    Built here rather than left to ``model.fit(x, y)``: Keras' own pipeline for arrays runs tf.data's
+    autotuner, and deleting its iterator at the end of ``fit`` then waits for the autotuner's next
+    wake-up, idle for up to 10 s and more (TensorFlow 2.21; half of the fits we timed).
+    The shuffle buffer holds indices only; each batch is one gather.
+    """
+    import tensorflow as tf
+
+    images, labels = tf.constant(to_model_input(x)), tf.constant(y.astype(np.int32))
+    order = tf.data.Dataset.range(len(x))
+    if shuffle_seed is not None:
+        order = order.shuffle(len(x), seed=shuffle_seed, reshuffle_each_iteration=True)
+    dataset = order.batch(batch_size).map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options).prefetch(1)
+
+
 def train(
     dataset: Dataset,
     params: Params,
@@ -65,7 +86,7 @@ def train(
         dataset.x_train, dataset.y_train, params.train.validation_split, params.train.seed
     )
     steps = int(np.ceil(len(x_fit) / params.train.batch_size))
-    model = build_model(params.model, params.train.learning_rate, steps, params.train.epochs)
+    model = build_model(params.model, params.train, steps)
     log.info(
         "training %s (%s parameters) on %d images, validating on %d, %d epochs",
         model.name,
@@ -96,16 +117,16 @@ def train(
             if on_epoch:
                 on_epoch(epoch, values)
 
+    batch_size = params.train.batch_size
     started = time.perf_counter()
     fitted = model.fit(
-        to_model_input(x_fit),
-        y_fit.astype(np.int32),
-        batch_size=params.train.batch_size,
+        batches(x_fit, y_fit, batch_size, shuffle_seed=params.train.seed),
         epochs=params.train.epochs,
-        validation_data=(to_model_input(x_val), y_val.astype(np.int32)) if len(x_val) else None,
-        shuffle=True,
+        validation_data=batches(x_val, y_val, batch_size) if len(x_val) else None,
+        shuffle=False,  # the dataset reshuffles itself every epoch
         verbose=0,
-        callbacks=[Progress(), *callbacks],
+        # with weight averaging, validate the averaged weights: they are what fit returns
+        callbacks=[*([keras.callbacks.SwapEMAWeights()] if params.train.ema_momentum else []), Progress(), *callbacks],
     )
     seconds = time.perf_counter() - started
     history = {k: [float(v) for v in values] for k, values in fitted.history.items() if k != "learning_rate"}
