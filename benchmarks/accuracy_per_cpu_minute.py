@@ -133,19 +133,26 @@ class TestCurve:
 
 @contextmanager
 def averaged_weights(model) -> Iterator[None]:
-    """Score what ``fit`` would return if it stopped here: with weight averaging, the averaged weights."""
+    """Score what ``fit`` would return if it stopped here: with weight averaging, the averaged weights.
+
+    Training then goes on from exactly where it was: the swap's arithmetic (add, subtract) would leave
+    rounding in the weights, and the run would drift from the flow's own.
+    """
     import keras
 
     if not getattr(model.optimizer, "use_ema", False):
         yield
         return
+    variables = [*model.trainable_variables, *model.optimizer.variables]
+    saved = [variable.numpy() for variable in variables]
     swap = keras.callbacks.SwapEMAWeights()
     swap.set_model(model)
     swap.on_test_begin()
     try:
         yield
     finally:
-        swap.on_test_end()
+        for variable, value in zip(variables, saved, strict=True):
+            variable.assign(value)
 
 
 def score(model, dataset: Dataset) -> float:
