@@ -56,8 +56,8 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle_seed: int | N
     """(model input, label) batches of raw images, reshuffled every epoch when given a seed.
 
     Built here rather than left to ``model.fit(x, y)``: Keras' own pipeline for arrays runs tf.data's
-    autotuner, and deleting its iterator at the end of ``fit`` then waits for the autotuner's next
-    wake-up, idle: 9.5-14.5 s in a third of the fits we timed (TensorFlow 2.21, Keras 3.15).
+    autotuner, and deleting an epoch's iterator then waits, idle, for the autotuner's next wake-up:
+    10-17 s at the end of many of the fits we timed (TensorFlow 2.21, Keras 3.15).
     The shuffle buffer holds indices only; each batch is one gather.
     """
     import tensorflow as tf
