@@ -22,9 +22,10 @@ In this one process, alternating so that drift on a shared machine hits both ali
   figure to set against the roughly 10,000 images/s that 2 AVX2 cores allow for that net.
 
 Each figure is images/s over the whole ``model.fit`` call (the first epoch's tracing included, alike
-for all); the ratio is ours / bare from the same round. Beside it, images/s over the epochs alone
-(from epoch begin to epoch end, as Keras reports them) and the seconds ``fit`` took after its last
-epoch: Keras' own pipeline for arrays can sit idle there (see ``pipeline.train.batches``).
+for all); the ratios are ours / bare and ours / bare+val from the same round. Beside them, images/s
+over the epochs alone (from epoch begin to epoch end, as Keras reports them): the difference is what
+``fit`` spent outside its epochs, where Keras' own pipeline for arrays can sit idle (see
+``pipeline.train.batches``).
 Nothing here asserts: it prints a table and writes JSON.
 """
 
@@ -94,6 +95,7 @@ def bare_fit(dataset: Dataset, params: Params, reference: bool = False, validate
 
 
 def figures(images: int, fit_seconds: float, epoch_seconds: list[float]) -> dict[str, float]:
+    """images/s over the whole fit and over its epochs alone, and the seconds of each."""
     return {
         "images_per_second": round(images / fit_seconds, 1),
         "epoch_images_per_second": round(images / sum(epoch_seconds), 1),
@@ -104,7 +106,6 @@ def figures(images: int, fit_seconds: float, epoch_seconds: list[float]) -> dict
 
 def our_step(home: Path, params: Params) -> dict[str, float]:
     """The flow's own training step, tracked in a throw-away MLflow store: the figures it logged."""
-    from mlflow import MlflowClient
 
     from pipeline import registry, steps
     from pipeline.settings import Settings
@@ -115,9 +116,9 @@ def our_step(home: Path, params: Params) -> dict[str, float]:
     run_id = client.create_run(experiment.experiment_id, run_name="training-throughput").info.run_id
     steps.train_candidate(settings, params, run_id)
     steps.finish_run(settings, run_id)
-    run = MlflowClient().get_run(run_id).data.metrics
-    epochs = [m.value for m in MlflowClient().get_metric_history(run_id, "epoch_seconds")]
-    return figures(round(run["train_images_per_second"] * run["train_seconds"]), run["train_seconds"], epochs)
+    metrics = client.get_run(run_id).data.metrics
+    epochs = [m.value for m in client.get_metric_history(run_id, "epoch_seconds")]
+    return figures(round(metrics["train_images_per_second"] * metrics["train_seconds"]), metrics["train_seconds"], epochs)
 
 
 def main(argv: list[str] | None = None) -> int:
