@@ -106,7 +106,6 @@ def figures(images: int, fit_seconds: float, epoch_seconds: list[float]) -> dict
 
 def our_step(home: Path, params: Params) -> dict[str, float]:
     """The flow's own training step, tracked in a throw-away MLflow store: the figures it logged."""
-
     from pipeline import registry, steps
     from pipeline.settings import Settings
 
