@@ -12,14 +12,16 @@ baseline, Keras ``model.predict`` with its default batch of 32:
 * ``predict_classes``: what the flow and the gate use (``pipeline.evaluate.predict_classes`` over
   ``pipeline.train.compiled_predictor``, 1,000 images a call, normalisation included);
 * the compiled predictor alone on already-normalised input at several batch sizes;
-* the service's runtime: the model's float32 TensorFlow Lite export run by LiteRT
-  (``pipeline.export``: XNNPACK kernels, slices of 16 images), with 1 thread (as the service runs)
-  and with every core;
-* another runtime, reported beside and used by neither the flow nor the service: the export
-  quantised to int8 (calibrated on 500 training images), which does not always give the same digit.
+* the service's runtimes, the model's TensorFlow Lite exports run by LiteRT (``pipeline.export``:
+  XNNPACK kernels, slices of 16 images), with 1 thread (as the service runs) and with every core:
+  float32, and int8 (calibrated on 500 training images, as the flow makes it). The flow keeps the int8
+  export, and the service runs it, only when it gives the Keras model's digit on every test image.
 
 Each method's digits are compared with ``model.predict``'s and its test accuracy is printed: a
-speed means nothing without them.
+speed means nothing without them. Beside each speed, the arithmetic rate it means (the model's
+float32 operations an image, from its layers, times images/s), and, measured in the same run, the
+rate of LiteRT's own float32 matrix multiply on 1 thread and on every core: what the target needs
+of that ceiling says whether a float32 runtime could reach it at all.
 
 The model is the project's champion when its store has one, otherwise the default architecture from
 ``params.yaml`` with untrained weights (the arithmetic, so the speed, does not depend on the weights;
@@ -69,6 +71,47 @@ def champion_or_default(params) -> tuple[object, str]:
     return model, "default architecture from params.yaml, untrained (no champion in the store)"
 
 
+def forward_flops(model) -> int:
+    """Floating-point operations of one image's forward pass: two per multiply-add of its conv and dense layers."""
+    import keras
+
+    multiply_adds = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            _, height, width, filters = layer.output.shape
+            multiply_adds += height * width * filters * int(np.prod(layer.kernel_size)) * layer.input.shape[-1]
+        elif isinstance(layer, keras.layers.Dense):
+            multiply_adds += layer.input.shape[-1] * layer.units
+    return 2 * multiply_adds
+
+
+def matmul_ceiling(threads: int, repeats: int) -> float:
+    """GFLOP/s of LiteRT's own float32 matrix multiply here (XNNPACK, as for the model), in the same run.
+
+    256 rows a call through 512 x 512 weights (1 MB: they stay in the L2 cache): the fastest float32
+    work we found LiteRT doing on these cores (widths 256-1,024, 16-4,096 rows a call, and the net's
+    own convolution shapes were all slower), about the two FMA units of a core kept full.
+    """
+    import keras
+    from ai_edge_litert.interpreter import Interpreter
+
+    from pipeline.export import to_tflite
+
+    width, rows, calls = 512, 256, 20
+    probe = keras.Sequential([keras.Input((width,)), keras.layers.Dense(width, use_bias=False)])
+    interpreter = Interpreter(model_content=to_tflite(probe), num_threads=threads)
+    source = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(source, [rows, width])
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(source, np.random.default_rng(0).random((rows, width), dtype=np.float32))
+
+    def run() -> None:
+        for _ in range(calls):
+            interpreter.invoke()
+
+    return 2 * calls * rows * width * width / timed(run, repeats) / 1e9
+
+
 def timed(run: Callable[[], object], repeats: int) -> float:
     """Median seconds of ``run`` after one warm-up call (tracing, thread pools, caches)."""
     run()
@@ -110,14 +153,15 @@ def main(argv: list[str] | None = None) -> int:
             predict(normalised[i : i + batch]) for i in range(0, len(normalised), batch)
         ]
 
-    from pipeline.export import tflite_predictor, to_tflite
+    from pipeline.export import CALIBRATION_IMAGES, tflite_predictor, to_tflite
 
     cores = os.cpu_count() or 1
     float32 = to_tflite(model)
-    int8 = to_tflite(model, calibration=to_model_input(dataset.x_train[:500]))
+    int8 = to_tflite(model, calibration=to_model_input(dataset.x_train[:CALIBRATION_IMAGES]))  # as the flow makes it
     runtimes = {
-        "TFLite float32, 1 thread (the service)": tflite_predictor(float32, 1),
+        "TFLite float32, 1 thread": tflite_predictor(float32, 1),
         f"TFLite float32, {cores} threads": tflite_predictor(float32, cores),
+        "TFLite int8, 1 thread (the service)": tflite_predictor(int8, 1),
         f"TFLite int8, {cores} threads": tflite_predictor(int8, cores),
     }
     for name, lite in runtimes.items():
@@ -146,27 +190,39 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"method": name, **speed, **checks.get(name, {})})
         print(f"  {name:<36} {len(images) / seconds:>9,.0f} images/s", file=sys.stderr, flush=True)
     baseline = rows[0]["images_per_second"]
+    flops = forward_flops(model)
     for row in rows:
         row["ratio_vs_model_predict"] = round(row["images_per_second"] / baseline, 2)
+        row["gflop_per_second"] = round(row["images_per_second"] * flops / 1e9, 1)
+    # how close float32 can come to the target on these cores
+    ceilings = {threads: round(matmul_ceiling(threads, repeats), 1) for threads in sorted({1, cores})}
 
     print(
-        f"\nmodel: {which} ({model.count_params():,} parameters); {len(images):,} test images;"
-        f" median of {repeats} passes; {os.cpu_count()} CPU cores"
+        f"\nmodel: {which} ({model.count_params():,} parameters, {flops / 1e6:.1f} MFLOP an image);"
+        f" {len(images):,} test images; median of {repeats} passes; {cores} CPU cores"
     )
-    print(f"{'method':<40} {'seconds':>8} {'images/s':>9} {'vs predict':>10} {'same digit':>11} {'accuracy':>9}")
-    print("-" * 92)
+    print(f"{'method':<40} {'seconds':>8} {'images/s':>9} {'vs predict':>10} {'GFLOP/s':>8} {'same digit':>11} {'accuracy':>9}")
+    print("-" * 101)
     for row in rows:
         same, accuracy = f"{row['same_digit_as_model_predict']:,}", f"{row['test_accuracy']:.2%}"
         print(
             f"{row['method']:<40} {row['seconds']:>8.3f} {row['images_per_second']:>9,} {row['ratio_vs_model_predict']:>9.2f}x"
-            f" {same:>11} {accuracy:>9}"
+            f" {row['gflop_per_second']:>8.1f} {same:>11} {accuracy:>9}"
         )
+    print("(GFLOP/s: the model's float32 operations per second; the int8 export does the same operations in 8-bit integers)")
     exact = [row for row in rows if row["same_digit_as_model_predict"] == len(images)]
-    for label, candidates in (("answering exactly like model.predict", exact), ("any", rows)):
+    for label, candidates in (("the same digit as model.predict on every image", exact), ("any", rows)):
         best = max(candidates, key=lambda row: row["images_per_second"])
         print(
             f"best, {label}: {best['method']} at {best['images_per_second']:,} images/s; target"
             f" {TARGET_IMAGES_PER_SECOND:,}: {'met' if best['images_per_second'] >= TARGET_IMAGES_PER_SECOND else 'not met'}"
+        )
+    needed = TARGET_IMAGES_PER_SECOND * flops / 1e9
+    for threads, ceiling in ceilings.items():
+        print(
+            f"LiteRT float32 matrix multiply, {threads} thread(s): {ceiling:.1f} GFLOP/s, at most"
+            f" {ceiling * 1e9 / flops:,.0f} images/s of this model; the target needs {needed:.1f} GFLOP/s"
+            f" ({needed / ceiling:.0%} of it)"
         )
 
     write_results(
@@ -174,10 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         "batch_inference",
         model=which,
         parameters=int(model.count_params()),
+        forward_flops=flops,
         images=len(images),
         repeats=repeats,
         quick=args.quick,
         target_images_per_second=TARGET_IMAGES_PER_SECOND,
+        matmul_ceiling_gflop_per_second=ceilings,
         rows=rows,
     )
     return 0

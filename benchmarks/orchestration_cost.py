@@ -8,7 +8,7 @@ For each epoch count, in fresh subprocesses one after the other, on the full MNI
 all of it N times over, and medians):
 
 * ``direct``: the same pipeline functions called from a plain script, without Prefect, MLflow or DVC:
-  ingest -> Great Expectations validation -> train -> score the test set -> TensorFlow Lite export,
+  ingest -> Great Expectations validation -> train -> score the test set -> TensorFlow Lite exports,
   checked on the test set -> gate decision;
 * ``flow``: ``digits retrain`` in a throw-away project (git + DVC with a local remote + its own
   MLflow store): the Prefect flow with every task, DVC add/push and dvc.lock, MLflow params,
@@ -55,7 +55,7 @@ from pathlib import Path
 home = Path(sys.argv[1])
 from pipeline.data import ingest, load_dataset
 from pipeline.evaluate import compute_metrics, predict_classes
-from pipeline.export import agreement, tflite_predictor, to_tflite
+from pipeline.export import CALIBRATION_IMAGES, agreement, tflite_predictor, to_tflite
 from pipeline.gate import decide
 from pipeline.params import load_params
 from pipeline.preprocess import to_model_input
@@ -71,9 +71,12 @@ model = trained.model
 print("fit_seconds", trained.seconds)
 probabilities, predicted = predict_classes(compiled_predictor(model), dataset.x_test)
 metrics = compute_metrics(dataset.y_test, predicted)
-# the serving export, converted and checked on the test set as the flow does (without logging it)
-exported = tflite_predictor(to_tflite(model), os.cpu_count())(to_model_input(dataset.x_test))
+# the serving exports, converted and checked on the test set as the flow does (without logging them)
+inputs = to_model_input(dataset.x_test)
+exported = tflite_predictor(to_tflite(model), os.cpu_count())(inputs)
 assert agreement(probabilities, exported).ok
+int8 = to_tflite(model, calibration=to_model_input(dataset.x_train[:CALIBRATION_IMAGES]))
+print("int8", agreement(probabilities, tflite_predictor(int8, os.cpu_count())(inputs), None).summary())
 print("accuracy", metrics.accuracy, "promote", decide(metrics, params.gate).promote)
 """
 

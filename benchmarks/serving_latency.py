@@ -8,13 +8,14 @@ The same model (the champion of the project's store; when there is none, the def
 ``params.yaml`` trained here for one epoch into a temporary store: latency does not depend on accuracy)
 answers the same real MNIST test images these ways, one after the other, never at the same time:
 
-* ``in-process`` -- the model called in a Python process, no HTTP, timed per call: its TensorFlow Lite
-                    export through LiteRT (``tflite``, what the service runs), ``compiled_predictor``
-                    (Keras in a ``tf.function``) and Keras ``model.predict``;
-* ``ours``       -- the project's service, ``bentoml serve serving.service:DigitClassifier``, running
-                    the champion's TensorFlow Lite export (Keras when its run has none: the table
-                    says which);
-* ``ours-keras`` -- the same service with ``DIGITS_SERVE_RUNTIME=keras``;
+* ``in-process``   -- the model called in a Python process, no HTTP, timed per call: its TensorFlow
+                      Lite exports through LiteRT (``tflite-int8`` and ``tflite``, float32),
+                      ``compiled_predictor`` (Keras in a ``tf.function``) and Keras ``model.predict``;
+* ``ours``         -- the project's service, ``bentoml serve serving.service:DigitClassifier``, as it
+                      runs by default: the champion's int8 export when its run kept one, else the
+                      float32 export, else Keras (the table says which);
+* ``ours-float32`` -- the same service with ``DIGITS_SERVE_RUNTIME=tflite``: the float32 export;
+* ``ours-keras``   -- the same service with ``DIGITS_SERVE_RUNTIME=keras``;
 * ``naive``      -- ``benchmarks/naive_service.py``, BentoML calling ``model.predict`` per request: the
                     baseline of the ratios, measured in the same run.
 
@@ -69,12 +70,13 @@ from pipeline.settings import get_settings  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "serving_latency.json"
 # name -> (bentoml service target, --working-dir, extra environment)
 SERVICES = {
-    "ours": ("serving.service:DigitClassifier", ROOT, {"DIGITS_SERVE_RUNTIME": "tflite"}),
+    "ours": ("serving.service:DigitClassifier", ROOT, {"DIGITS_SERVE_RUNTIME": "tflite-int8"}),
+    "ours-float32": ("serving.service:DigitClassifier", ROOT, {"DIGITS_SERVE_RUNTIME": "tflite"}),
     "ours-keras": ("serving.service:DigitClassifier", ROOT, {"DIGITS_SERVE_RUNTIME": "keras"}),
     "naive": ("naive_service:NaiveDigitClassifier", ROOT / "benchmarks", {}),
 }
 # our services, and the in-process method each calls for a request
-OURS = {"ours": "tflite", "ours-keras": "compiled_predictor"}
+OURS = {"ours": "tflite-int8", "ours-float32": "tflite", "ours-keras": "compiled_predictor"}
 RATES = (10, 25, 50, 100, 200, 400)
 CLIENTS = 32
 BATCH = 64
@@ -389,7 +391,7 @@ class Server:
 
 
 def served_runtime(server: Server) -> str | None:
-    """What answers in the server ("tflite" or "keras", from ``/model``); None for the naive service."""
+    """What answers in the server ("tflite-int8", "tflite" or "keras", from ``/model``); None for the naive service."""
     try:
         with urllib.request.urlopen(server.url + "/model", timeout=30) as response:
             return json.loads(response.read()).get("runtime")
@@ -458,7 +460,10 @@ def train_temporary_champion(store: Path, dataset: Dataset) -> tuple[ModelRef, f
             input_example=example,
             pip_requirements=requirements,
         )
-        export.log_tflite_export(result.model, dataset.x_test, probabilities)  # as the flow does: the service runs it
+        # as the flow does: the service runs them
+        export.log_tflite_exports(
+            result.model, dataset.x_test, probabilities, calibration=dataset.x_train[: export.CALIBRATION_IMAGES]
+        )
     version = registry.register(
         client, settings.model_name, info.model_uri, run.info.run_id, {"data_version": "serving-benchmark"}
     )
@@ -471,7 +476,7 @@ def train_temporary_champion(store: Path, dataset: Dataset) -> tuple[ModelRef, f
 
 def in_process_main(spec: dict) -> dict:
     """Time the model called in this process, per call, on the benchmark's images (run as a child)."""
-    from pipeline.export import tflite_predictor
+    from pipeline.export import RUNTIME_FILES, tflite_predictor
     from pipeline.preprocess import to_model_input
     from pipeline.registry import load_keras, load_tflite
     from pipeline.train import compiled_predictor
@@ -485,8 +490,9 @@ def in_process_main(spec: dict) -> dict:
     pool = load_dataset(ROOT / "data").x_test[: spec["pool"]]
     digits = predictor(to_model_input(pool)).argmax(1)
     methods = {"compiled_predictor": predictor, "model.predict": lambda x: model.predict(x, verbose=0)}
-    if (content := load_tflite(spec["run_id"])) is not None:  # what the service runs when the run has it
-        methods["tflite"] = tflite_predictor(content, settings.serve_tf_threads)
+    for runtime, file in RUNTIME_FILES.items():  # what the service runs when the run has them
+        if (content := load_tflite(spec["run_id"], file)) is not None:
+            methods[runtime] = tflite_predictor(content, settings.serve_tf_threads)
     results = []
     for method, calls_by_size in spec["calls"].items():
         if method not in methods:
@@ -890,7 +896,7 @@ def print_summary(
                 f"{fmt(x['ours_over_in_process_same_runtime'], '.1f')}x"
             )
     local = {(r["method"], r["images_per_call"]): r for r in in_process}
-    methods = [m for m in ("tflite", "compiled_predictor", "model.predict") if (m, 1) in local]
+    methods = [m for m in ("tflite-int8", "tflite", "compiled_predictor", "model.predict") if (m, 1) in local]
     print("(in-process, one image, p99: " + ", ".join(f"{m} {local[(m, 1)]['p99_ms']:.2f} ms" for m in methods) + ")")
     for name, s in services.items():
         if s.get("failed"):
@@ -970,12 +976,14 @@ def main(argv: list[str] | None = None) -> int:
     args.timeout = args.timeout or 10.0
     calls = (
         {
+            "tflite-int8": {"1": 200, str(args.batch): 50},
             "tflite": {"1": 200, str(args.batch): 50},
             "compiled_predictor": {"1": 200, str(args.batch): 50},
             "model.predict": {"1": 20, str(args.batch): 10},
         }
         if args.quick
         else {
+            "tflite-int8": {"1": 2000, str(args.batch): 500},
             "tflite": {"1": 2000, str(args.batch): 500},
             "compiled_predictor": {"1": 2000, str(args.batch): 500},
             "model.predict": {"1": 300, str(args.batch): 100},

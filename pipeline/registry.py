@@ -143,8 +143,8 @@ def load_keras(uri: str) -> keras.Model:
     return mlflow.tensorflow.load_model(uri)
 
 
-def load_tflite(run_id: str | None) -> bytes | None:
-    """The TensorFlow Lite export a training run logged, or None when it has none.
+def load_tflite(run_id: str | None, file: str | None = None) -> bytes | None:
+    """A TensorFlow Lite export a training run logged (``file``, the float32 one by default), or None.
 
     Versions trained before exports existed, or whose export did not answer like the Keras model,
     have none; they are served through Keras.
@@ -157,7 +157,7 @@ def load_tflite(run_id: str | None) -> bytes | None:
 
     from pipeline.export import TFLITE_ARTIFACT_DIR, TFLITE_FILE
 
-    path = f"{TFLITE_ARTIFACT_DIR}/{TFLITE_FILE}"
+    path = f"{TFLITE_ARTIFACT_DIR}/{file or TFLITE_FILE}"
     if run_id is None or path not in {a.path for a in MlflowClient().list_artifacts(run_id, TFLITE_ARTIFACT_DIR)}:
         return None
     with tempfile.TemporaryDirectory() as tmp:

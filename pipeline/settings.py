@@ -32,9 +32,10 @@ class Settings(BaseSettings):
     # requests/s, batches of 1,000 images 14% slower. More threads fight the HTTP event loop for
     # the cores; scale out with replicas instead.
     serve_tf_threads: int = Field(1, ge=1, description="TensorFlow (or LiteRT) threads per model call in the service")
-    serve_runtime: Literal["tflite", "keras"] = Field(
-        "tflite",
-        description="what answers in the service: the champion's TensorFlow Lite export when it has one, or always Keras",
+    serve_runtime: Literal["tflite-int8", "tflite", "keras"] = Field(
+        "tflite-int8",
+        description="the fastest runtime the service may use: the champion's int8 TensorFlow Lite export when its run "
+        "kept one, else its float32 export, else Keras; `tflite` starts at the float32 export, `keras` is always Keras",
     )
     # scale-out on a Prefect server (`digits deploy`, `digits retrain --deployment`)
     work_pool: str = Field("digits", description="Prefect process work pool that `digits deploy` creates and workers poll")

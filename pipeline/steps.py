@@ -225,21 +225,28 @@ def train_candidate(settings: Settings, params: Params, run_id: str) -> Candidat
 
 
 def _export_for_serving(model, dataset: Dataset, probabilities: np.ndarray) -> None:
-    """Log the TensorFlow Lite export the service runs, checked on the whole test set (into the active run).
+    """Log the TensorFlow Lite exports the service runs, checked on the whole test set (into the active run).
 
     A failed conversion costs the run nothing: the service then runs the Keras model.
     """
     from pipeline import export
 
     try:
-        check = export.log_tflite_export(model, dataset.x_test, probabilities, threads=os.cpu_count() or 1)
+        checks = export.log_tflite_exports(
+            model,
+            dataset.x_test,
+            probabilities,
+            calibration=dataset.x_train[: export.CALIBRATION_IMAGES],
+            threads=os.cpu_count() or 1,
+        )
     except Exception as err:  # the converter's failures are many and version-specific
         log.warning("no TensorFlow Lite export (%s: %s); the service will run the Keras model", type(err).__name__, err)
         return
-    if check.ok:
-        log.info("TensorFlow Lite export for serving: %s", check.summary())
-    else:
-        log.warning("TensorFlow Lite export not kept (%s); the service will run the Keras model", check.summary())
+    for runtime, check in checks.items():
+        if check.ok:
+            log.info("%s export for serving: %s", runtime, check.summary())
+        else:
+            log.warning("%s export not kept (%s)", runtime, check.summary())
 
 
 # ---------------------------------------------------------------- sweep trials

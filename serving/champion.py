@@ -46,7 +46,7 @@ class LoadedModel:
 
     ref: ModelRef
     predictor: Callable[[np.ndarray], np.ndarray]
-    runtime: str  # "tflite" (the version's TensorFlow Lite export) or "keras"
+    runtime: str  # "tflite-int8" or "tflite" (the version's TensorFlow Lite exports), or "keras"
     loaded_at: str
     load_seconds: float
 
@@ -114,22 +114,27 @@ def registry_client(settings: Settings) -> MlflowClient:
     return MlflowClient(settings.resolved_tracking_uri, settings.resolved_tracking_uri)
 
 
-def load(ref: ModelRef, runtime: str = "tflite", threads: int = 1) -> LoadedModel:
+def load(ref: ModelRef, runtime: str = "tflite-int8", threads: int = 1) -> LoadedModel:
     """Load one registered version (by version, not by alias) and warm it.
 
-    With ``runtime="tflite"`` the version's TensorFlow Lite export answers, through LiteRT with
-    ``threads`` threads, when its training run logged one (checked there to answer the test set like
-    the Keras model); otherwise the Keras model does, through a compiled ``tf.function``. Warming runs
-    one image and batches, so the first requests after a swap are as fast as the rest.
+    ``runtime`` is the fastest allowed: with ``"tflite-int8"`` the version's int8 TensorFlow Lite
+    export answers when its training run kept one (it gave the Keras model's digit on every test
+    image), else its float32 export (the Keras model's probabilities within 1e-4), through LiteRT with
+    ``threads`` threads; ``"tflite"`` starts at the float32 export. Without an export the Keras model
+    answers, through a compiled ``tf.function``. Warming runs one image and batches, so the first
+    requests after a swap are as fast as the rest.
     """
-    from pipeline.export import tflite_predictor
+    from pipeline.export import RUNTIME_FILES, tflite_predictor
     from pipeline.registry import load_keras, load_tflite
     from pipeline.train import compiled_predictor
 
     started = time.perf_counter()
-    content = load_tflite(ref.run_id) if runtime == "tflite" else None
-    if content is not None:
-        predictor = tflite_predictor(content, threads)
+    runtimes = list(RUNTIME_FILES)  # fastest first
+    allowed = runtimes[runtimes.index(runtime) :] if runtime in runtimes else []
+    for candidate in allowed:
+        if (content := load_tflite(ref.run_id, RUNTIME_FILES[candidate])) is not None:
+            predictor, runtime = tflite_predictor(content, threads), candidate
+            break
     else:
         predictor, runtime = compiled_predictor(load_keras(ref.uri)), "keras"
     for n in (1, 2, 3, 32):

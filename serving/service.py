@@ -21,8 +21,9 @@ The champion is followed by :class:`serving.champion.ChampionWatcher`: a backgro
 the alias every ``DIGITS_CHAMPION_POLL_SECONDS`` (default 10) and swaps in a new version only after
 it has loaded and answered a warm-up, so no request fails during a swap. Requests that arrive
 while the model is busy share its next call (:class:`serving.batching.MicroBatcher`). What answers
-is the champion's TensorFlow Lite export (:mod:`pipeline.export`) when its run logged one, else the
-Keras model; ``/model`` says which (``runtime``), and ``DIGITS_SERVE_RUNTIME=keras`` forces Keras.
+is the champion's int8 TensorFlow Lite export (:mod:`pipeline.export`) when its run kept one, else
+its float32 export, else the Keras model; ``/model`` says which (``runtime``).
+``DIGITS_SERVE_RUNTIME=tflite`` starts at the float32 export, ``keras`` forces Keras.
 """
 
 import gc

@@ -46,12 +46,15 @@ def test_first_run_promotes_and_worse_runs_leave_the_champion(project):
     assert {"plots", "validation_report", "gate", "evaluation"} <= artifacts
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/learning_curves.png", "plots/confusion_matrix.png", "plots/misclassified.png"} <= plots
-    # the serving export: checked against the Keras model on the whole test set, then kept
+    # the serving exports: checked against the Keras model on the whole test set, kept when they agree
     exported = {a.path for a in client.list_artifacts(run.info.run_id, "serving")}
-    assert {"serving/model.tflite", "serving/agreement.json"} <= exported
+    assert {"serving/model.tflite", "serving/agreement.json", "serving/agreement-int8.json"} <= exported
     agreement = json.loads(Path(client.download_artifacts(run.info.run_id, "serving/agreement.json")).read_text())
     assert agreement["ok"] and agreement["same_digits"] == agreement["images"] > 0
-    assert run.data.tags["serving_runtime"] == "tflite"
+    int8 = json.loads(Path(client.download_artifacts(run.info.run_id, "serving/agreement-int8.json")).read_text())
+    assert int8["probability_limit"] is None and int8["ok"] == (int8["same_digits"] == int8["images"] > 0)
+    assert ("serving/model-int8.tflite" in exported) == int8["ok"]
+    assert run.data.tags["serving_runtime"] == ("tflite-int8" if int8["ok"] else "tflite")
     assert registry.load_tflite(run.info.run_id)[4:8] == b"TFL3"  # what the service downloads
 
     champion = registry.get_alias(client, get_settings().model_name)

@@ -37,6 +37,15 @@ def test_same_digits_with_drifted_probabilities_disagree():
     assert check.same_digits == 2 and not check.ok
 
 
+def test_without_a_probability_limit_only_the_digits_count():
+    """The int8 export's rule: probabilities a few points off are fine, a different digit is not."""
+    expected = _probabilities([6, 8])
+    drifted = agreement(expected, _probabilities([6, 8], confidence=0.8), probability_limit=None)
+    assert drifted.ok and drifted.max_probability_difference == pytest.approx(0.11)
+    assert "only digits must agree" in drifted.summary() and drifted.to_dict()["probability_limit"] is None
+    assert not agreement(expected, _probabilities([6, 3]), probability_limit=None).ok
+
+
 def test_shapes_must_match():
     with pytest.raises(ValueError, match=r"shapes \(2, 10\) and \(3, 10\)"):
         agreement(_probabilities([1, 2]), _probabilities([1, 2, 3]))
