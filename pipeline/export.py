@@ -143,7 +143,7 @@ def log_tflite_exports(
     """Convert ``model``, compare on ``images`` with the Keras ``probabilities``; log into the active MLflow run.
 
     Always the float32 export (``serving/model.tflite``, kept when its probabilities agree within
-    ``MAX_PROBABILITY_DIFFERENCE``); with ``calibration`` training images (uint8 or normalised pixels)
+    ``MAX_PROBABILITY_DIFFERENCE``); with ``calibration`` training images (pixels 0-255, as stored)
     also the int8 export (``serving/model-int8.tflite``, kept when it gives the same digit on every
     image). Each gets its check (``serving/agreement.json``, ``serving/agreement-int8.json``) and its
     largest probability difference as a metric; the tag ``serving_runtime`` names the fastest one

@@ -96,7 +96,7 @@ def predict(
             typer.echo(f"{path}: {answer['digit']} ({answer['confidence']:.1%})")
     if model is not None and not as_json:
         ref = model.ref
-        typer.echo(f"answered by {ref.model_name} v{ref.version} (run {ref.run_id})", err=True)
+        typer.echo(f"answered by {ref.model_name} v{ref.version} (run {ref.run_id}, runtime {model.runtime})", err=True)
     if problems:
         raise typer.Exit(1)
 

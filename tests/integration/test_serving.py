@@ -466,7 +466,7 @@ def test_cli_predict_prints_digit_and_confidence(champion, mnist_slice, tmp_path
     assert result.exit_code == 1, result.output
     assert f"seven.png: {expected} (" in result.stdout and "%)" in result.stdout
     assert "broken.png: error: not a readable image" in result.stderr
-    assert f"answered by digits-cnn v{champion.version}" in result.stderr
+    assert f"answered by digits-cnn v{champion.version} (run {champion.run_id}, runtime tflite)" in result.stderr
     assert as_json.exit_code == 0 and json.loads(as_json.stdout)["digit"] == expected
 
 
