@@ -157,16 +157,14 @@ def log_tflite_exports(
     from pipeline.preprocess import to_model_input
 
     inputs = to_model_input(images)
-    contents = {"tflite": to_tflite(model)}
-    limits = {"tflite": MAX_PROBABILITY_DIFFERENCE}
+    # runtime -> (export, the largest probability difference it may show)
+    exports = {"tflite": (to_tflite(model), MAX_PROBABILITY_DIFFERENCE)}
     if calibration is not None:
-        contents["tflite-int8"] = to_tflite(model, calibration=to_model_input(calibration))
-        limits["tflite-int8"] = None
+        exports["tflite-int8"] = (to_tflite(model, calibration=to_model_input(calibration)), None)
     checks = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for runtime, content in contents.items():
-            check = agreement(probabilities, tflite_predictor(content, threads)(inputs), limits[runtime])
-            checks[runtime] = check
+        for runtime, (content, limit) in exports.items():
+            check = checks[runtime] = agreement(probabilities, tflite_predictor(content, threads)(inputs), limit)
             mlflow.log_dict(check.to_dict(), f"{TFLITE_ARTIFACT_DIR}/{AGREEMENT_FILES[runtime]}")
             mlflow.log_metric(f"{runtime.replace('-', '_')}_max_probability_difference", check.max_probability_difference)
             if check.ok:
