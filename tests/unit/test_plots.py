@@ -1,0 +1,47 @@
+"""The sample-mistakes figure: which images it shows, in which order, and where."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.plots import misclassified_grid
+
+
+def _probabilities(predicted: list[int], confidence: list[float]) -> np.ndarray:
+    rows = np.full((len(predicted), 10), 0.0)
+    for row, (digit, p) in enumerate(zip(predicted, confidence, strict=True)):
+        rows[row] = (1 - p) / 9
+        rows[row, digit] = p
+    return rows
+
+
+def test_most_confident_mistakes_come_first_each_image_in_its_tile():
+    images = np.stack([np.full((28, 28), 10 * (i + 1), np.uint8) for i in range(5)])  # each image its own shade
+    y_true = np.array([0, 1, 2, 3, 4])
+    # images 1, 3 and 4 are wrong, at 60 %, 95 % and 80 %; 0 and 2 are right
+    probabilities = _probabilities([0, 7, 2, 8, 9], [0.9, 0.6, 0.99, 0.95, 0.8])
+
+    fig = misclassified_grid(images, y_true, probabilities)
+
+    (ax,) = fig.axes
+    assert fig.get_suptitle() == "3 misclassified test images (most confident first)"
+    captions = [text.get_text() for text in ax.texts]
+    assert captions == ["true 3 / pred 8\n95%", "true 4 / pred 9\n80%", "true 1 / pred 7\n60%"]
+    tiles = ax.images[0].get_array()
+    # each caption sits just above the image it names: read the tile's shade under it
+    for text, image in zip(ax.texts, (3, 4, 1), strict=True):
+        x, y = text.get_position()
+        assert tiles[int(y) + 14, int(x)] == images[image, 0, 0]
+
+
+def test_the_limit_keeps_the_most_confident_and_no_mistakes_draws_an_empty_grid():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (100, 28, 28), dtype=np.uint8)
+    y_true = np.zeros(100, int)
+    confidence = np.linspace(0.5, 0.99, 100)
+    fig = misclassified_grid(images, y_true, _probabilities([1] * 100, list(confidence)), limit=16)
+    assert len(fig.axes[0].texts) == 16
+    assert fig.axes[0].texts[0].get_text() == "true 0 / pred 1\n99%"
+
+    empty = misclassified_grid(images, y_true, _probabilities([0] * 100, [0.9] * 100))
+    assert empty.get_suptitle().startswith("0 misclassified") and not empty.axes[0].texts
