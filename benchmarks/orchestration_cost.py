@@ -5,7 +5,7 @@ Run from the project folder:
     .venv/bin/python benchmarks/orchestration_cost.py [--epochs 1 3] [--rounds N] [--quick]
 
 For each epoch count, in fresh subprocesses one after the other, on the full MNIST (``--rounds N``:
-all of it N times over, and medians):
+all of it N times over, the flow first in every other round, and medians):
 
 * ``direct``: the same pipeline functions called from a plain script, without Prefect, MLflow or DVC:
   ingest -> Great Expectations validation -> train -> score the test set -> TensorFlow Lite exports,
@@ -196,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         source = base / "mnist.npz"
         np.savez(source, x_train=dataset.x_train, y_train=dataset.y_train, x_test=dataset.x_test, y_test=dataset.y_test)
         for round_number in range(1, args.rounds + 1):
+            # the machine's speed drifts over minutes: alternate which of a pair runs first
+            order = ("direct", "flow") if round_number % 2 else ("flow", "direct")
             for n in epochs:
-                for config in ("direct", "flow"):
+                for config in order:
                     row = measure(base, config, n, round_number, source, quick_rows=len(dataset.x_train) if args.quick else None)
                     rows.append(row)
                     print(
