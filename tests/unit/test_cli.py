@@ -47,6 +47,10 @@ def prefect_api(monkeypatch):
     # importing prefect here would hand the `pipeline` loggers to Prefect's API handler (the CLI's default)
     # for the rest of the session, and other tests' log lines would warn that no flow run is there
     monkeypatch.setenv("PREFECT_LOGGING_EXTRA_LOGGERS", "")
+    # Prefect sets up its logging on its first full import, and its console handler keeps the sys.stderr of
+    # that moment: import it here, not inside CliRunner.invoke, whose stream is closed when the call returns
+    # (a flow run later in the session would fail writing its log lines to it)
+    import prefect.main  # noqa: F401
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     @contextmanager
