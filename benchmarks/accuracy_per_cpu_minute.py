@@ -1,4 +1,4 @@
-"""Benchmark 1 of issue 4: test accuracy per CPU-minute, our default against the Keras reference CNN.
+"""Test accuracy per CPU-minute: our default training against the Keras reference CNN.
 
 Run from the project folder:
 
@@ -25,30 +25,24 @@ shared). Nothing here asserts: it prints a table and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+import yaml
+from harness import RESULTS, ROOT, command_line, say, table, write_results
 
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
-from results_file import write_results  # noqa: E402
+from pipeline import evaluate
+from pipeline import train as train_module
+from pipeline.data import Dataset, has_dataset, ingest, load_dataset
+from pipeline.params import Params, load_params
 
-from pipeline import evaluate  # noqa: E402
-from pipeline import train as train_module  # noqa: E402
-from pipeline.data import Dataset, has_dataset, ingest, load_dataset  # noqa: E402
-from pipeline.params import Params, load_params  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results" / "accuracy_per_cpu_minute.json"
+OUTPUT = RESULTS / "accuracy_per_cpu_minute.json"
 BUDGET_SHORT_S = 60.0
 BUDGET_LONG_S = 600.0
 TARGET_SHORT = 0.990
@@ -103,7 +97,7 @@ class TestCurve:
         accuracy = float(np.mean(predicted == self.y_test))
         self.points.append((round(at, 2), accuracy))
         self.scoring += time.perf_counter() - t0
-        print(f"    epoch {epochs_done:5.2f}: {at:6.1f} s  test accuracy {accuracy:.2%}", file=sys.stderr, flush=True)
+        say(f"    epoch {epochs_done:5.2f}: {at:6.1f} s  test accuracy {accuracy:.2%}")
 
     def keras_callback(self):
         import keras
@@ -347,24 +341,15 @@ def run_keras(
 # ------------------------------------------------------------------ report
 
 
-def fmt(value: float | None, pattern: str) -> str:
-    return "-" if value is None else format(value, pattern)
-
-
-def table(results: list[RunResult]) -> str:
-    head = (
-        f"{'config':<20} {'seed':>4} {'epochs':>6} {'params':>8} {'train s':>8} {'img/s':>7} "
-        f"{'test acc':>8} {'acc@60s':>8} {'s->99.0':>7} {'s->99.5':>7} {'time/ref':>8}"
-    )
-    lines = [head, "-" * len(head)]
-    for r in results:
-        lines.append(
-            f"{r.config:<20} {r.seed:>4} {r.epochs:>6} {r.parameters:>8,} {r.train_seconds:>8.1f} "
-            f"{r.images_per_second:>7,.0f} {r.test_accuracy:>8.2%} {fmt(r.accuracy_at_60s, '>8.2%')} "
-            f"{fmt(r.seconds_to_99_0, '>7.0f')} {fmt(r.seconds_to_99_5, '>7.0f')} "
-            f"{fmt(r.ratio_vs_reference, '>7.2f')}{'x' if r.ratio_vs_reference is not None else ''}"
-        )
-    return "\n".join(lines)
+def runs_table(results: list[RunResult]) -> str:
+    columns = [("config", "<20"), ("seed", ">4"), ("epochs", ">6"), ("params", ">8,"), ("train s", ">8.1f"), ("img/s", ">7,.0f")]
+    columns += [("test acc", ">8.2%"), ("acc@60s", ">8.2%"), ("s->99.0", ">7.0f"), ("s->99.5", ">7.0f"), ("time/ref", ">8")]
+    rows = [
+        (r.config, r.seed, r.epochs, r.parameters, r.train_seconds, r.images_per_second, r.test_accuracy, r.accuracy_at_60s)
+        + (r.seconds_to_99_0, r.seconds_to_99_5, None if r.ratio_vs_reference is None else f"{r.ratio_vs_reference:.2f}x")
+        for r in results
+    ]
+    return table(columns, rows)
 
 
 def aggregate(results: list[RunResult]) -> dict[str, dict]:
@@ -396,40 +381,8 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke run: one seed, 1 epoch each, 10k training images (figures not comparable)"
-    )
-    parser.add_argument(
-        "--config", nargs="+", default=["default", "reference"], help=f"configurations to run: default, {', '.join(CANDIDATES)}"
-    )
-    parser.add_argument(
-        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="params.yaml overrides for 'default', e.g. train.epochs=12"
-    )
-    parser.add_argument(
-        "--points-per-epoch",
-        type=int,
-        default=1,
-        help="test-set scoring points per epoch (default 1: at each epoch end); 4 reads acc@60s off a finer curve",
-    )
-    parser.add_argument("--reference-epochs", type=int, default=None, help="epochs for the reference (the Keras example uses 15)")
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-
-    os.chdir(ROOT)
-    overrides = parse_set(args.set)
-    seeds = args.seeds[:1] if args.quick else args.seeds
-    if args.quick:
-        overrides["train.epochs"] = 1
-    params = load_params(Path("params.yaml"), overrides)
-    if not has_dataset(Path("data")):
-        ingest(params.data, Path("data"), Path(".cache"))
-    dataset = load_dataset(Path("data"))
-    if args.quick:
-        dataset = dataset.head(10_000, None)
-
+def run_all(args, dataset: Dataset, params: Params, seeds: list[int]) -> list[RunResult]:
+    """Every configuration for each seed, one after the other; times against the reference of the same seed."""
     results: list[RunResult] = []
     for seed in seeds:
         for config in args.config:
@@ -448,11 +401,11 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             if r.seed == seed and ref is not None:
                 r.ratio_vs_reference = round(r.train_seconds / ref.train_seconds, 3)
+    return results
 
-    summary = aggregate(results)
-    print()
-    print(table(results))
-    print()
+
+def print_summary(results: list[RunResult], summary: dict[str, dict], points_per_epoch: int) -> None:
+    print(f"\n{runs_table(results)}\n")
     for config, s in summary.items():
         print(
             f"{config:<20} mean of {s['runs']}: test {s['mean_test_accuracy']:.2%} in {s['mean_train_seconds']:.0f} s"
@@ -461,10 +414,46 @@ def main(argv: list[str] | None = None) -> int:
             f" 99.0%/60s {'met' if s['meets_99_0_within_60s'] else 'not met'}"
         )
     print(
-        f"(2 shared CPU cores; times exclude the test scoring; acc@60s is the test accuracy at the last of"
-        f" {args.points_per_epoch} scoring point(s) an epoch at or before 60 s of training)"
+        f"({os.cpu_count()} shared CPU cores; times exclude the test scoring; acc@60s is the test accuracy at the last of"
+        f" {points_per_epoch} scoring point(s) an epoch at or before 60 s of training)"
     )
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = command_line(
+        __doc__, OUTPUT, quick="smoke run: one seed, 1 epoch each, 10k training images (figures not comparable)"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    parser.add_argument(
+        "--config", nargs="+", default=["default", "reference"], help=f"configurations to run: default, {', '.join(CANDIDATES)}"
+    )
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="params.yaml overrides for 'default', e.g. train.epochs=12"
+    )
+    parser.add_argument(
+        "--points-per-epoch",
+        type=int,
+        default=1,
+        help="test-set scoring points per epoch (default 1: at each epoch end); 4 reads acc@60s off a finer curve",
+    )
+    parser.add_argument("--reference-epochs", type=int, default=None, help="epochs for the reference (the Keras example uses 15)")
+    args = parser.parse_args(argv)
+
+    os.chdir(ROOT)
+    overrides = parse_set(args.set)
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    if args.quick:
+        overrides["train.epochs"] = 1
+    params = load_params(Path("params.yaml"), overrides)
+    if not has_dataset(Path("data")):
+        ingest(params.data, Path("data"), Path(".cache"))
+    dataset = load_dataset(Path("data"))
+    if args.quick:
+        dataset = dataset.head(10_000, None)
+
+    results = run_all(args, dataset, params, seeds)
+    summary = aggregate(results)
+    print_summary(results, summary, args.points_per_epoch)
     write_results(
         args.output,
         "accuracy_per_cpu_minute",

@@ -1,4 +1,4 @@
-"""Benchmark 5 of issue 4: images/s classifying the 10,000 MNIST test images offline.
+"""Images/s classifying the 10,000 MNIST test images offline: every runtime of the model against ``model.predict``.
 
 Run from the project folder:
 
@@ -30,27 +30,21 @@ the output says which). Nothing here asserts: it prints a table and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+from harness import RESULTS, ROOT, command_line, say, table, write_results
 
-import numpy as np  # noqa: E402
-from results_file import write_results  # noqa: E402
+from pipeline import evaluate
+from pipeline.data import has_dataset, ingest, load_dataset
+from pipeline.params import load_params
+from pipeline.preprocess import to_model_input
 
-from pipeline import evaluate  # noqa: E402
-from pipeline.data import has_dataset, ingest, load_dataset  # noqa: E402
-from pipeline.params import load_params  # noqa: E402
-from pipeline.preprocess import to_model_input  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results" / "batch_inference.json"
+OUTPUT = RESULTS / "batch_inference.json"
 TARGET_IMAGES_PER_SECOND = 15_000
 
 
@@ -88,9 +82,8 @@ def forward_flops(model) -> int:
 def matmul_ceiling(threads: int, repeats: int) -> float:
     """GFLOP/s of LiteRT's own float32 matrix multiply here (XNNPACK, as for the model), in the same run.
 
-    256 rows a call through 512 x 512 weights (1 MB: they stay in the L2 cache): the fastest float32
-    work we found LiteRT doing on these cores (widths 256-1,024, 16-4,096 rows a call, and the net's
-    own convolution shapes were all slower), about the two FMA units of a core kept full.
+    256 rows a call through 512 x 512 weights (1 MB: they stay in the L2 cache), the fastest float32
+    shape we found LiteRT running (benchmarks/README.md has the others tried).
     """
     import keras
     from ai_edge_litert.interpreter import Interpreter
@@ -123,24 +116,11 @@ def timed(run: Callable[[], object], repeats: int) -> float:
     return statistics.median(seconds)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed passes per method (median reported)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, 2,000 images")
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-
-    os.chdir(ROOT)
-    params = load_params(Path("params.yaml"))
-    if not has_dataset(Path("data")):
-        ingest(params.data, Path("data"), Path(".cache"))
-    dataset = load_dataset(Path("data"))
-    images = dataset.x_test[:2000] if args.quick else dataset.x_test
-    repeats = 1 if args.quick else args.repeats
-
+def methods_of(model, images: np.ndarray, train_images: np.ndarray) -> dict[str, Callable[[], object]]:
+    """Every way of running ``model`` over ``images``, by name; the first is the baseline."""
+    from pipeline.export import CALIBRATION_IMAGES, tflite_predictor, to_tflite
     from pipeline.train import compiled_predictor
 
-    model, which = champion_or_default(params)
     predict = compiled_predictor(model)
     normalised = to_model_input(images)
     methods: dict[str, Callable[[], object]] = {
@@ -152,12 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         methods[f"compiled predictor, batch {batch}"] = lambda batch=batch: [
             predict(normalised[i : i + batch]) for i in range(0, len(normalised), batch)
         ]
-
-    from pipeline.export import CALIBRATION_IMAGES, tflite_predictor, to_tflite
-
     cores = os.cpu_count() or 1
     float32 = to_tflite(model)
-    int8 = to_tflite(model, calibration=to_model_input(dataset.x_train[:CALIBRATION_IMAGES]))  # as the flow makes it
+    int8 = to_tflite(model, calibration=to_model_input(train_images[:CALIBRATION_IMAGES]))  # as the flow makes it
     runtimes = {
         "TFLite float32, 1 thread": tflite_predictor(float32, 1),
         f"TFLite float32, {cores} threads": tflite_predictor(float32, cores),
@@ -166,57 +143,45 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name, lite in runtimes.items():
         methods[name] = lambda lite=lite: lite(normalised)
+    return methods
 
-    # every method must give the same answers, or its speed means nothing
-    reference = model.predict(normalised, verbose=0).argmax(axis=1)
-    _, flow_digits = evaluate.predict_classes(predict, images)
-    answers = {"predict_classes (the flow's path)": flow_digits}
+
+def check_answers(methods: dict[str, Callable[[], object]], images: np.ndarray, labels: np.ndarray) -> dict[str, dict]:
+    """Each method's digits against ``model.predict``'s, and its test accuracy: a speed means nothing without them."""
+    answers = {}
     for name, run in methods.items():
-        if name not in answers:
-            out = run()
+        out = run()
+        if name.startswith("predict_classes"):
+            answers[name] = out[1]  # (probabilities, digits)
+        else:
             answers[name] = (np.concatenate(out) if isinstance(out, list) else np.asarray(out)).argmax(axis=1)
-    checks = {
+    reference = answers["model.predict(batch=32)"]
+    return {
         name: {
             "same_digit_as_model_predict": int((digits == reference).sum()),
-            "test_accuracy": round(float((digits == dataset.y_test[: len(images)]).mean()), 4),
+            "test_accuracy": round(float((digits == labels[: len(images)]).mean()), 4),
         }
         for name, digits in answers.items()
     }
 
-    rows = []
-    for name, run in methods.items():
-        seconds = timed(run, repeats)
-        speed = {"seconds": round(seconds, 4), "images_per_second": round(len(images) / seconds)}
-        rows.append({"method": name, **speed, **checks.get(name, {})})
-        print(f"  {name:<36} {len(images) / seconds:>9,.0f} images/s", file=sys.stderr, flush=True)
-    baseline = rows[0]["images_per_second"]
-    flops = forward_flops(model)
-    for row in rows:
-        row["ratio_vs_model_predict"] = round(row["images_per_second"] / baseline, 2)
-        row["gflop_per_second"] = round(row["images_per_second"] * flops / 1e9, 1)
-    # how close float32 can come to the target on these cores
-    ceilings = {threads: round(matmul_ceiling(threads, repeats), 1) for threads in sorted({1, cores})}
 
+def print_report(rows: list[dict], model, which: str, flops: int, images: int, repeats: int, ceilings: dict) -> None:
+    cores = os.cpu_count()
     print(
         f"\nmodel: {which} ({model.count_params():,} parameters, {flops / 1e6:.1f} MFLOP an image);"
-        f" {len(images):,} test images; median of {repeats} passes; {cores} CPU cores"
+        f" {images:,} test images; median of {repeats} passes; {cores} CPU cores"
     )
-    print(f"{'method':<40} {'seconds':>8} {'images/s':>9} {'vs predict':>10} {'GFLOP/s':>8} {'same digit':>11} {'accuracy':>9}")
-    print("-" * 101)
-    for row in rows:
-        same, accuracy = f"{row['same_digit_as_model_predict']:,}", f"{row['test_accuracy']:.2%}"
-        print(
-            f"{row['method']:<40} {row['seconds']:>8.3f} {row['images_per_second']:>9,} {row['ratio_vs_model_predict']:>9.2f}x"
-            f" {row['gflop_per_second']:>8.1f} {same:>11} {accuracy:>9}"
-        )
+    columns = [("method", "<40"), ("seconds", ">8.3f"), ("images/s", ">9,"), ("vs predict", ">10"), ("GFLOP/s", ">8.1f")]
+    columns += [("same digit", ">11,"), ("accuracy", ">9.2%")]
+    keys = ("method", "seconds", "images_per_second", "ratio", "gflop_per_second", "same_digit_as_model_predict", "test_accuracy")
+    print(table(columns, [[f"{r['ratio_vs_model_predict']:.2f}x" if k == "ratio" else r[k] for k in keys] for r in rows]))
     print("(GFLOP/s: the model's float32 operations per second; the int8 export does the same operations in 8-bit integers)")
-    exact = [row for row in rows if row["same_digit_as_model_predict"] == len(images)]
+    exact = [row for row in rows if row["same_digit_as_model_predict"] == images]
     for label, candidates in (("the same digit as model.predict on every image", exact), ("any", rows)):
         best = max(candidates, key=lambda row: row["images_per_second"])
-        print(
-            f"best, {label}: {best['method']} at {best['images_per_second']:,} images/s; target"
-            f" {TARGET_IMAGES_PER_SECOND:,}: {'met' if best['images_per_second'] >= TARGET_IMAGES_PER_SECOND else 'not met'}"
-        )
+        met = "met" if best["images_per_second"] >= TARGET_IMAGES_PER_SECOND else "not met"
+        target = f"target {TARGET_IMAGES_PER_SECOND:,}: {met}"
+        print(f"best, {label}: {best['method']} at {best['images_per_second']:,} images/s; {target}")
     needed = TARGET_IMAGES_PER_SECOND * flops / 1e9
     for threads, ceiling in ceilings.items():
         print(
@@ -224,6 +189,38 @@ def main(argv: list[str] | None = None) -> int:
             f" {ceiling * 1e9 / flops:,.0f} images/s of this model; the target needs {needed:.1f} GFLOP/s"
             f" ({needed / ceiling:.0%} of it)"
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = command_line(__doc__, OUTPUT, quick="smoke run: 1 repeat, 2,000 images")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes per method (median reported)")
+    args = parser.parse_args(argv)
+
+    os.chdir(ROOT)
+    params = load_params(Path("params.yaml"))
+    if not has_dataset(Path("data")):
+        ingest(params.data, Path("data"), Path(".cache"))
+    dataset = load_dataset(Path("data"))
+    images = dataset.x_test[:2000] if args.quick else dataset.x_test
+    repeats = 1 if args.quick else args.repeats
+
+    model, which = champion_or_default(params)
+    methods = methods_of(model, images, dataset.x_train)
+    checks = check_answers(methods, images, dataset.y_test)
+    flops = forward_flops(model)
+    rows = []
+    for name, run in methods.items():
+        seconds = timed(run, repeats)
+        rows.append(
+            {"method": name, "seconds": round(seconds, 4), "images_per_second": round(len(images) / seconds), **checks[name]}
+        )
+        say(f"  {name:<36} {len(images) / seconds:>9,.0f} images/s")
+    for row in rows:
+        row["ratio_vs_model_predict"] = round(row["images_per_second"] / rows[0]["images_per_second"], 2)
+        row["gflop_per_second"] = round(row["images_per_second"] * flops / 1e9, 1)
+    # how close float32 can come to the target on these cores
+    ceilings = {threads: round(matmul_ceiling(threads, repeats), 1) for threads in sorted({1, os.cpu_count() or 1})}
+    print_report(rows, model, which, flops, len(images), repeats, ceilings)
 
     write_results(
         args.output,

@@ -1,4 +1,4 @@
-"""Benchmark 3 of issue 4: what Prefect, MLflow and DVC add to a retrain's wall time.
+"""What Prefect, MLflow and DVC add to a retrain's wall time: ``digits retrain`` against the same steps called directly.
 
 Run from the project folder:
 
@@ -18,8 +18,8 @@ all of it N times over, the flow first in every other round, and medians):
 Both start from a bare interpreter (imports included) and ingest from the same local ``.npz`` copy
 of MNIST. The extra wall time of the flow, measured at two training lengths, splits into a fixed
 part and a part proportional to the work: ``flow - direct = fixed + share x direct``. Targets
-(issue 4): ``share`` at most 5 %, ``fixed`` under 15 s. Nothing here asserts: it prints a table and
-writes JSON.
+(``TARGET_SHARE``, ``TARGET_FIXED_SECONDS``): ``share`` at most 5 %, ``fixed`` under 15 s. Nothing
+here asserts: it prints a table and writes JSON.
 
 The host's stalls land mostly in training, the longest part, and can move one run's wall time by
 more than the flow's whole overhead. So each run's ``model.fit`` time is read too (the direct
@@ -30,7 +30,6 @@ is compared as well: ``flow - direct`` outside the fit is the orchestration's ow
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -42,11 +41,13 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from results_file import write_results
+from harness import RESULTS, ROOT, command_line, say, table, write_results
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "orchestration_cost.json"
-# issue 4: the flow may take at most this share more than the direct script, plus this fixed start-up
+from pipeline.data import has_dataset, ingest, load_dataset
+from pipeline.params import load_params
+
+OUTPUT = RESULTS / "orchestration_cost.json"
+# the target: the flow may take at most this share more than the direct script, plus this fixed start-up
 TARGET_SHARE, TARGET_FIXED_SECONDS = 0.05, 15.0
 
 # the pipeline without orchestration, tracking or versioning: the same functions the flow's tasks call
@@ -161,7 +162,7 @@ def measure(base: Path, config: str, epochs: int, round_number: int, source: Pat
 
 
 def pairs_within_target(rows: list[dict]) -> tuple[int, int]:
-    """How many (round, epochs) pairs meet issue 4's bound read literally, ``flow <= 1.05 x direct + 15 s``."""
+    """How many (round, epochs) pairs meet the target's bound read literally, ``flow <= 1.05 x direct + 15 s``."""
     seconds = {(r["round"], r["epochs"], r["config"]): r["seconds"] for r in rows}
     pairs = {(r["round"], r["epochs"]) for r in rows}
     allowed = {pair: (1 + TARGET_SHARE) * seconds[(*pair, "direct")] + TARGET_FIXED_SECONDS for pair in pairs}
@@ -169,8 +170,77 @@ def pairs_within_target(rows: list[dict]) -> tuple[int, int]:
     return within, len(pairs)
 
 
+def run_rounds(base: Path, dataset, epochs: list[int], rounds: int, quick: bool) -> list[dict]:
+    """Every (epochs, config) pair ``rounds`` times, on a local copy of ``dataset``, which of a pair runs first alternating."""
+    source = base / "mnist.npz"
+    np.savez(source, x_train=dataset.x_train, y_train=dataset.y_train, x_test=dataset.x_test, y_test=dataset.y_test)
+    rows = []
+    for round_number in range(1, rounds + 1):
+        order = ("direct", "flow") if round_number % 2 else ("flow", "direct")  # the machine's speed drifts over minutes
+        for n in epochs:
+            for config in order:
+                row = measure(base, config, n, round_number, source, quick_rows=len(dataset.x_train) if quick else None)
+                rows.append(row)
+                say(
+                    f"  round {round_number}/{rounds}, {config} {n} epoch(s): {row['seconds']:.1f} s,"
+                    f" of which model.fit {row['fit_seconds']:.1f} s"
+                )
+    return rows
+
+
+def overhead(rows: list[dict], epochs: list[int]) -> dict:
+    """Medians by (config, epochs), and the flow's extra time split into a fixed part and a share of the work."""
+
+    def median_of(key: str) -> dict[tuple[str, int], float]:
+        pairs = [(config, n) for config in ("direct", "flow") for n in epochs]
+        return {pair: statistics.median(r[key] for r in rows if (r["config"], r["epochs"]) == pair) for pair in pairs}
+
+    seconds, fits, outsides = median_of("seconds"), median_of("fit_seconds"), median_of("outside_fit_seconds")
+    short, long = epochs
+    extra = {n: seconds["flow", n] - seconds["direct", n] for n in epochs}
+    share = (extra[long] - extra[short]) / (seconds["direct", long] - seconds["direct", short])
+    return {
+        "seconds": seconds,
+        "fits": fits,
+        "extra": extra,
+        "share": share,
+        "fixed": extra[short] - share * seconds["direct", short],
+        # outside model.fit: what orchestration, tracking and versioning add, without the training's noise
+        "outside": {n: outsides["flow", n] - outsides["direct", n] for n in epochs},
+        "fit_ratio": sum(fits["flow", n] for n in epochs) / sum(fits["direct", n] for n in epochs),
+    }
+
+
+def print_report(cost: dict, rows: list[dict], epochs: list[int], rounds: int, images: int) -> None:
+    seconds, fits, extra, outside = cost["seconds"], cost["fits"], cost["extra"], cost["outside"]
+    short, long = epochs
+    medians = f"medians of {rounds} rounds" if rounds > 1 else "one round"
+    print(f"\n{images:,} training images; fresh subprocesses; {medians}; {os.cpu_count()} CPU cores")
+    columns = [("epochs", ">6"), ("direct s", ">9.1f"), ("flow s", ">8.1f"), ("extra s", ">8.1f"), ("flow/direct", ">11")]
+    columns += [("direct fit", ">10.1f"), ("flow fit", ">9.1f"), ("extra outside fit", ">17.1f")]
+    ratio = {n: f"{seconds['flow', n] / seconds['direct', n]:.3f}x" for n in epochs}
+    lines = [
+        (n, seconds["direct", n], seconds["flow", n], extra[n], ratio[n], fits["direct", n], fits["flow", n], outside[n])
+        for n in epochs
+    ]
+    print(table(columns, lines))
+    fixed_met = "met" if cost["fixed"] < TARGET_FIXED_SECONDS else "not met"
+    share_met = "met" if cost["share"] <= TARGET_SHARE else "not met"
+    print(
+        f"\nwall times: flow - direct = {cost['fixed']:.1f} s fixed + {cost['share']:.1%} of the direct time"
+        f" (targets: fixed < {TARGET_FIXED_SECONDS:.0f} s {fixed_met}, share <= {TARGET_SHARE:.0%} {share_met})"
+    )
+    print(
+        f"outside model.fit: the flow adds {outside[short]:.1f} s ({short} epoch(s)) and {outside[long]:.1f} s"
+        f" ({long}); its fits took {cost['fit_ratio']:.3f}x the direct script's"
+    )
+    # the two-point fit above moves a lot with one noisy median; this reads each pair alone
+    within, pairs = pairs_within_target(rows)
+    print(f"flow <= 1.05 x direct + 15 s: {within} of {pairs} pairs")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = command_line(__doc__, OUTPUT, quick="smoke run: 10,000 training images, 1 and 2 epochs")
     parser.add_argument(
         "--epochs",
         type=int,
@@ -185,14 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="run every pair this many times, one after the other, and report medians (the host's stalls move single runs)",
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run: 10,000 training images, 1 and 2 epochs")
     parser.add_argument("--keep", action="store_true", help="keep the throw-away projects and logs (printed)")
-    parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-
-    sys.path.insert(0, str(ROOT))
-    from pipeline.data import has_dataset, ingest, load_dataset
-    from pipeline.params import load_params
 
     epochs = [1, 2] if args.quick else args.epochs
     if not has_dataset(ROOT / "data"):
@@ -200,74 +264,17 @@ def main(argv: list[str] | None = None) -> int:
     dataset = load_dataset(ROOT / "data")
     if args.quick:
         dataset = dataset.head(10_000, None)
-
     base = Path(tempfile.mkdtemp(prefix="digits-orchestration-"))
-    rows = []
     try:
-        source = base / "mnist.npz"
-        np.savez(source, x_train=dataset.x_train, y_train=dataset.y_train, x_test=dataset.x_test, y_test=dataset.y_test)
-        for round_number in range(1, args.rounds + 1):
-            # the machine's speed drifts over minutes: alternate which of a pair runs first
-            order = ("direct", "flow") if round_number % 2 else ("flow", "direct")
-            for n in epochs:
-                for config in order:
-                    row = measure(base, config, n, round_number, source, quick_rows=len(dataset.x_train) if args.quick else None)
-                    rows.append(row)
-                    print(
-                        f"  round {round_number}/{args.rounds}, {config} {n} epoch(s): {row['seconds']:.1f} s,"
-                        f" of which model.fit {row['fit_seconds']:.1f} s",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+        rows = run_rounds(base, dataset, epochs, args.rounds, args.quick)
     finally:
         if args.keep:
             print(f"projects and logs kept in {base}")
         else:
             shutil.rmtree(base, ignore_errors=True)
-
-    def median_of(key: str) -> dict[tuple[str, int], float]:
-        return {
-            (config, n): statistics.median(r[key] for r in rows if (r["config"], r["epochs"]) == (config, n))
-            for config in ("direct", "flow")
-            for n in epochs
-        }
-
-    seconds, fits, outsides = median_of("seconds"), median_of("fit_seconds"), median_of("outside_fit_seconds")
-    short, long = epochs
-    extra = {n: seconds["flow", n] - seconds["direct", n] for n in epochs}
-    share = (extra[long] - extra[short]) / (seconds["direct", long] - seconds["direct", short])
-    fixed = extra[short] - share * seconds["direct", short]
-    # outside model.fit: what orchestration, tracking and versioning add, without the training's noise
-    outside = {n: outsides["flow", n] - outsides["direct", n] for n in epochs}
-    fit_ratio = sum(fits["flow", n] for n in epochs) / sum(fits["direct", n] for n in epochs)
-
-    rounds = f"medians of {args.rounds} rounds" if args.rounds > 1 else "one round"
-    print(f"\n{len(dataset.x_train):,} training images; fresh subprocesses; {rounds}; {os.cpu_count()} CPU cores")
-    head = (
-        f"{'epochs':>6} {'direct s':>9} {'flow s':>8} {'extra s':>8} {'flow/direct':>11}"
-        f" {'direct fit':>10} {'flow fit':>9} {'extra outside fit':>17}"
-    )
-    print(head)
-    print("-" * len(head))
-    for n in epochs:
-        print(
-            f"{n:>6} {seconds['direct', n]:>9.1f} {seconds['flow', n]:>8.1f} {extra[n]:>8.1f}"
-            f" {seconds['flow', n] / seconds['direct', n]:>10.3f}x"
-            f" {fits['direct', n]:>10.1f} {fits['flow', n]:>9.1f} {outside[n]:>17.1f}"
-        )
-    print(
-        f"\nwall times: flow - direct = {fixed:.1f} s fixed + {share:.1%} of the direct time"
-        f" (targets: fixed < {TARGET_FIXED_SECONDS:.0f} s {'met' if fixed < TARGET_FIXED_SECONDS else 'not met'},"
-        f" share <= {TARGET_SHARE:.0%} {'met' if share <= TARGET_SHARE else 'not met'})"
-    )
-    print(
-        f"outside model.fit: the flow adds {outside[short]:.1f} s ({short} epoch(s)) and {outside[long]:.1f} s"
-        f" ({long}); its fits took {fit_ratio:.3f}x the direct script's"
-    )
-    # the two-point fit above moves by points with a second's noise in one median; this reads each pair alone
+    cost = overhead(rows, epochs)
+    print_report(cost, rows, epochs, args.rounds, len(dataset.x_train))
     within, pairs = pairs_within_target(rows)
-    print(f"flow <= 1.05 x direct + 15 s: {within} of {pairs} pairs")
-
     write_results(
         args.output,
         "orchestration_cost",
@@ -275,10 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds,
         training_images=len(dataset.x_train),
         rows=rows,
-        fixed_seconds=round(fixed, 2),
-        proportional_share=round(share, 4),
-        extra_outside_fit_seconds={str(n): round(outside[n], 2) for n in epochs},
-        fit_ratio_flow_over_direct=round(fit_ratio, 4),
+        fixed_seconds=round(cost["fixed"], 2),
+        proportional_share=round(cost["share"], 4),
+        extra_outside_fit_seconds={str(n): round(cost["outside"][n], 2) for n in epochs},
+        fit_ratio_flow_over_direct=round(cost["fit_ratio"], 4),
         pairs_within_target=f"{within} of {pairs}",
     )
     return 0

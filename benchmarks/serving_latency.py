@@ -1,73 +1,57 @@
-"""Benchmark 4 of issue 4: serving latency and throughput, our BentoML service against a naive one.
+"""Serving latency and throughput: our BentoML service against a naive one and against the model in-process.
 
 Run from the project folder:
 
-    .venv/bin/python benchmarks/serving_latency.py [--quick] [--no-pin]
+    .venv/bin/python benchmarks/serving_latency.py [--quick] [--no-pin] [--home DIR]
 
-The same model (the champion of the project's store; when there is none, the default architecture of
-``params.yaml`` trained here for one epoch into a temporary store: latency does not depend on accuracy)
-answers the same real MNIST test images these ways, one after the other, never at the same time:
+The same model (the champion of the project's store, or of ``--home``; when there is none, the default
+architecture of ``params.yaml`` trained here for one epoch into a temporary store: latency does not
+depend on accuracy) answers the same real MNIST test images these ways, one after the other:
 
-* ``in-process``   -- the model called in a Python process, no HTTP, timed per call: its TensorFlow
-                      Lite exports through LiteRT (``tflite-int8`` and ``tflite``, float32),
-                      ``compiled_predictor`` (Keras in a ``tf.function``) and Keras ``model.predict``;
-* ``ours``         -- the project's service, ``bentoml serve serving.service:DigitClassifier``, as it
-                      runs by default: the champion's int8 export when its run kept one, else the
-                      float32 export, else Keras (the table says which);
-* ``ours-float32`` -- the same service with ``DIGITS_SERVE_RUNTIME=tflite``: the float32 export;
-* ``ours-keras``   -- the same service with ``DIGITS_SERVE_RUNTIME=keras``;
-* ``naive``      -- ``benchmarks/naive_service.py``, BentoML calling ``model.predict`` per request: the
-                    baseline of the ratios, measured in the same run.
+* ``in-process``   -- the model called in a Python process, no HTTP, timed per call: its TensorFlow Lite
+                      exports through LiteRT (``tflite-int8``, ``tflite``), ``compiled_predictor`` and
+                      Keras ``model.predict``;
+* ``ours``         -- ``bentoml serve serving.service:DigitClassifier`` as it runs by default: the int8
+                      export when the champion's run kept one, else float32, else Keras;
+* ``ours-float32`` / ``ours-keras`` -- the same service with ``DIGITS_SERVE_RUNTIME=tflite`` / ``keras``;
+* ``naive``        -- ``benchmarks/naive_service.py``, ``model.predict`` per request: the ratios' baseline.
 
-An aiohttp load generator in this process drives each server on 127.0.0.1:
-
-* open loop at fixed rates of single images: requests leave on a schedule whatever the answers, and
-  latency counts from each request's *scheduled* send time, so a stalled server cannot hide by
-  slowing the client down; a service is not driven above the first rate it could not keep;
-* closed loop with 32 concurrent clients, single images and batches of 64 images: peak throughput.
-
-Every answer is checked: a non-200 status, a timeout, a connection error or an answer that does not
-hold one prediction per image counts as an error. The machine has 2 cores, shared by the server and
-the load generator: by default the server (all its processes) runs on the first CPU and this process
-on the second (``--no-pin`` lets them share both). Nothing asserts: it prints tables and ratios and
-writes JSON.
+The harness's load client drives each server on 127.0.0.1: an open loop at fixed rates of single
+images (latency from each request's scheduled send, so a stalled server cannot hide; a service is not
+driven above the first rate it could not keep), then a closed loop of ``--clients`` clients with
+single images and with batches of ``--batch``: peak throughput. Every answer is checked (status, one
+prediction per image, the in-process model's digit). By default the server's processes run on the
+first CPU and this process on the second (``--no-pin``: both share every CPU). Nothing asserts: it
+prints tables and ratios and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
+import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as package_version
 from pathlib import Path
+from typing import NoReturn
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import harness
+import numpy as np
+from harness import ROOT, Load, LoadClient, Server, fmt, say, table
 
-import numpy as np  # noqa: E402
-from results_file import machine  # noqa: E402
+from pipeline.data import Dataset, has_dataset, ingest, load_dataset
+from pipeline.params import load_params
+from pipeline.registry import ModelRef
+from pipeline.settings import get_settings
 
-from pipeline.data import Dataset, has_dataset, ingest, load_dataset  # noqa: E402
-from pipeline.params import load_params  # noqa: E402
-from pipeline.registry import ModelRef  # noqa: E402
-from pipeline.settings import get_settings  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results" / "serving_latency.json"
+OUTPUT = harness.RESULTS / "serving_latency.json"
 # name -> (bentoml service target, --working-dir, extra environment)
 SERVICES = {
     "ours": ("serving.service:DigitClassifier", ROOT, {"DIGITS_SERVE_RUNTIME": "tflite-int8"}),
@@ -77,6 +61,7 @@ SERVICES = {
 }
 # our services, and the in-process method each calls for a request
 OURS = {"ours": "tflite-int8", "ours-float32": "tflite", "ours-keras": "compiled_predictor"}
+METHODS = ("tflite-int8", "tflite", "compiled_predictor", "model.predict")
 RATES = (10, 25, 50, 100, 200, 400)
 CLIENTS = 32
 BATCH = 64
@@ -85,10 +70,6 @@ TARGET_P99_MS = 10.0
 TARGET_THROUGHPUT_RATIO = 10.0
 # an open-loop rate a service did not keep: any error, fewer answers than offered, or a backlog this long
 SATURATED_P99_S = 1.0
-JSON_HEADERS = {"Content-Type": "application/json"}
-
-
-# ---------------------------------------------------------------- results
 
 
 @dataclass
@@ -122,290 +103,97 @@ class LoadResult:
         return sum(self.errors.values())
 
 
-def _ms(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50_ms": None, "p99_ms": None, "max_ms": None, "mean_ms": None}
-    a = np.asarray(values) * 1000.0
-    return {
-        "p50_ms": round(float(np.percentile(a, 50)), 3),
-        "p99_ms": round(float(np.percentile(a, 99)), 3),
-        "max_ms": round(float(a.max()), 3),
-        "mean_ms": round(float(a.mean()), 3),
-    }
+# ---------------------------------------------------------------- requests and their answers
 
 
-class Recorder:
-    """Outcomes of one run: latencies of the good answers, errors by kind, a few error texts."""
+@dataclass
+class Workload:
+    """Pre-encoded request bodies: request k holds images [k*n, (k+1)*n) of the image pool."""
 
-    def __init__(self, expected: np.ndarray) -> None:
-        self.expected = expected
-        self.latencies: list[float] = []
-        self.errors: Counter[str] = Counter()
-        self.samples: list[str] = []
-        self.requests = 0
-        self.differing = 0
-        self.differing_samples: list[dict] = []
-        self.versions: set[str] = set()
-        self.lags: list[float] = []
+    images_per_request: int
+    bodies: list[bytes]
 
-    def add(
-        self,
-        outcome: tuple[str | None, str, list | None],
-        first_image: int,
-        seconds: float,
-        prefix: str = "",
-        measured: bool = True,
-    ) -> None:
-        """Record one request; ``measured=False``: only its error counts (the warm-up of a closed loop)."""
-        error, detail, answers = outcome
-        if not measured and error is None:
-            return
-        self.requests += measured
-        if error is None and answers is not None:
-            n = len(answers)
-            wanted = self.expected[first_image : first_image + n]
-            try:
-                digits = np.array([a["digit"] for a in answers])
-                self.versions.update(str(a["model_version"]) for a in answers[:1])
-            except (TypeError, KeyError):
-                error, detail = "bad answer", f"no digit/model_version in {str(answers)[:200]}"
-            else:
-                differing = int((digits != wanted).sum()) if len(wanted) == n else 0
-                self.differing += differing
-                if differing and len(self.differing_samples) < 5:
-                    self.differing_samples.append(self._describe(answers, digits, first_image))
-        if error is None:
-            if measured:
-                self.latencies.append(seconds)
-            return
-        self.errors[prefix + error] += 1
-        if len(self.samples) < 5:
-            self.samples.append(f"{prefix}{error}: {detail}"[:300])
-
-    def _describe(self, answers: list, digits: np.ndarray, first_image: int) -> dict:
-        """Evidence for answers unlike the in-process model's: near ties (low confidence), or the answers
-        of other images (the offset of the pool whose digits they match best)."""
-        n = len(digits)
-        wrong = np.flatnonzero(digits != self.expected[first_image : first_image + n])
-        offsets = range(len(self.expected) - n + 1)
-        best = max(offsets, key=lambda o: int((self.expected[o : o + n] == digits).sum()))
-        return {
-            "first_image": first_image,
-            "images": n,
-            "differing": len(wrong),
-            "confidence_of_differing": [answers[i].get("confidence") for i in wrong[:8]],
-            "best_matching_offset": best,
-            "matches_at_best_offset": int((self.expected[best : best + n] == digits).sum()),
-            "run_id": answers[0].get("run_id"),
-        }
+    @classmethod
+    def of(cls, pool: np.ndarray, n: int) -> Workload:
+        pixels = [pool[k * n] if n == 1 else pool[k * n : (k + 1) * n] for k in range(len(pool) // n)]  # one image: (28, 28)
+        return cls(n, [json.dumps({"pixels": p.tolist()}, separators=(",", ":")).encode() for p in pixels])
 
 
-# ---------------------------------------------------------------- CPUs and processes
+class Answers:
+    """The harness's check of each answer: one prediction per image with a digit and a model version;
+    counts the digits unlike the in-process model's, with evidence for a few."""
 
+    def __init__(self, expected: np.ndarray, workload: Workload) -> None:
+        self.expected, self.workload = expected, workload
+        self.differing, self.samples, self.versions = 0, [], set()
 
-def pin_this_process(cpus: set[int]) -> None:
-    """Pin every thread of this process (sched_setaffinity(0) alone moves only the calling thread)."""
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(int(tid), cpus)
-
-
-def choose_cpus(no_pin: bool) -> tuple[set[int], set[int]] | None:
-    """(server CPUs, load-generator CPUs), or None when not pinning."""
-    if no_pin:
+    def __call__(self, request: int, answers: object) -> str | None:
+        n = self.workload.images_per_request
+        if not isinstance(answers, list):
+            return f"not a list: {str(answers)[:100]}"
+        if len(answers) != n:
+            return f"{len(answers)} predictions for {n} images"
+        try:
+            digits = np.array([a["digit"] for a in answers])
+            self.versions.add(str(answers[0]["model_version"]))
+        except (TypeError, KeyError):
+            return f"no digit/model_version in {str(answers)[:200]}"
+        first = request % len(self.workload.bodies) * n
+        wrong = np.flatnonzero(digits != self.expected[first : first + n])
+        self.differing += len(wrong)
+        if len(wrong) and len(self.samples) < 5:  # near ties (low confidence), or another image's answers
+            best = max(range(len(self.expected) - n + 1), key=lambda o: int((self.expected[o : o + n] == digits).sum()))
+            self.samples.append(
+                {
+                    "first_image": first,
+                    "images": n,
+                    "differing": len(wrong),
+                    "confidence_of_differing": [answers[i].get("confidence") for i in wrong[:8]],
+                    "best_matching_offset": best,
+                    "matches_at_best_offset": int((self.expected[best : best + n] == digits).sum()),
+                    "run_id": answers[0].get("run_id"),
+                }
+            )
         return None
-    allowed = sorted(os.sched_getaffinity(0))
-    if len(allowed) < 2:
-        print(f"only CPU {allowed} is available to this process: server and load generator are not pinned", file=sys.stderr)
-        return None
-    return {allowed[0]}, {allowed[1]}
 
 
-def _stat(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()  # fields from "state" on (the name may hold spaces)
+def load_result(service: str, kind: str, load: Load, answers: Answers, **extra: object) -> LoadResult:
+    """One loop's figures: the harness's counts and latencies, and what the answers said."""
+    n, ok, window = answers.workload.images_per_request, load.ok, load.seconds
+    return LoadResult(
+        service=service,
+        load=kind,
+        images_per_request=n,
+        seconds=round(window, 3),
+        requests=load.requests,
+        ok=ok,
+        errors=dict(load.errors),
+        requests_per_second=round(ok / window, 2),
+        images_per_second=round(ok * n / window, 1),
+        **harness.latency_ms(load.latencies),
+        send_lag_max_ms=round(max(load.lags) * 1000, 3) if load.lags else None,
+        differing_answers=answers.differing,
+        differing_samples=answers.samples,
+        model_versions=sorted(answers.versions),
+        server_cpu_seconds=None if load.server_cpu_seconds is None else round(load.server_cpu_seconds, 3),
+        client_cpu_seconds=round(load.client_cpu_seconds, 3),
+        error_samples=load.error_samples,
+        **extra,
+    )
 
 
-def descendants(root: int) -> list[int]:
-    """``root`` and every process under it (BentoML starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat(int(entry))
-            if fields is not None:
-                children.setdefault(int(fields[1]), []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return sorted(found)
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        fields = _stat(pid)
-        if fields is not None:
-            total += int(fields[11]) + int(fields[12])  # utime + stime
-    return total / ticks
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# ---------------------------------------------------------------- the model
 
 
 def store_env(base: dict[str, str], home: Path, keep_tracking_uri: bool) -> dict[str, str]:
     """The environment of the servers and the in-process child: ``base`` (this process's environment
     before MLflow touched it), pointed at the store of ``home``."""
     env = {k: v for k, v in base.items() if keep_tracking_uri or k != "MLFLOW_TRACKING_URI"}
-    env.update(
-        {
-            "DIGITS_HOME": str(home),
-            "TF_CPP_MIN_LOG_LEVEL": "2",
-            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-            "DO_NOT_TRACK": "1",
-            "BENTOML_DO_NOT_TRACK": "true",
-            "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        }
-    )
+    # PYTHONPATH: the naive service is imported from benchmarks/, and needs the project as well
+    pythonpath = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(DIGITS_HOME=str(home), TF_CPP_MIN_LOG_LEVEL="2", MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+    env.update(DO_NOT_TRACK="1", BENTOML_DO_NOT_TRACK="true", PYTHONPATH=pythonpath)
     return env
-
-
-@dataclass
-class Server:
-    """A ``bentoml serve`` subprocess in its own process group, optionally pinned to ``cpus``."""
-
-    name: str
-    target: str
-    workdir: Path
-    env: dict[str, str]
-    log_path: Path
-    cpus: set[int] | None
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> Server:
-        command = [
-            sys.executable,
-            "-m",
-            "bentoml",
-            "serve",
-            self.target,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--working-dir",
-            str(self.workdir),
-        ]
-        cpus = self.cpus
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env={**self.env, "BENTOML_HOME": str(self.log_path.parent / "bentoml")},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                # in the child before exec: the server and every process it starts stay on these CPUs
-                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
-            )
-        return self
-
-    def log_tail(self, lines: int = 40) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def wait_ready(self, timeout: float) -> float:
-        """Wait for /readyz to answer 200 (a model is loaded); returns the seconds it took."""
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name}: `bentoml serve {self.target}` exited with {self.process.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        return time.monotonic() - started
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"{self.name}: {self.url}/readyz did not answer 200 within {timeout:.0f} s:\n{self.log_tail()}")
-
-    def pids(self) -> list[int]:
-        return descendants(self.process.pid) if self.process and self.process.poll() is None else []
-
-    def affinities(self) -> dict[int, list[int]]:
-        out = {}
-        for pid in self.pids():
-            with contextlib.suppress(OSError):
-                out[pid] = sorted(os.sched_getaffinity(pid))
-        return out
-
-    def cpu_seconds(self) -> float:
-        return cpu_seconds(self.pids())
-
-    async def settle(self, timeout: float = 60.0, idle_share: float = 0.2) -> float:
-        """Wait until the server's processes use less than ``idle_share`` of a CPU (a backlog left by
-        abandoned requests is drained before the next load starts); returns the seconds waited."""
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            before = self.cpu_seconds()
-            await asyncio.sleep(0.5)
-            if self.cpu_seconds() - before < 0.5 * idle_share:
-                break
-        return time.monotonic() - started
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        workers = [pid for pid in self.pids() if pid != self.process.pid]
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)  # `bentoml serve` stops its workers on SIGTERM
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-        time.sleep(1.0)
-        for pid in workers:  # a worker that outlived its server (it has a session of its own)
-            with contextlib.suppress(OSError):
-                if b"bentoml" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    os.kill(pid, signal.SIGKILL)
-
-
-# ---------------------------------------------------------------- the model
-
-
-def served_runtime(server: Server) -> str | None:
-    """What answers in the server ("tflite-int8", "tflite" or "keras", from ``/model``); None for the naive service."""
-    try:
-        with urllib.request.urlopen(server.url + "/model", timeout=30) as response:
-            return json.loads(response.read()).get("runtime")
-    except (urllib.error.URLError, ValueError, OSError):
-        return None
-
-
-def describe_store(home: Path, tracking_uri: str | None) -> str:
-    """Where the model comes from, without machine paths (the JSON may be committed)."""
-    if tracking_uri:
-        return "the tracking server in MLFLOW_TRACKING_URI"
-    if home.resolve() == ROOT:
-        return "the project's store (mlflow/)"
-    return "the store of DIGITS_HOME"
 
 
 def use_store(home: Path, keep_tracking_uri: bool = True) -> None:
@@ -442,36 +230,71 @@ def train_temporary_champion(store: Path, dataset: Dataset) -> tuple[ModelRef, f
 
     use_store(store, keep_tracking_uri=False)
     settings = get_settings()
-    params = load_params(ROOT / "params.yaml", {"train.epochs": 1})
     keras.utils.disable_interactive_logging()
-    result = train(dataset, params)
-    probabilities = compiled_predictor(result.model)(to_model_input(dataset.x_test))
+    model = train(dataset, load_params(ROOT / "params.yaml", {"train.epochs": 1})).model
+    probabilities = compiled_predictor(model)(to_model_input(dataset.x_test))
     accuracy = float((probabilities.argmax(1) == dataset.y_test).mean())
     client = registry.connect(settings)
     example = to_model_input(dataset.x_test[:2])
     # stated, as the flow states them: inferring them re-imports the model in a subprocess
-    requirements = [f"{name}=={package_version(name)}" for name in ("tensorflow-cpu", "keras", "numpy", "mlflow")]
+    requirements = [f"{n}=={v}" for n, v in harness.package_versions("tensorflow-cpu", "keras", "numpy", "mlflow").items()]
     with mlflow.start_run(run_name="serving-benchmark") as run:
         mlflow.log_metrics({"test_accuracy": accuracy})
+        signature = infer_signature(example, probabilities[:2])
         info = mlflow.tensorflow.log_model(
-            result.model,
-            name="model",
-            signature=infer_signature(example, probabilities[:2]),
-            input_example=example,
-            pip_requirements=requirements,
+            model, name="model", signature=signature, input_example=example, pip_requirements=requirements
         )
-        # as the flow does: the service runs them
-        export.log_tflite_exports(
-            result.model, dataset.x_test, probabilities, calibration=dataset.x_train[: export.CALIBRATION_IMAGES]
-        )
-    version = registry.register(
-        client, settings.model_name, info.model_uri, run.info.run_id, {"data_version": "serving-benchmark"}
-    )
-    registry.move_champion(client, settings, version.version, None, "serving benchmark: trained for it, 1 epoch", run.info.run_id)
+        calibration = dataset.x_train[: export.CALIBRATION_IMAGES]
+        export.log_tflite_exports(model, dataset.x_test, probabilities, calibration=calibration)  # the service runs them
+    run_id = run.info.run_id
+    version = registry.register(client, settings.model_name, info.model_uri, run_id, {"data_version": "serving-benchmark"})
+    registry.move_champion(client, settings, version.version, None, "serving benchmark: trained for it, 1 epoch", run_id)
     return registry.get_alias(client, settings.model_name), accuracy, len(dataset.x_train)
 
 
+def choose_model(args: argparse.Namespace, base_env: dict[str, str], dataset: Dataset, tmp: Path):
+    """(the champion, where it comes from, the servers' environment): the store's, or one trained here."""
+    home = (args.home or Path(os.environ.get("DIGITS_HOME") or ROOT)).resolve()
+    if base_env.get("MLFLOW_TRACKING_URI"):  # said without machine paths: the JSON may be committed
+        where = "the tracking server in MLFLOW_TRACKING_URI"
+    else:
+        where = "the project's store (mlflow/)" if home == ROOT else "the store of DIGITS_HOME"
+    ref = None if args.fresh_model else champion_of(home)
+    if ref is not None:
+        return ref, f"the champion of {where}", store_env(base_env, home, keep_tracking_uri=True)
+    why = " (--fresh-model)" if args.fresh_model else ""
+    say(f"no champion in {where}{why}: training the default architecture of params.yaml for 1 epoch into a temporary store")
+    (tmp / "store").mkdir()
+    ref, accuracy, n_train = train_temporary_champion(tmp / "store", dataset.head(10_000) if args.quick else dataset)
+    note = (
+        f"no champion: the default architecture of params.yaml trained for 1 epoch on {n_train:,} images "
+        f"(test accuracy {accuracy:.2%}) into a temporary store; latency does not depend on accuracy"
+    )
+    return ref, note, store_env(base_env, tmp / "store", keep_tracking_uri=False)
+
+
 # ---------------------------------------------------------------- in-process baseline (a child process)
+
+
+def in_process_calls(quick: bool, batch: int) -> dict[str, dict[str, int]]:
+    """Timed calls per method and images per call (fewer of ``model.predict``, much the slowest)."""
+    fast, slow = ((200, 50), (20, 10)) if quick else ((2000, 500), (300, 100))
+    return {m: dict(zip(("1", str(batch)), slow if m == "model.predict" else fast, strict=True)) for m in METHODS}
+
+
+def time_calls(call, pool: np.ndarray, n: int, calls: int) -> dict:
+    """Per-call latency of ``call`` on slices of ``n`` images, after three warm calls (traces, allocations)."""
+    inputs = [pool[k : k + n] for k in range(0, len(pool) - n + 1, n)]
+    for x in inputs[:3]:
+        call(x)
+    times = []
+    for i in range(calls):
+        started = time.perf_counter()
+        call(inputs[i % len(inputs)])
+        times.append(time.perf_counter() - started)
+    total = sum(times)
+    speed = {"calls_per_second": round(calls / total, 1), "images_per_second": round(calls * n / total, 1)}
+    return {"images_per_call": n, "calls": calls, **harness.latency_ms(times), **speed}
 
 
 def in_process_main(spec: dict) -> dict:
@@ -496,252 +319,64 @@ def in_process_main(spec: dict) -> dict:
     results = []
     for method, calls_by_size in spec["calls"].items():
         if method not in methods:
-            print(f"  in-process {method}: the run has no TensorFlow Lite export; skipped", file=sys.stderr, flush=True)
+            say(f"  in-process {method}: the run has no TensorFlow Lite export; skipped")
             continue
-        fn = methods[method]
         for size, calls in calls_by_size.items():
-            n = int(size)
-            inputs = [pool[k : k + n] for k in range(0, len(pool) - n + 1, n)]
-            for x in inputs[:3]:  # warm: traces, first-call allocations
-                fn(to_model_input(x))
-            times = []
-            for i in range(calls):
-                x = inputs[i % len(inputs)]
-                started = time.perf_counter()
-                np.argmax(fn(to_model_input(x)), axis=1)
-                times.append(time.perf_counter() - started)
-            total = sum(times)
-            results.append(
-                {
-                    "method": method,
-                    "images_per_call": n,
-                    "calls": calls,
-                    **_ms(times),
-                    "calls_per_second": round(calls / total, 1),
-                    "images_per_second": round(calls * n / total, 1),
-                }
-            )
-            print(
-                f"  in-process {method:<18} {n:>3} image(s)/call: p50 {results[-1]['p50_ms']:.2f} ms, "
-                f"p99 {results[-1]['p99_ms']:.2f} ms",
-                file=sys.stderr,
-                flush=True,
-            )
+            call = lambda x, fn=methods[method]: np.argmax(fn(to_model_input(x)), axis=1)
+            results.append(r := {"method": method, **time_calls(call, pool, int(size), calls)})
+            say(f"  in-process {method:<18} {size:>3} image(s)/call: p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms")
     return {"results": results, "digits": digits.tolist(), "tf_threads": settings.serve_tf_threads}
+
+
+def run_child(spec: str) -> NoReturn:
+    """The ``--in-process`` child: its figures as JSON on stdout, progress on stderr."""
+    code = 1
+    try:
+        print(json.dumps(in_process_main(json.loads(spec))), flush=True)
+        code = 0
+    except Exception:
+        traceback.print_exc()
+    finally:
+        sys.stderr.flush()
+        os._exit(code)  # TensorFlow's teardown can take minutes on a busy machine; nothing is left to do
 
 
 def run_in_process(spec: dict, env: dict[str, str], cpus: set[int] | None) -> dict:
     """The in-process baseline in a fresh process: same CPU and TensorFlow threads as the server."""
-    completed = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--in-process", json.dumps(spec)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=None,  # progress lines go straight through
-        text=True,
-        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
-        timeout=1800,
+    command = [sys.executable, str(Path(__file__).resolve()), "--in-process", json.dumps(spec)]
+    done = subprocess.run(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, preexec_fn=harness.pinned(cpus), timeout=1800
     )
-    if completed.returncode != 0:
-        raise RuntimeError(f"the in-process baseline failed (exit {completed.returncode}); see its output above")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    if done.returncode != 0:
+        raise RuntimeError(f"the in-process baseline failed (exit {done.returncode}); see its output above")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-# ---------------------------------------------------------------- load generation
-
-
-@dataclass
-class Workload:
-    """Pre-encoded request bodies: request k holds images [k*n, (k+1)*n) of the image pool."""
-
-    images_per_request: int
-    bodies: list[bytes]
-
-    @classmethod
-    def of(cls, pool: np.ndarray, n: int) -> Workload:
-        bodies = []
-        for k in range(len(pool) // n):
-            pixels = pool[k * n] if n == 1 else pool[k * n : (k + 1) * n]  # one image is sent as (28, 28)
-            bodies.append(json.dumps({"pixels": pixels.tolist()}, separators=(",", ":")).encode())
-        return cls(n, bodies)
-
-    def body(self, i: int) -> tuple[bytes, int]:
-        k = i % len(self.bodies)
-        return self.bodies[k], k * self.images_per_request
-
-
-class LoadGenerator:
-    """Drives one server with open- and closed-loop loads; every answer is checked."""
-
-    def __init__(self, server: Server, expected: np.ndarray, timeout: float) -> None:
-        self.server = server
-        self.url = server.url + "/predict_pixels"
-        self.expected = expected
-        self.timeout = timeout
-
-    async def call(self, session, body: bytes, deadline: float) -> tuple[str | None, str, list | None]:
-        """One request: (error kind or None, detail, the answers)."""
-        import aiohttp
-
-        try:
-            async with asyncio.timeout_at(deadline):
-                async with session.post(self.url, data=body, headers=JSON_HEADERS) as response:
-                    status = response.status
-                    payload = await response.read()
-        except TimeoutError:
-            return "timeout", f"no answer within {self.timeout:.0f} s of the scheduled send", None
-        except (aiohttp.ClientError, OSError) as err:
-            return type(err).__name__, str(err), None
-        if status != 200:
-            return f"HTTP {status}", payload[:200].decode(errors="replace"), None
-        try:
-            answers = json.loads(payload)
-        except ValueError:
-            return "bad answer", f"not JSON: {payload[:100]!r}", None
-        if not isinstance(answers, list):
-            return "bad answer", f"not a list: {str(answers)[:100]}", None
-        return None, "", answers
-
-    def _checked(self, outcome, n: int):
-        error, detail, answers = outcome
-        if error is None and len(answers) != n:
-            return "bad answer", f"{len(answers)} predictions for {n} images", None
-        return outcome
-
-    def _result(self, rec: Recorder, load: str, workload: Workload, window: float, **extra) -> LoadResult:
-        ok = len(rec.latencies)
-        return LoadResult(
-            service=self.server.name,
-            load=load,
-            images_per_request=workload.images_per_request,
-            seconds=round(window, 3),
-            requests=rec.requests,
-            ok=ok,
-            errors=dict(rec.errors),
-            requests_per_second=round(ok / window, 2),
-            images_per_second=round(ok * workload.images_per_request / window, 1),
-            **_ms(rec.latencies),
-            send_lag_max_ms=round(max(rec.lags) * 1000, 3) if rec.lags else None,
-            differing_answers=rec.differing,
-            differing_samples=rec.differing_samples,
-            model_versions=sorted(rec.versions),
-            error_samples=rec.samples,
-            **extra,
-        )
-
-    async def warm_up(self, session, workloads: list[Workload], requests: int = 20) -> Recorder:
-        """Sequential requests before measuring (first-call costs, traces for each batch size)."""
-        loop = asyncio.get_running_loop()
-        rec = Recorder(self.expected)
-        for workload in workloads:
-            for i in range(requests):
-                body, first = workload.body(i)
-                started = loop.time()
-                outcome = self._checked(await self.call(session, body, started + self.timeout), workload.images_per_request)
-                rec.add(outcome, first, loop.time() - started, prefix="warm-up ")
-        return rec
-
-    async def open_loop(self, session, workload: Workload, rate: float, seconds: float) -> LoadResult:
-        """Requests sent on a fixed schedule; latency from the scheduled send time."""
-        loop = asyncio.get_running_loop()
-        rec = Recorder(self.expected)
-        count = max(1, round(rate * seconds))
-        start = loop.time() + 0.05
-        cpu, server_cpu = time.process_time(), self.server.cpu_seconds()
-        last = [start]
-
-        async def one(i: int, at: float) -> None:
-            rec.lags.append(loop.time() - at)
-            body, first = workload.body(i)
-            outcome = self._checked(await self.call(session, body, at + self.timeout), workload.images_per_request)
-            now = loop.time()
-            rec.add(outcome, first, now - at)
-            last[0] = max(last[0], now)
-
-        tasks = []
-        for i in range(count):
-            at = start + i / rate
-            delay = at - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i, at)))
-        await asyncio.gather(*tasks)
-        window = max(last[0] - start, count / rate)
-        result = self._result(
-            rec,
-            "open",
-            workload,
-            window,
-            offered_rate=rate,
-            clients=None,
-            server_cpu_seconds=round(self.server.cpu_seconds() - server_cpu, 3),
-            client_cpu_seconds=round(time.process_time() - cpu, 3),
-        )
-        result.saturated = (
-            result.error_count > 0
-            or result.ok < 0.9 * count
-            or (result.p99_ms is not None and result.p99_ms > SATURATED_P99_S * 1000)
-        )
-        return result
-
-    async def closed_loop(self, session, workload: Workload, clients: int, seconds: float, warmup: float) -> LoadResult:
-        """``clients`` clients, each sending its next request when the previous one is answered."""
-        loop = asyncio.get_running_loop()
-        rec = Recorder(self.expected)
-        measure_from = loop.time() + warmup
-        stop_at = measure_from + seconds
-        marks: dict[str, tuple[float, float]] = {}
-
-        def mark(name: str) -> None:  # CPU times at the edges of the window (not of the warm-up or the tail)
-            marks[name] = (time.process_time(), self.server.cpu_seconds())
-
-        loop.call_at(measure_from, mark, "from")
-        loop.call_at(stop_at, mark, "to")
-
-        async def client(c: int) -> None:
-            i = c
-            while (started := loop.time()) < stop_at:
-                body, first = workload.body(i)
-                outcome = self._checked(await self.call(session, body, started + self.timeout), workload.images_per_request)
-                if started >= measure_from:
-                    rec.add(outcome, first, loop.time() - started)
-                else:  # an error in the warm-up still counts as an error
-                    rec.add(outcome, first, 0.0, prefix="warm-up ", measured=False)
-                i += clients
-
-        await asyncio.gather(*(client(c) for c in range(clients)))
-        (cpu_from, server_from), (cpu_to, server_to) = marks["from"], marks.get("to", marks["from"])
-        # requests started in the window and answered after it still count (a steady state)
-        return self._result(
-            rec,
-            "closed",
-            workload,
-            seconds,
-            offered_rate=None,
-            clients=clients,
-            server_cpu_seconds=round(server_to - server_from, 3),
-            client_cpu_seconds=round(cpu_to - cpu_from, 3),
-        )
+# ---------------------------------------------------------------- measuring the services
 
 
 def progress(r: LoadResult) -> None:
     what = f"{r.offered_rate:g} req/s" if r.load == "open" else f"{r.clients} clients"
-    print(
+    say(
         f"  {r.service:<10} {r.load:<6} {what:>10} x{r.images_per_request:<3} {r.requests_per_second:8.1f} req/s "
         f"p50 {fmt(r.p50_ms, '.1f')} ms p99 {fmt(r.p99_ms, '.1f')} ms errors {r.error_count}"
-        f"{'  (saturated)' if r.saturated else ''}",
-        file=sys.stderr,
-        flush=True,
+        f"{'  (saturated)' if r.saturated else ''}"
     )
 
 
-async def measure_service(server: Server, expected: np.ndarray, singles: Workload, batches: Workload, args) -> dict:
-    import aiohttp
+async def open_run(name: str, client: LoadClient, server: Server, answers: Answers, rate: float, seconds: float) -> LoadResult:
+    load = await client.open_loop(answers.workload.bodies, rate, seconds, check=answers, server=server)
+    result = load_result(name, "open", load, answers, offered_rate=rate, clients=None)
+    backlog = result.p99_ms is not None and result.p99_ms > SATURATED_P99_S * 1000
+    result.saturated = result.error_count > 0 or result.ok < 0.9 * load.requests or backlog
+    return result
 
-    generator = LoadGenerator(server, expected, args.timeout)
-    connector = aiohttp.TCPConnector(limit=max(256, 2 * args.clients))
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
-        warm = await generator.warm_up(session, [singles, batches])
+
+async def measure_service(name: str, server: Server, expected: np.ndarray, workloads: list[Workload], args) -> dict:
+    """Sequential warm-ups, the open loop at each rate up to the first it cannot keep, the closed loops."""
+    async with LoadClient(server.url + "/predict_pixels", args.timeout, max(256, 2 * args.clients)) as client:
+        warm = [Answers(expected, w) for w in workloads]  # first-call costs, a trace per batch size
+        warm_loads = [await client.closed_loop(a.workload.bodies, 1, 20 * args.timeout, requests=20, check=a) for a in warm]
         settled = [round(await server.settle(), 1)]  # seconds until the server was idle, before each load
         runs: list[LoadResult] = []
         skipped: list[float] = []
@@ -749,84 +384,76 @@ async def measure_service(server: Server, expected: np.ndarray, singles: Workloa
             if runs and runs[-1].saturated:
                 skipped.append(rate)
                 continue
-            runs.append(await generator.open_loop(session, singles, rate, args.seconds))
+            runs.append(await open_run(name, client, server, Answers(expected, workloads[0]), rate, args.seconds))
             progress(runs[-1])
             settled.append(round(await server.settle(), 1))
-        for workload in (singles, batches):
-            runs.append(await generator.closed_loop(session, workload, args.clients, args.seconds, args.warmup))
+        for workload in workloads:
+            answers = Answers(expected, workload)
+            load = await client.closed_loop(
+                workload.bodies, args.clients, args.seconds, args.warmup, check=answers, server=server
+            )
+            runs.append(load_result(name, "closed", load, answers, offered_rate=None, clients=args.clients))
             progress(runs[-1])
             settled.append(round(await server.settle(), 1))
     return {
-        "warm_up_errors": dict(warm.errors),
-        "warm_up_error_samples": warm.samples,
-        "model_versions": sorted(warm.versions),
+        "warm_up_errors": dict(sum((Counter({f"warm-up {k}": v for k, v in w.errors.items()}) for w in warm_loads), Counter())),
+        "warm_up_error_samples": [f"warm-up {s}" for w in warm_loads for s in w.error_samples][:5],
+        "model_versions": sorted(set().union(*(a.versions for a in warm))),
         "runs": runs,
         "skipped_rates": skipped,
         "settle_seconds": settled[:-1],
     }
 
 
-# ---------------------------------------------------------------- report
+def measure_one(name: str, args, env: dict[str, str], expected: np.ndarray, workloads: list[Workload], tmp: Path, cpus):
+    """One service started, measured and stopped: (its figures, the CPUs its processes ran on or None)."""
+    target, workdir, extra_env = SERVICES[name]
+
+    bentoml = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--working-dir", str(workdir)]
+    command = lambda port: [*bentoml, "--port", str(port)]
+
+    def scrub(text: str) -> str:  # without this machine's paths: the JSON may be committed
+        return text.replace(str(tmp), "<tmp>").replace(str(ROOT), ".")
+
+    say(f"{name}: starting `bentoml serve {target}`")
+    server_env = {**env, **extra_env, "BENTOML_HOME": str(tmp / "bentoml")}
+    label, log = f"{name}: `bentoml serve {target}`", tmp / f"{name}.log"
+    try:
+        with harness.serve(
+            command, name=label, env=server_env, log_path=log, cpus=cpus, ready_timeout=args.ready_timeout
+        ) as server:
+            affinities = server.affinities()
+            pins = {"processes": len(affinities), "cpus": sorted({c for v in affinities.values() for c in v})}
+            processes = f"{len(affinities)} process(es) on CPU(s) {pins['cpus']}"
+            say(f"{name}: ready in {server.ready_seconds:.1f} s on {server.url}; {processes}")
+            result = asyncio.run(measure_service(name, server, expected, workloads, args))
+            result["ready_seconds"] = round(server.ready_seconds, 1)
+            result["runtime"] = (harness.get_json(server.url + "/model") or {}).get("runtime")  # None: the naive service
+            if any(r.error_count for r in result["runs"]) or result["warm_up_errors"]:
+                result["server_log_tail"] = scrub(server.log_tail(60))
+            return result, pins
+    except harness.ServerNotReady as err:  # the other services are measured all the same
+        say(scrub(str(err)))
+        return {"failed": scrub(str(err)), "runs": [], "warm_up_errors": {}, "model_versions": [], "skipped_rates": []}, None
 
 
-def fmt(value: float | None, pattern: str) -> str:
-    return "-" if value is None else format(value, pattern)
+# ---------------------------------------------------------------- ratios and report
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a is not None and b else None
 
 
-def load_table(services: dict[str, dict]) -> str:
-    head = (
-        f"{'service':<10} {'load':<18} {'img/req':>7} {'req/s':>8} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'max ms':>8} {'errors':>6} {'srv CPU':>7} {'gen CPU':>7}"
-    )
-    lines = [head, "-" * len(head)]
-    for name, s in services.items():
-        for r in s["runs"]:
-            what = f"open {r.offered_rate:g}/s" if r.load == "open" else f"closed {r.clients} clients"
-            srv = "-" if r.server_cpu_seconds is None else f"{r.server_cpu_seconds / r.seconds:.0%}"
-            lines.append(
-                f"{name:<10} {what:<18} {r.images_per_request:>7} {r.requests_per_second:>8,.1f} {r.images_per_second:>8,.0f} "
-                f"{fmt(r.p50_ms, '>8.2f')} {fmt(r.p99_ms, '>8.2f')} {fmt(r.max_ms, '>8.1f')} {r.error_count:>6} "
-                f"{srv:>7} {r.client_cpu_seconds / r.seconds:>7.0%}{'  saturated' if r.saturated else ''}"
-            )
-        if s["skipped_rates"]:
-            lines.append(f"{name:<10} open {', '.join(f'{x:g}' for x in s['skipped_rates'])}/s: not run (saturated below)")
-    return "\n".join(lines)
-
-
-def in_process_table(results: list[dict]) -> str:
-    head = f"{'in-process':<20} {'img/call':>8} {'calls':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'img/s':>9}"
-    lines = [head, "-" * len(head)]
-    for r in results:
-        lines.append(
-            f"{r['method']:<20} {r['images_per_call']:>8} {r['calls']:>6} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-            f"{r['max_ms']:>8.1f} {r['images_per_second']:>9,.0f}"
-        )
-    return "\n".join(lines)
-
-
 def find(runs: list[LoadResult], load: str, images: int, rate: float | None = None) -> LoadResult | None:
-    return next(
-        (r for r in runs if r.load == load and r.images_per_request == images and (rate is None or r.offered_rate == rate)), None
-    )
+    matching = (r for r in runs if r.load == load and r.images_per_request == images and (rate is None or r.offered_rate == rate))
+    return next(matching, None)
 
 
-def compare(services: dict[str, dict], in_process: list[dict], batch: int) -> dict:
-    """The ratios of each of our services (by runtime) against naive and against its model in-process."""
-    return {name: compare_one(services, name, in_process, batch) for name in OURS if name in services}
-
-
-def compare_one(services: dict[str, dict], name: str, in_process: list[dict], batch: int) -> dict:
-    """One of ours against naive (throughput, p99 at each rate) and against in-process (p99)."""
-    ours, naive = services[name]["runs"], services.get("naive", {}).get("runs", [])
-    local = {(r["method"], r["images_per_call"]): r for r in in_process}
-    out: dict = {"throughput": {}, "p99_at_rate": {}}
+def throughput_ratios(ours: list[LoadResult], naive: list[LoadResult], batch: int) -> dict:
+    out = {}
     for images, key in ((1, "single"), (batch, f"batch_{batch}")):
         o, n = find(ours, "closed", images), find(naive, "closed", images)
-        out["throughput"][key] = {
+        out[key] = {
             "ours_images_per_second": o.images_per_second if o else None,
             "naive_images_per_second": n.images_per_second if n else None,
             "ours_over_naive": ratio(o.images_per_second, n.images_per_second) if o and n else None,
@@ -834,41 +461,55 @@ def compare_one(services: dict[str, dict], name: str, in_process: list[dict], ba
             "naive_p99_ms": n.p99_ms if n else None,
             "errors": {"ours": o.error_count if o else None, "naive": n.error_count if n else None},
         }
-    same, predict = local.get((OURS[name], 1)), local.get(("model.predict", 1))
-    out["in_process_method"] = OURS[name]
+    return out
+
+
+def latency_ratios(ours: list[LoadResult], naive: list[LoadResult], same: dict | None, predict: dict | None) -> dict:
+    """p99 at each rate against naive's and against the in-process model (same runtime, ``model.predict``)."""
+    out = {}
     for o in (r for r in ours if r.load == "open"):
         n = find(naive, "open", 1, o.offered_rate)
-        naive_note = None if n else ("not run: it saturated at a lower rate" if naive else "not measured")
+        note = None if n else ("not run: it saturated at a lower rate" if naive else "not measured")
         if n is not None and n.saturated:
-            naive_note = f"saturated ({n.error_count} errors, {n.requests_per_second:.1f} of {n.offered_rate:g} req/s answered)"
-        out["p99_at_rate"][f"{o.offered_rate:g}"] = {
+            note = f"saturated ({n.error_count} errors, {n.requests_per_second:.1f} of {n.offered_rate:g} req/s answered)"
+        out[f"{o.offered_rate:g}"] = {
             "ours_p99_ms": o.p99_ms,
             "ours_errors": o.error_count,
             "ours_saturated": o.saturated,
             "naive_p99_ms": n.p99_ms if n else None,
-            "naive_note": naive_note,
+            "naive_note": note,
             "naive_over_ours": ratio(n.p99_ms, o.p99_ms) if n and not n.saturated else None,
             "ours_over_in_process_same_runtime": ratio(o.p99_ms, same["p99_ms"]) if same else None,
             "ours_over_in_process_model_predict": ratio(o.p99_ms, predict["p99_ms"]) if predict else None,
         }
-    at_target = out["p99_at_rate"].get(f"{TARGET_RATE:g}")
-    out["targets"] = {
-        f"p99_at_{TARGET_RATE}_rps_le_{TARGET_P99_MS:g}_ms": None
-        if not at_target or at_target["ours_p99_ms"] is None
-        else (at_target["ours_p99_ms"] <= TARGET_P99_MS and at_target["ours_errors"] == 0),
-        **{
-            f"throughput_{key}_ge_{TARGET_THROUGHPUT_RATIO:g}x_naive": None
-            if x["ours_over_naive"] is None
-            else x["ours_over_naive"] >= TARGET_THROUGHPUT_RATIO
-            for key, x in out["throughput"].items()
-        },
-        "zero_errors": None if not ours else (sum(r.error_count for r in ours) == 0 and not services[name]["warm_up_errors"]),
-    }
     return out
 
 
-def verdict(value: bool | None) -> str:
-    return "not measured" if value is None else ("met" if value else "NOT met")
+def targets(ratios: dict, ours: list[LoadResult], warm_up_errors: dict) -> dict[str, bool | None]:
+    at = ratios["p99_at_rate"].get(f"{TARGET_RATE:g}")
+    p99_met = None if not at or at["ours_p99_ms"] is None else (at["ours_p99_ms"] <= TARGET_P99_MS and at["ours_errors"] == 0)
+    found = {f"p99_at_{TARGET_RATE}_rps_le_{TARGET_P99_MS:g}_ms": p99_met}
+    for key, x in ratios["throughput"].items():
+        met = None if x["ours_over_naive"] is None else x["ours_over_naive"] >= TARGET_THROUGHPUT_RATIO
+        found[f"throughput_{key}_ge_{TARGET_THROUGHPUT_RATIO:g}x_naive"] = met
+    found["zero_errors"] = None if not ours else (sum(r.error_count for r in ours) == 0 and not warm_up_errors)
+    return found
+
+
+def compare(services: dict[str, dict], in_process: list[dict], batch: int) -> dict:
+    """Each of our services (by runtime) against naive and against its own model in-process."""
+    local = {(r["method"], r["images_per_call"]): r for r in in_process}
+    naive = services.get("naive", {}).get("runs", [])
+    out = {}
+    for name in (n for n in OURS if n in services):
+        ours = services[name]["runs"]
+        out[name] = {
+            "throughput": throughput_ratios(ours, naive, batch),
+            "p99_at_rate": latency_ratios(ours, naive, local.get((OURS[name], 1)), local.get(("model.predict", 1))),
+            "in_process_method": OURS[name],
+        }
+        out[name]["targets"] = targets(out[name], ours, services[name]["warm_up_errors"])
+    return out
 
 
 def answering(service: dict) -> list[str]:
@@ -876,9 +517,32 @@ def answering(service: dict) -> list[str]:
     return sorted(set(service["model_versions"]).union(*(r.model_versions for r in service["runs"])))
 
 
-def print_summary(
-    ratios: dict, services: dict[str, dict], in_process: list[dict], batch: int, clients: int, version: str
-) -> None:
+LOAD_COLUMNS = [
+    *[("service", "<10"), ("load", "<18"), ("img/req", ">7"), ("req/s", ">8,.1f"), ("img/s", ">8,.0f"), ("p50 ms", ">8.2f")],
+    *[("p99 ms", ">8.2f"), ("max ms", ">8.1f"), ("errors", ">6"), ("srv CPU", ">7.0%"), ("gen CPU", ">7.0%"), ("", "")],
+]
+
+
+def load_row(r: LoadResult) -> tuple:
+    server_cpu = None if r.server_cpu_seconds is None else r.server_cpu_seconds / r.seconds
+    what = f"open {r.offered_rate:g}/s" if r.load == "open" else f"closed {r.clients} clients"
+    return (r.service, what, r.images_per_request, r.requests_per_second, r.images_per_second, r.p50_ms, r.p99_ms, r.max_ms) + (
+        r.error_count,
+        server_cpu,
+        r.client_cpu_seconds / r.seconds,
+        " saturated" if r.saturated else "",
+    )
+
+
+def load_table(services: dict[str, dict]) -> str:
+    lines = [table(LOAD_COLUMNS, [load_row(r) for s in services.values() for r in s["runs"]])]
+    for name, s in services.items():
+        if s["skipped_rates"]:
+            lines.append(f"{name:<10} open {', '.join(f'{x:g}' for x in s['skipped_rates'])}/s: not run (saturated below)")
+    return "\n".join(lines)
+
+
+def print_ratios(ratios: dict, services: dict[str, dict], batch: int, clients: int) -> None:
     for name, r in ratios.items():
         runtime = services[name].get("runtime") or "?"
         for key, label in (("single", "single images"), (f"batch_{batch}", f"batches of {batch}")):
@@ -895,255 +559,158 @@ def print_summary(
                 f"{naive}, naive/{name} {fmt(x['naive_over_ours'], '.1f')}x; {name}/in-process {r['in_process_method']} "
                 f"{fmt(x['ours_over_in_process_same_runtime'], '.1f')}x"
             )
-    local = {(r["method"], r["images_per_call"]): r for r in in_process}
-    methods = [m for m in ("tflite-int8", "tflite", "compiled_predictor", "model.predict") if (m, 1) in local]
-    print("(in-process, one image, p99: " + ", ".join(f"{m} {local[(m, 1)]['p99_ms']:.2f} ms" for m in methods) + ")")
+        for key, value in r["targets"].items():
+            print(f"target {key} ({name}): {'not measured' if value is None else ('met' if value else 'NOT met')}")
+
+
+def print_errors(services: dict[str, dict], version: str) -> None:
+    """Per service: errors by kind, the model versions that answered, the digits unlike the in-process model's."""
     for name, s in services.items():
         if s.get("failed"):
             print(f"{name}: NOT MEASURED, the server did not start: {s['failed'].splitlines()[0]}")
             continue
-        total = sum(r.requests for r in s["runs"])
-        kinds: Counter[str] = Counter(s["warm_up_errors"])  # already prefixed "warm-up "
-        for r in s["runs"]:
-            kinds.update(r.errors)
+        kinds = sum((Counter(r.errors) for r in s["runs"]), Counter(s["warm_up_errors"]))  # warm-ups: "warm-up ..."
         warm = sum(n for kind, n in kinds.items() if kind.startswith("warm-up "))
-        errors = sum(kinds.values()) - warm
-        differing = sum(r.differing_answers for r in s["runs"])
         print(
-            f"{name}: {errors} errors in {total:,} measured requests, {warm} more in warm-ups "
-            f"({dict(kinds) or 'no errors'}); "
-            f"model version(s) answering {', '.join(answering(s)) or '?'}; "
-            f"{differing} answers differ from the in-process model's digit"
+            f"{name}: {kinds.total() - warm} errors in {sum(r.requests for r in s['runs']):,} measured requests, "
+            f"{warm} more in warm-ups ({dict(kinds) or 'no errors'}); model version(s) answering "
+            f"{', '.join(answering(s)) or '?'}; {sum(r.differing_answers for r in s['runs'])} answers differ from the "
+            "in-process model's digit"
         )
         if answering(s) != [version]:
             print(
                 f"  WARNING: the in-process baseline used v{version} but {name} answered with v{', v'.join(answering(s))}: "
                 "the champion moved during the run (differing answers and latencies around the swap come from that)"
             )
-    for name, r in ratios.items():
-        for key, value in r["targets"].items():
-            print(f"target {key} ({name}): {verdict(value)}")
+
+
+def report(args, ratios: dict, services: dict[str, dict], in_process: dict, version: str) -> None:
+    columns = [("in-process", "<20"), ("img/call", ">8"), ("calls", ">6"), ("p50 ms", ">8.2f"), ("p99 ms", ">8.2f")]
+    columns += [("max ms", ">8.1f"), ("img/s", ">9,.0f")]
+    keys = ("method", "images_per_call", "calls", "p50_ms", "p99_ms", "max_ms", "images_per_second")
+    print("\n" + table(columns, [[r[k] for k in keys] for r in in_process["results"]]) + "\n")
+    print(load_table(services) + "\n")
+    print_ratios(ratios, services, args.batch, args.clients)
+    local = {(r["method"], r["images_per_call"]): r for r in in_process["results"]}
+    one_image = [f"{m} {local[m, 1]['p99_ms']:.2f} ms" for m in METHODS if (m, 1) in local]
+    print(f"(in-process, one image, p99: {', '.join(one_image)})")
+    print_errors(services, version)
 
 
 # ---------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 2 s per load, fewer in-process calls (figures not comparable)"
-    )
-    parser.add_argument(
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = harness.command_line(__doc__, OUTPUT, quick="smoke run: 2 s per load, fewer in-process calls (figures not comparable)")
+    p.add_argument(
         "--no-pin", action="store_true", help="do not pin the server to the first CPU and the load generator to the second"
     )
-    parser.add_argument("--rates", type=float, nargs="+", default=list(RATES), help="open-loop rates, requests/s")
-    parser.add_argument("--seconds", type=float, default=None, help="seconds per load (default 15, --quick 2)")
-    parser.add_argument("--clients", type=int, default=CLIENTS, help="concurrent clients of the closed loop")
-    parser.add_argument("--batch", type=int, default=BATCH, help="images per request of the batch loads")
-    parser.add_argument("--services", nargs="+", default=list(SERVICES), choices=list(SERVICES))
-    parser.add_argument(
-        "--home",
-        type=Path,
-        default=None,
-        help="project folder whose store holds the champion (default: DIGITS_HOME, else this project)",
+    p.add_argument("--rates", type=float, nargs="+", default=list(RATES), help="open-loop rates, requests/s")
+    p.add_argument("--seconds", type=float, default=None, help="seconds per load (default 15, --quick 2)")
+    p.add_argument("--clients", type=int, default=CLIENTS, help="concurrent clients of the closed loop")
+    p.add_argument("--batch", type=int, default=BATCH, help="images per request of the batch loads")
+    p.add_argument("--services", nargs="+", default=list(SERVICES), choices=list(SERVICES))
+    p.add_argument(
+        "--home", type=Path, help="project folder whose store holds the champion (default: DIGITS_HOME, else this project)"
     )
-    parser.add_argument(
+    p.add_argument(
         "--fresh-model", action="store_true", help="train a model for 1 epoch into a temporary store even if there is a champion"
     )
-    parser.add_argument("--timeout", type=float, default=None, help="seconds before a request counts as timed out (10)")
-    parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds a server may take to load the model")
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    parser.add_argument("--in-process", default=None, help=argparse.SUPPRESS)  # the child of run_in_process
-    args = parser.parse_args(argv)
-
-    if args.in_process is not None:
-        code = 1
-        try:
-            print(json.dumps(in_process_main(json.loads(args.in_process))), flush=True)
-            code = 0
-        except Exception:
-            import traceback
-
-            traceback.print_exc()
-        finally:
-            sys.stderr.flush()
-            os._exit(code)  # TensorFlow's teardown can take minutes on a busy machine; nothing is left to do
-
-    os.chdir(ROOT)
-    base_env = dict(os.environ)
+    p.add_argument("--timeout", type=float, default=None, help="seconds before a request counts as timed out (10)")
+    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds a server may take to load the model")
+    p.add_argument("--in-process", default=None, help=argparse.SUPPRESS)  # the child of run_in_process
+    args = p.parse_args(argv)
     args.seconds = args.seconds or (2.0 if args.quick else 15.0)
     args.warmup = 1.0 if args.quick else 3.0
     args.timeout = args.timeout or 10.0
-    calls = (
-        {
-            "tflite-int8": {"1": 200, str(args.batch): 50},
-            "tflite": {"1": 200, str(args.batch): 50},
-            "compiled_predictor": {"1": 200, str(args.batch): 50},
-            "model.predict": {"1": 20, str(args.batch): 10},
-        }
-        if args.quick
-        else {
-            "tflite-int8": {"1": 2000, str(args.batch): 500},
-            "tflite": {"1": 2000, str(args.batch): 500},
-            "compiled_predictor": {"1": 2000, str(args.batch): 500},
-            "model.predict": {"1": 300, str(args.batch): 100},
-        }
-    )
-    pool_size = args.batch * (8 if args.quick else 32)  # test images the requests cycle through
+    return args
 
-    params = load_params(ROOT / "params.yaml")
+
+def record(
+    args, cpus, pin_checks: dict, ref: ModelRef, note: str, spec: dict, in_process: dict, services: dict, ratios: dict
+) -> dict:
+    """The JSON's figures, beside the machine."""
+    return {
+        "quick": args.quick,
+        "pinning": {"used": cpus is not None, "description": pinning_note(cpus), "servers": pin_checks},
+        "model": {"uri": ref.uri, "version": ref.version, "run_id": ref.run_id, "source": note},
+        "settings": {
+            "rates": args.rates,
+            "seconds": args.seconds,
+            "warmup_seconds": args.warmup,
+            "clients": args.clients,
+            "batch": args.batch,
+            "timeout_seconds": args.timeout,
+            "image_pool": spec["pool"],
+            "in_process_calls": spec["calls"],
+        },
+        "targets": {
+            "p99_ms_at_rate": {"rate": TARGET_RATE, "p99_ms": TARGET_P99_MS},
+            "throughput_ratio_vs_naive": TARGET_THROUGHPUT_RATIO,
+        },
+        "in_process": in_process["results"],
+        "in_process_tf_threads": in_process["tf_threads"],
+        "services": {
+            n: {**{k: v for k, v in s.items() if k != "runs"}, "runs": [asdict(r) for r in s["runs"]]}
+            for n, s in services.items()
+        },
+        "ratios": ratios,
+        "versions_answering": {name: answering(s) for name, s in services.items()},
+    }
+
+
+def pinning_note(cpus: tuple[set[int], set[int]] | None) -> str:
+    if cpus is None:
+        return "not pinned: server and load generator share the CPUs"
+    return f"server on CPU {sorted(cpus[0])}, load generator on CPU {sorted(cpus[1])}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.in_process is not None:
+        run_child(args.in_process)
+    os.chdir(ROOT)
+    base_env = dict(os.environ)
     if not has_dataset(ROOT / "data"):
-        ingest(params.data, ROOT / "data", ROOT / ".cache")
+        ingest(load_params(ROOT / "params.yaml").data, ROOT / "data", ROOT / ".cache")
     dataset = load_dataset(ROOT / "data")
-    cpus = choose_cpus(args.no_pin)
-    pinning = (
-        f"server on CPU {sorted(cpus[0])}, load generator on CPU {sorted(cpus[1])}"
-        if cpus
-        else "not pinned: server and load generator share the CPUs"
-    )
+    cpus = harness.split_cpus(args.no_pin)
+    server_cpus = cpus[0] if cpus else None
     load_before = os.getloadavg()
 
     with tempfile.TemporaryDirectory(prefix="serving-benchmark-") as tmp_name:
         tmp = Path(tmp_name)
-        home = (args.home or Path(os.environ.get("DIGITS_HOME") or ROOT)).resolve()
-        where = describe_store(home, base_env.get("MLFLOW_TRACKING_URI"))
-        ref = None if args.fresh_model else champion_of(home)
-        if ref is not None:
-            model_note = f"the champion of {where}"
-            env = store_env(base_env, home, keep_tracking_uri=True)
-        else:
-            print(
-                f"no champion in {where}{' (--fresh-model)' if args.fresh_model else ''}: training the "
-                "default architecture of params.yaml for 1 epoch into a temporary store",
-                file=sys.stderr,
-                flush=True,
-            )
-            store = tmp / "store"
-            store.mkdir()
-            ref, accuracy, n_train = train_temporary_champion(store, dataset.head(10_000) if args.quick else dataset)
-            model_note = (
-                f"no champion: the default architecture of params.yaml trained for 1 epoch on {n_train:,} images "
-                f"(test accuracy {accuracy:.2%}) into a temporary store; latency does not depend on accuracy"
-            )
-            env = store_env(base_env, store, keep_tracking_uri=False)
-        print(f"model: {ref.uri} (run {ref.run_id}), {model_note}", file=sys.stderr, flush=True)
-        print(f"pinning: {pinning}", file=sys.stderr, flush=True)
-
-        pool = dataset.x_test[:pool_size]
-        singles, batches = Workload.of(pool, 1), Workload.of(pool, args.batch)
+        ref, note, env = choose_model(args, base_env, dataset, tmp)
+        say(f"model: {ref.uri} (run {ref.run_id}), {note}")
+        say(f"pinning: {pinning_note(cpus)}")
+        pool_size = args.batch * (8 if args.quick else 32)  # the test images the requests cycle through
+        workloads = [Workload.of(dataset.x_test[:pool_size], n) for n in (1, args.batch)]
         if cpus:
-            pin_this_process(cpus[1])
-        spec = {"uri": ref.uri, "run_id": ref.run_id, "pool": pool_size, "calls": calls}
-        in_process = run_in_process(spec, env, cpus[0] if cpus else None)
-        expected = np.asarray(in_process["digits"])
-
+            harness.pin_this_process(cpus[1])
+        spec = {"uri": ref.uri, "run_id": ref.run_id, "pool": pool_size, "calls": in_process_calls(args.quick, args.batch)}
+        in_process = run_in_process(spec, env, server_cpus)
         gc.collect()
         gc.freeze()  # the pre-encoded bodies and the rest of this process stay out of collections under load
-        services: dict[str, dict] = {}
-        pin_checks: dict[str, dict] = {}
+        services, pin_checks = {}, {}
         for name in args.services:
-            target, workdir, extra_env = SERVICES[name]
-            server = Server(name, target, workdir, {**env, **extra_env}, tmp / f"{name}.log", cpus[0] if cpus else None)
-            try:
-                server.start()
-                print(f"{name}: starting `bentoml serve {target}`", file=sys.stderr, flush=True)
-                try:
-                    ready = server.wait_ready(args.ready_timeout)
-                except (RuntimeError, TimeoutError) as err:  # measure the other service all the same
-                    message = str(err).replace(str(tmp), "<tmp>").replace(str(ROOT), ".")
-                    print(message, file=sys.stderr, flush=True)
-                    services[name] = {
-                        "failed": message,
-                        "runs": [],
-                        "warm_up_errors": {},
-                        "model_versions": [],
-                        "skipped_rates": [],
-                    }
-                    continue
-                affinities = server.affinities()
-                pin_checks[name] = {"processes": len(affinities), "cpus": sorted({c for v in affinities.values() for c in v})}
-                print(
-                    f"{name}: ready in {ready:.1f} s on {server.url}; {len(affinities)} process(es) on CPU(s) "
-                    f"{pin_checks[name]['cpus']}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                services[name] = asyncio.run(measure_service(server, expected, singles, batches, args))
-                services[name]["ready_seconds"] = round(ready, 1)
-                services[name]["runtime"] = served_runtime(server)
-                if any(r.error_count for r in services[name]["runs"]) or services[name]["warm_up_errors"]:
-                    # evidence for the report, without this machine's paths
-                    tail = server.log_tail(60).replace(str(tmp), "<tmp>").replace(str(ROOT), ".")
-                    services[name]["server_log_tail"] = tail
-            finally:
-                server.stop()
+            services[name], pins = measure_one(name, args, env, np.asarray(in_process["digits"]), workloads, tmp, server_cpus)
+            if pins:
+                pin_checks[name] = pins
 
     ratios = compare(services, in_process["results"], args.batch)
-    print()
-    print(in_process_table(in_process["results"]))
-    print()
-    print(load_table(services))
-    print()
-    print_summary(ratios, services, in_process["results"], args.batch, args.clients, ref.version)
+    report(args, ratios, services, in_process, ref.version)
     print(
-        f"(2 CPU cores shared by server and load generator; {pinning}; niceness {os.nice(0)}; "
+        f"({os.cpu_count()} CPUs shared by server and load generator; {pinning_note(cpus)}; niceness {os.nice(0)}; "
         f"load average before {load_before[0]:.2f}; TensorFlow threads in-process {in_process['tf_threads']}; "
         "latency from the scheduled send time in the open loop)"
     )
     if args.quick:
         print("(--quick: smoke run, the figures mean nothing)")
-
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(
-        json.dumps(
-            {
-                "benchmark": "serving_latency",
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "machine": {
-                    **machine(),
-                    **{name: _version(name) for name in ("bentoml", "keras", "aiohttp", "ai-edge-litert", "uvloop")},
-                    "niceness": os.nice(0),
-                    "load_average_before": [round(x, 2) for x in load_before],
-                },
-                "quick": args.quick,
-                "pinning": {"used": cpus is not None, "description": pinning, "servers": pin_checks},
-                "model": {"uri": ref.uri, "version": ref.version, "run_id": ref.run_id, "source": model_note},
-                "settings": {
-                    "rates": args.rates,
-                    "seconds": args.seconds,
-                    "warmup_seconds": args.warmup,
-                    "clients": args.clients,
-                    "batch": args.batch,
-                    "timeout_seconds": args.timeout,
-                    "image_pool": pool_size,
-                    "in_process_calls": calls,
-                },
-                "targets": {
-                    "p99_ms_at_rate": {"rate": TARGET_RATE, "p99_ms": TARGET_P99_MS},
-                    "throughput_ratio_vs_naive": TARGET_THROUGHPUT_RATIO,
-                },
-                "in_process": in_process["results"],
-                "in_process_tf_threads": in_process["tf_threads"],
-                "services": {
-                    name: {**{k: v for k, v in s.items() if k != "runs"}, "runs": [asdict(r) for r in s["runs"]]}
-                    for name, s in services.items()
-                },
-                "ratios": ratios,
-                "versions_answering": {name: answering(s) for name, s in services.items()},
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    print(f"wrote {args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output}")
+    machine = {"niceness": os.nice(0), "load_average_before": [round(x, 2) for x in load_before]}
+    versions = harness.package_versions("bentoml", "keras", "aiohttp", "ai-edge-litert", "uvloop")
+    figures = record(args, cpus, pin_checks, ref, note, spec, in_process, services, ratios)
+    harness.write_results(args.output, "serving_latency", machine_extra={**versions, **machine}, **figures)
     return 0
-
-
-def _version(name: str) -> str | None:
-    try:
-        return package_version(name)
-    except PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Benchmark 2 of issue 4: training throughput of our training step against a bare ``model.fit``.
+"""Training throughput of our training step against a bare ``model.fit`` of the same net.
 
 Run from the project folder:
 
@@ -18,8 +18,8 @@ In this one process, alternating so that drift on a shared machine hits both ali
   hold-out, per-epoch metrics logged to MLflow, progress lines. Its images/s is the run's
   ``train_images_per_second`` metric, the clock the flow itself reports (``model.fit`` only: the
   evaluation, plots and model logging that follow are not training);
-* ``reference``: a bare ``model.fit`` of the Keras reference CNN (34,826 parameters), the absolute
-  figure to set against the roughly 10,000 images/s that 2 AVX2 cores allow for that net.
+* ``reference``: a bare ``model.fit`` of the Keras reference CNN (34,826 parameters): an absolute
+  figure, to set against what the CPU allows for that net (benchmarks/README.md).
 
 Each figure is images/s over the whole ``model.fit`` call (the first epoch's tracing included, alike
 for all); the ratios are ours / bare and ours / bare+val from the same round. Beside them, images/s
@@ -31,27 +31,21 @@ Nothing here asserts: it prints a table and writes JSON.
 
 from __future__ import annotations
 
-import argparse
+import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+import numpy as np
+from harness import RESULTS, ROOT, command_line, say, table, write_results
 
-import numpy as np  # noqa: E402
-from results_file import write_results  # noqa: E402
+from pipeline.data import Dataset, has_dataset, ingest, load_dataset
+from pipeline.params import Params, load_params
+from pipeline.preprocess import to_model_input
 
-from pipeline.data import Dataset, has_dataset, ingest, load_dataset  # noqa: E402
-from pipeline.params import Params, load_params  # noqa: E402
-from pipeline.preprocess import to_model_input  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results" / "training_throughput.json"
+OUTPUT = RESULTS / "training_throughput.json"
 
 
 def bare_fit(dataset: Dataset, params: Params, reference: bool = False, validate: bool = False) -> dict[str, float]:
@@ -69,8 +63,7 @@ def bare_fit(dataset: Dataset, params: Params, reference: bool = False, validate
     validation_data = (to_model_input(x_val), y_val.astype(np.int32)) if validate else None
     steps = int(np.ceil(len(x) / params.train.batch_size))
     if reference:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from accuracy_per_cpu_minute import reference_model
+        from accuracy_per_cpu_minute import reference_model  # a sibling: a script's own folder is on sys.path
 
         model = reference_model(steps, params.train.epochs)
     else:
@@ -120,12 +113,71 @@ def our_step(home: Path, params: Params) -> dict[str, float]:
     return figures(round(metrics["train_images_per_second"] * metrics["train_seconds"]), metrics["train_seconds"], epochs)
 
 
+def place_data(home: Path, quick: bool) -> None:
+    """The data under ``home`` where ``train_candidate`` reads it as the flow does: a small copy, or a link to all of it."""
+    if not quick:
+        (home / "data").symlink_to(ROOT / "data", target_is_directory=True)
+        return
+    small = load_dataset(Path("data")).head(6_000, 1_000)
+    (home / "data" / "mnist").mkdir(parents=True)
+    for name, array in (
+        ("train_images", small.x_train),
+        ("train_labels", small.y_train),
+        ("test_images", small.x_test),
+        ("test_labels", small.y_test),
+    ):
+        np.save(home / "data" / "mnist" / f"{name}.npy", array)
+
+
+def run_rounds(home: Path, dataset: Dataset, params: Params, rounds: int) -> list[dict]:
+    """bare, bare+val, ours in every round, alternating so that drift hits all three alike; the reference last."""
+    rows: list[dict] = []
+    for round_ in range(1, rounds + 1):
+        for config, run in (
+            ("bare", lambda: bare_fit(dataset, params)),
+            ("bare+val", lambda: bare_fit(dataset, params, validate=True)),
+            ("ours", lambda: our_step(home, params)),
+        ):
+            rows.append({"round": round_, "config": config, **run()})
+            say(f"  round {round_} {config}: {rows[-1]['images_per_second']:,.0f} images/s")
+    rows.append({"round": 0, "config": "reference (bare)", **bare_fit(dataset, params, reference=True)})
+    say(f"  reference: {rows[-1]['images_per_second']:,.0f} images/s")
+    return rows
+
+
+def ratios_of(rows: list[dict], rounds: int, key: str, baseline: str) -> list[float]:
+    """ours / ``baseline`` in each round, of figure ``key``."""
+    by_round = [{r["config"]: r[key] for r in rows if r["round"] == n} for n in range(1, rounds + 1)]
+    return [figure["ours"] / figure[baseline] for figure in by_round]
+
+
+def print_report(rows: list[dict], ratios: dict[str, list[float]], images: int, epochs: int, batch: int) -> None:
+    def listed(values: list[float]) -> str:
+        return f"{', '.join(f'{r:.3f}' for r in values)} (median {statistics.median(values):.3f})"
+
+    print(f"\n{images:,} training images, {epochs} epoch(s) per fit, batch {batch}; {os.cpu_count()} CPU cores")
+    columns = [("round", ">5"), ("config", "<18"), ("images/s", ">9,.0f"), ("fit s", ">7.1f"), ("epochs s", ">8.1f")]
+    columns += [("epochs images/s", ">15,.0f")]
+    keys = ("config", "images_per_second", "fit_seconds", "epoch_seconds", "epoch_images_per_second")
+    print(table(columns, [[row["round"] or "-", *(row[k] for k in keys)] for row in rows]))
+    print(f"\nours / bare:          {listed(ratios['bare'])}; target >= 1.0")
+    print(f"  over the epochs:    {listed(ratios['bare epochs'])}")
+    print(f"ours / bare+val:      {listed(ratios['bare+val'])}")
+    print(f"  over the epochs:    {listed(ratios['bare+val epochs'])}")
+    print("(over the epochs: without the seconds fit spends before the first epoch and after the last)")
+    median = {
+        c: statistics.median(r["images_per_second"] for r in rows if r["config"] == c) for c in ("bare", "bare+val", "ours")
+    }
+    print(
+        f"default net: bare {median['bare']:,.0f}, bare+val {median['bare+val']:,.0f}, ours {median['ours']:,.0f} images/s;"
+        f" Keras reference net, bare: {rows[-1]['images_per_second']:,.0f} images/s"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = command_line(__doc__, OUTPUT, quick="smoke run: 1 round, 1 epoch, 6,000 images")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per fit (default 2)")
     parser.add_argument("--rounds", type=int, default=2, help="bare/ours pairs (default 2)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 1 epoch, 6,000 images")
-    parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
     os.chdir(ROOT)
@@ -134,73 +186,23 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(Path("params.yaml"), {"train.epochs": epochs})
     if not has_dataset(Path("data")):
         ingest(params.data, Path("data"), Path(".cache"))
-
-    import logging
-
     logging.basicConfig(level=logging.WARNING)
-    rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="digits-throughput-") as tmp:
-        home = Path(tmp)
-        if args.quick:  # a small copy of the data, so that train_candidate reads it like the flow does
-            full = load_dataset(Path("data"))
-            small = full.head(6_000, 1_000)
-            (home / "data" / "mnist").mkdir(parents=True)
-            for name, array in (
-                ("train_images", small.x_train),
-                ("train_labels", small.y_train),
-                ("test_images", small.x_test),
-                ("test_labels", small.y_test),
-            ):
-                np.save(home / "data" / "mnist" / f"{name}.npy", array)
-        else:
-            (home / "data").symlink_to(ROOT / "data", target_is_directory=True)
-        dataset = load_dataset(home / "data")
-        for round_ in range(1, rounds + 1):
-            for config, run in (
-                ("bare", lambda: bare_fit(dataset, params)),
-                ("bare+val", lambda: bare_fit(dataset, params, validate=True)),
-                ("ours", lambda: our_step(home, params)),
-            ):
-                rows.append({"round": round_, "config": config, **run()})
-                print(f"  round {round_} {config}: {rows[-1]['images_per_second']:,.0f} images/s", file=sys.stderr, flush=True)
-        rows.append({"round": 0, "config": "reference (bare)", **bare_fit(dataset, params, reference=True)})
-        reference = rows[-1]["images_per_second"]
-        print(f"  reference: {reference:,.0f} images/s", file=sys.stderr, flush=True)
+        place_data(Path(tmp), args.quick)
+        dataset = load_dataset(Path(tmp) / "data")
+        rows = run_rounds(Path(tmp), dataset, params, rounds)
 
-    def ratios_of(key: str, baseline: str) -> list[float]:
-        by_round = [{r["config"]: r[key] for r in rows if r["round"] == n} for n in range(1, rounds + 1)]
-        return [figure["ours"] / figure[baseline] for figure in by_round]
+    ratios = {
+        "bare": ratios_of(rows, rounds, "images_per_second", "bare"),
+        "bare epochs": ratios_of(rows, rounds, "epoch_images_per_second", "bare"),
+        "bare+val": ratios_of(rows, rounds, "images_per_second", "bare+val"),
+        "bare+val epochs": ratios_of(rows, rounds, "epoch_images_per_second", "bare+val"),
+    }
+    fitted = len(dataset.x_train) - int(round(len(dataset.x_train) * params.train.validation_split))
+    print_report(rows, ratios, fitted, epochs, params.train.batch_size)
 
-    ratios, epoch_ratios = ratios_of("images_per_second", "bare"), ratios_of("epoch_images_per_second", "bare")
-    val_ratios = ratios_of("images_per_second", "bare+val")
-    val_epoch_ratios = ratios_of("epoch_images_per_second", "bare+val")
-    configs = ("bare", "bare+val", "ours")
-    median = {c: statistics.median(r["images_per_second"] for r in rows if r["config"] == c) for c in configs}
-
-    def listed(values: list[float]) -> str:
-        return f"{', '.join(f'{r:.3f}' for r in values)} (median {statistics.median(values):.3f})"
-
-    print(
-        f"\n{len(dataset.x_train) - int(round(len(dataset.x_train) * params.train.validation_split)):,} training images,"
-        f" {epochs} epoch(s) per fit, batch {params.train.batch_size}; {os.cpu_count()} CPU cores"
-    )
-    head = f"{'round':>5} {'config':<18} {'images/s':>9} {'fit s':>7} {'epochs s':>8} {'epochs images/s':>15}"
-    print(head)
-    print("-" * len(head))
-    for row in rows:
-        print(
-            f"{row['round'] or '-':>5} {row['config']:<18} {row['images_per_second']:>9,.0f} {row['fit_seconds']:>7.1f}"
-            f" {row['epoch_seconds']:>8.1f} {row['epoch_images_per_second']:>15,.0f}"
-        )
-    print(f"\nours / bare:          {listed(ratios)}; target >= 1.0")
-    print(f"  over the epochs:    {listed(epoch_ratios)}")
-    print(f"ours / bare+val:      {listed(val_ratios)}")
-    print(f"  over the epochs:    {listed(val_epoch_ratios)}")
-    print("(over the epochs: without the seconds fit spends before the first epoch and after the last)")
-    print(
-        f"default net: bare {median['bare']:,.0f}, bare+val {median['bare+val']:,.0f}, ours {median['ours']:,.0f} images/s;"
-        f" Keras reference net, bare: {reference:,.0f} images/s"
-    )
+    def rounded(values: list[float]) -> list[float]:
+        return [round(r, 4) for r in values]
 
     write_results(
         args.output,
@@ -209,14 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         epochs=epochs,
         batch_size=params.train.batch_size,
         rows=rows,
-        ratios_ours_vs_bare=[round(r, 4) for r in ratios],
-        median_ratio=round(statistics.median(ratios), 4),
-        epoch_ratios_ours_vs_bare=[round(r, 4) for r in epoch_ratios],
-        median_epoch_ratio=round(statistics.median(epoch_ratios), 4),
-        ratios_ours_vs_bare_validating=[round(r, 4) for r in val_ratios],
-        median_ratio_vs_bare_validating=round(statistics.median(val_ratios), 4),
-        epoch_ratios_ours_vs_bare_validating=[round(r, 4) for r in val_epoch_ratios],
-        median_epoch_ratio_vs_bare_validating=round(statistics.median(val_epoch_ratios), 4),
+        ratios_ours_vs_bare=rounded(ratios["bare"]),
+        median_ratio=round(statistics.median(ratios["bare"]), 4),
+        epoch_ratios_ours_vs_bare=rounded(ratios["bare epochs"]),
+        median_epoch_ratio=round(statistics.median(ratios["bare epochs"]), 4),
+        ratios_ours_vs_bare_validating=rounded(ratios["bare+val"]),
+        median_ratio_vs_bare_validating=round(statistics.median(ratios["bare+val"]), 4),
+        epoch_ratios_ours_vs_bare_validating=rounded(ratios["bare+val epochs"]),
+        median_epoch_ratio_vs_bare_validating=round(statistics.median(ratios["bare+val epochs"]), 4),
     )
     return 0
 

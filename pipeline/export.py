@@ -1,10 +1,9 @@
 """The served forms of a model: its TensorFlow Lite exports, checked to answer like the Keras model.
 
-The service answers single images through LiteRT's interpreter, which runs in the calling thread:
-about 0.2 ms an image against about 2 ms through TensorFlow, whose thread pools have to wake up for
-every call (measured on 2 cores; see benchmarks/README.md). Float32 batches run at the same speed
-either way: the arithmetic is the limit. The int8 export does it in 8-bit integers, about 3x the
-images/s; it is served only when it gives the Keras model's digit on every test image.
+The service answers single images through LiteRT's interpreter, which runs in the calling thread,
+while TensorFlow's thread pools have to wake up for every call. Float32 batches run at the same
+speed either way: the arithmetic is the limit. The int8 export does it in 8-bit integers, faster;
+it is served only when it gives the Keras model's digit on every test image.
 """
 
 from __future__ import annotations
@@ -29,12 +28,9 @@ INT8_FILE = "model-int8.tflite"
 # what the service can run, fastest first, and the export file of each (Keras needs none)
 RUNTIME_FILES = {"tflite-int8": INT8_FILE, "tflite": TFLITE_FILE}
 AGREEMENT_FILES = {"tflite-int8": "agreement-int8.json", "tflite": "agreement.json"}
-# training images that set the int8 export's value ranges (measured: 100 gave a different digit on 2 of
-# the 10,000 test images, 500 on none; converting takes about 1.3 s)
+# training images that set the int8 export's value ranges; with fewer, more test digits change
 CALIBRATION_IMAGES = 500
-# larger batches run in slices of this many images: their activations stay in the CPU caches
-# (measured: 6,000 images/s in slices of 16 against 4,500 in slices of 1,000 on 1 thread; all 10,000 test
-# images in one call, 2,200 on 2 threads)
+# larger batches run in slices of this many images, so that their activations stay in the CPU caches
 SLICE = 16
 # float32 kernels differ in the order of their sums: far below this, and never in a digit
 MAX_PROBABILITY_DIFFERENCE = 1e-4
@@ -70,7 +66,7 @@ def to_tflite(model: keras.Model, calibration: np.ndarray | None = None) -> byte
     """The Keras model as a TensorFlow Lite flatbuffer.
 
     Float32 by default: the same answers as Keras. With ``calibration`` images (normalised), weights
-    and activations are quantised to int8: about 3x the images/s, with probabilities a few points off
+    and activations are quantised to int8: faster, with probabilities a few points off
     and, for some models, a different digit on some images (see ``log_tflite_exports``).
     """
     import tensorflow as tf

@@ -1,4 +1,4 @@
-"""The promotion gate: a typed decision with its reasons (see DESIGN.md, "The gate, stated exactly")."""
+"""The promotion gate: a typed decision with its reasons (the README's "How it works" states the gate)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ def build_model(params: ModelParams, train: TrainParams, steps_per_epoch: int) -
     inputs = keras.Input(shape=(28, 28, 1), name="pixels")
     x = inputs
     if params.augment_shift:
-        # shifted copies are new training images for free: the strongest regulariser measured for this net
+        # shifted copies are new training images for free: the strongest regulariser we tried for this net
         x = layers.RandomTranslation(params.augment_shift, params.augment_shift, fill_mode="constant")(x)
     for filters in params.conv_filters:
         x = layers.Conv2D(filters, params.kernel_size, use_bias=not params.batch_norm, padding="same")(x)

@@ -68,7 +68,7 @@ def per_class_scores(metrics: Metrics) -> Figure:
 def misclassified_grid(images: np.ndarray, y_true: np.ndarray, probabilities: np.ndarray, limit: int = 48) -> Figure:
     """The most confident mistakes first: those say most about the model.
 
-    One picture of tiles on a single Axes: an Axes per mistake took about 1 s to lay out and draw.
+    One picture of tiles on a single Axes: an Axes per mistake is slow to lay out and draw.
     """
     y_pred = probabilities.argmax(axis=1)
     mistakes = np.flatnonzero(y_pred != y_true)

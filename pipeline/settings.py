@@ -28,9 +28,7 @@ class Settings(BaseSettings):
     serve_port: int = 3000
     champion_poll_seconds: float = Field(10.0, gt=0, description="how often the service looks for a new champion")
     max_batch_images: int = Field(1000, ge=1, description="largest batch the service accepts in one request")
-    # Measured on 2 cores, 1 thread against 2: one image 5.7 vs 7.7 ms, 32 clients 407 vs 339
-    # requests/s, batches of 1,000 images 14% slower. More threads fight the HTTP event loop for
-    # the cores; scale out with replicas instead.
+    # more threads fight the HTTP event loop for the cores: scale out with replicas instead
     serve_tf_threads: int = Field(1, ge=1, description="TensorFlow (or LiteRT) threads per model call in the service")
     serve_runtime: Literal["tflite-int8", "tflite", "keras"] = Field(
         "tflite-int8",

@@ -56,8 +56,7 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle_seed: int | N
     """(model input, label) batches of raw images, reshuffled every epoch when given a seed.
 
     Built here rather than left to ``model.fit(x, y)``: Keras' own pipeline for arrays runs tf.data's
-    autotuner, and deleting an epoch's iterator then waits, idle, for the autotuner's next wake-up:
-    10-17 s at the end of many of the fits we timed (TensorFlow 2.21, Keras 3.15).
+    autotuner, and deleting an epoch's iterator then waits, idle, for the autotuner's next wake-up.
     The shuffle buffer holds indices only; each batch is one gather.
     """
     import tensorflow as tf
@@ -134,7 +133,7 @@ def train(
 
 
 def compiled_predictor(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
-    """A traced inference function: ~0.5 ms a call instead of ~50 ms for ``model.predict``."""
+    """A traced inference function: ``model.predict`` pays a large fixed cost on every call."""
     import tensorflow as tf
 
     @tf.function(reduce_retracing=True)

@@ -8,7 +8,7 @@ single row (class share, presence in the other split) are precomputed as columns
 one suite, one ValidationDefinition, one Checkpoint and one Data Docs page with every expectation
 (a Checkpoint passes the same batch parameters - the dataframe - to all its validations).
 
-Great Expectations is imported lazily: it takes ~3 s to import, and importing this module (the
+Great Expectations is imported lazily: it is slow to import, and importing this module (the
 flows and the CLI do, for ``DataValidationError``) must stay cheap.
 """
 

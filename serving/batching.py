@@ -1,11 +1,9 @@
 """Adaptive batching without a cork: requests that arrive while the model is busy share its next call.
 
-Measured on 2 cores against BentoML's ``batchable=True`` dispatcher (see the README's serving notes):
-the same or better throughput under 32 concurrent clients, and no added wait for a lone request.
-BentoML's dispatcher learns a wait time from the queueing it saw under load and keeps holding single
-requests that long afterwards (7 ms -> 56 ms for a minute after a burst); here a request only ever
-waits for the model call in progress. The batch size follows the load: 1 when idle, up to
-``max_images`` when busy. A request is never split, so all its answers come from one model version.
+BentoML's ``batchable=True`` dispatcher learns a wait time from the queueing it saw under load and
+keeps holding single requests that long afterwards; here a request only ever waits for the model
+call in progress. The batch size follows the load: 1 when idle, up to ``max_images`` when busy.
+A request is never split, so all its answers come from one model version.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def _json(body: bytes) -> Response:
     """A ready JSON answer, which BentoML passes through as it is.
 
     For a returned model BentoML 1.4 builds the output's JSON schema again on every response, to
-    find its media type: about 2 ms of a 6.5 ms request for one image (measured with py-spy).
+    find its media type; a ready response skips that work.
     """
     return Response(body, media_type="application/json")
 
@@ -272,9 +272,9 @@ class DigitClassifier:
     def __init__(self) -> None:
         logging.getLogger("serving").setLevel(logging.INFO)
         tolerate_unexpected_form_files()
-        # Per-request garbage of the HTTP stack reaches the oldest generation under load; with the
-        # default thresholds full collections then stall every request (p99 870 ms at 32 clients).
-        # Fewer young collections, and TensorFlow frozen out of them (see champion.py): p99 130-165 ms.
+        # Per-request garbage of the HTTP stack reaches the oldest generation under load, and with the
+        # default thresholds full collections then stall every request: collect the young less often
+        # (TensorFlow's objects are frozen out of collections, see champion.py).
         gc.set_threshold(*GC_THRESHOLDS)
         self.settings = get_settings()
         self.watcher = ChampionWatcher(self.settings, tf_threads=self.settings.serve_tf_threads).start()
