@@ -19,15 +19,27 @@ def build_model(params: ModelParams, train: TrainParams, steps_per_epoch: int) -
     ``fit`` leaves in the model at its end.
     """
     import keras
+    import numpy as np
     from keras import layers
+
+    # Keras draws unseeded layers' seeds from Python's shared `random`, which other threads also use
+    draws = np.random.default_rng(train.seed)
+
+    def seed() -> int:
+        return int(draws.integers(1, 2**31 - 1))
+
+    def kernel() -> keras.initializers.Initializer:
+        return keras.initializers.GlorotUniform(seed())
 
     inputs = keras.Input(shape=(28, 28, 1), name="pixels")
     x = inputs
     if params.augment_shift:
         # shifted copies are new training images for free: the strongest regulariser we tried for this net
-        x = layers.RandomTranslation(params.augment_shift, params.augment_shift, fill_mode="constant")(x)
+        x = layers.RandomTranslation(params.augment_shift, params.augment_shift, fill_mode="constant", seed=seed())(x)
     for filters in params.conv_filters:
-        x = layers.Conv2D(filters, params.kernel_size, use_bias=not params.batch_norm, padding="same")(x)
+        x = layers.Conv2D(
+            filters, params.kernel_size, use_bias=not params.batch_norm, padding="same", kernel_initializer=kernel()
+        )(x)
         if params.batch_norm:
             # momentum 0.9: the moving statistics settle within a few hundred steps, even on small data
             x = layers.BatchNormalization(momentum=0.9)(x)
@@ -35,9 +47,9 @@ def build_model(params: ModelParams, train: TrainParams, steps_per_epoch: int) -
         x = layers.MaxPooling2D()(x)
     x = layers.Flatten()(x)
     if params.dense_units:
-        x = layers.Dense(params.dense_units, activation="relu")(x)
-    x = layers.Dropout(params.dropout)(x)
-    outputs = layers.Dense(10, activation="softmax", name="probabilities")(x)
+        x = layers.Dense(params.dense_units, activation="relu", kernel_initializer=kernel())(x)
+    x = layers.Dropout(params.dropout, seed=seed())(x)
+    outputs = layers.Dense(10, activation="softmax", name="probabilities", kernel_initializer=kernel())(x)
     model = keras.Model(inputs, outputs, name="digits_cnn")
     schedule = keras.optimizers.schedules.CosineDecay(train.learning_rate, decay_steps=max(1, steps_per_epoch * train.epochs))
     # the average is steadier than the last step's weights while the learning rate is still high

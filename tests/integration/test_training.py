@@ -52,6 +52,25 @@ def test_the_same_seed_trains_the_same_weights(mnist_slice):
     assert not np.array_equal(_flat_weights(one), _flat_weights(other_seed))
 
 
+def test_the_weights_do_not_depend_on_other_users_of_pythons_random(monkeypatch):
+    """Prefect's and MLflow's background threads draw from Python's shared ``random``; a model must not."""
+    import random
+
+    from pipeline import model as model_module
+    from pipeline.train import seed_everything
+
+    params = _params(**{"model.augment_shift": 0.1})
+    seed_everything(params.train.seed)
+    alone = model_module.build_model(params.model, params.train, steps_per_epoch=10)
+    seed_everything(params.train.seed)
+    random.random()  # what another thread may do between the seeding and the build
+    disturbed = model_module.build_model(params.model, params.train, steps_per_epoch=10)
+    assert np.array_equal(_flat_weights(alone), _flat_weights(disturbed))
+    # and the layers that draw at training time (shift, dropout) carry seeds of their own
+    seeded = [layer.name for layer in disturbed.layers if hasattr(layer, "seed") and layer.seed is None]
+    assert seeded == []
+
+
 def test_weight_averaging_validates_and_returns_the_averaged_weights(mnist_slice):
     from pipeline.train import batches, split_for_validation, train
 
