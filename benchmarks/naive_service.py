@@ -27,12 +27,11 @@ class NaiveDigitClassifier:
     """The champion, called with ``model.predict`` in each request."""
 
     def __init__(self) -> None:
-        from pipeline.registry import get_alias, load_keras
+        from pipeline.registry import get_alias, load_keras, store_client
         from pipeline.settings import get_settings
-        from serving.champion import registry_client
 
         settings = get_settings()
-        ref = get_alias(registry_client(settings), settings.model_name)
+        ref = get_alias(store_client(settings), settings.model_name)
         if ref is None:
             raise RuntimeError(
                 f"no champion for {settings.model_name} in {settings.resolved_tracking_uri}: "

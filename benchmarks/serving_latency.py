@@ -206,14 +206,14 @@ def use_store(home: Path, keep_tracking_uri: bool = True) -> None:
 
 def champion_of(home: Path) -> ModelRef | None:
     """The champion of the store at ``home`` (or of MLFLOW_TRACKING_URI), None when there is none."""
-    from pipeline.registry import get_alias
-    from serving.champion import missing_store, registry_client
+    from pipeline.registry import get_alias, store_client
+    from serving.champion import missing_store
 
     use_store(home)
     settings = get_settings()
     if missing_store(settings):
         return None
-    return get_alias(registry_client(settings), settings.model_name)
+    return get_alias(store_client(settings), settings.model_name)
 
 
 def train_temporary_champion(store: Path, dataset: Dataset) -> tuple[ModelRef, float, int]:
@@ -300,14 +300,14 @@ def time_calls(call, pool: np.ndarray, n: int, calls: int) -> dict:
 def in_process_main(spec: dict) -> dict:
     """Time the model called in this process, per call, on the benchmark's images (run as a child)."""
     from pipeline.export import RUNTIME_FILES, tflite_predictor
+    from pipeline.model import limit_threads
     from pipeline.preprocess import to_model_input
-    from pipeline.registry import load_keras, load_tflite
+    from pipeline.registry import load_keras, load_tflite, store_client
     from pipeline.train import compiled_predictor
-    from serving.champion import configure_tensorflow, registry_client
 
     settings = get_settings()
-    registry_client(settings)  # MLflow reads the store of DIGITS_HOME (or MLFLOW_TRACKING_URI), as the service does
-    configure_tensorflow(settings.serve_tf_threads)  # the same TensorFlow threads as the service
+    store_client(settings)  # MLflow reads the store of DIGITS_HOME (or MLFLOW_TRACKING_URI), as the service does
+    limit_threads(settings.serve_tf_threads)  # the same TensorFlow threads as the service
     model = load_keras(spec["uri"])
     predictor = compiled_predictor(model)
     pool = load_dataset(ROOT / "data").x_test[: spec["pool"]]

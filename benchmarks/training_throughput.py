@@ -13,7 +13,7 @@ In this one process, alternating so that drift on a shared machine hits both ali
 * ``bare+val``: the same, and Keras validates the same 3,000 held-out images every epoch
   (``validation_data`` arrays), as our step does: ours against it is what tracking and the input
   pipeline cost, the validation being alike;
-* ``ours``: the retraining flow's training step itself, ``pipeline.steps.train_candidate``, in an
+* ``ours``: the retraining flow's training step itself, ``app.training.train_and_evaluate``, in an
   MLflow run of a throw-away store: normalisation, the seeded split, per-epoch validation on the
   hold-out, per-epoch metrics logged to MLflow, progress lines. Its images/s is the run's
   ``train_images_per_second`` metric, the clock the flow itself reports (``model.fit`` only: the
@@ -99,15 +99,16 @@ def figures(images: int, fit_seconds: float, epoch_seconds: list[float]) -> dict
 
 def our_step(home: Path, params: Params) -> dict[str, float]:
     """The flow's own training step, tracked in a throw-away MLflow store: the figures it logged."""
-    from pipeline import registry, steps
+    from app import training
+    from pipeline import registry, tracking
     from pipeline.settings import Settings
 
     settings = Settings(home=home)
     client = registry.connect(settings)
     experiment = client.get_experiment_by_name(settings.experiment)
     run_id = client.create_run(experiment.experiment_id, run_name="training-throughput").info.run_id
-    steps.train_candidate(settings, params, run_id)
-    steps.finish_run(settings, run_id)
+    with tracking.run_context(settings, run_id, stage="training"):
+        training.train_and_evaluate(settings, params, run_id)
     metrics = client.get_run(run_id).data.metrics
     epochs = [m.value for m in client.get_metric_history(run_id, "epoch_seconds")]
     return figures(round(metrics["train_images_per_second"] * metrics["train_seconds"]), metrics["train_seconds"], epochs)

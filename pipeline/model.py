@@ -60,3 +60,21 @@ def build_model(params: ModelParams, train: TrainParams, steps_per_epoch: int) -
         metrics=["accuracy"],
     )
     return model
+
+
+def limit_threads(threads: int | None) -> None:
+    """Size TensorFlow's thread pools before its runtime starts (None or 0: TensorFlow's default).
+
+    Parallel trainings and the service's replicas share the cores this way instead of fighting over them.
+    """
+    import logging
+
+    import tensorflow as tf
+
+    if not threads:
+        return
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # TensorFlow ran before in this process: its pools keep the sizes they started with
+        logging.getLogger(__name__).info("TensorFlow is initialised already in this process; its thread pools keep their sizes")

@@ -123,7 +123,7 @@ def parse_params(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -
         params = Params.model_validate(merged)
     except ValidationError as err:
         raise ParamsError(f"invalid parameters:\n{_describe(err)}") from None
-    sweep_candidates(params)  # a bad grid key or value is refused here too, before any work
+    grid_points(params)  # a bad grid key or value is refused here too, before any work
     return params
 
 
@@ -164,7 +164,7 @@ SWEEP_FIXED = {"train.seed", "train.validation_split"}
 
 
 @dataclass(frozen=True)
-class SweepCandidate:
+class GridPoint:
     """One point of the grid: its name (c1, c2, ... in grid order), its grid values and its whole params."""
 
     name: str
@@ -173,7 +173,12 @@ class SweepCandidate:
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{key}={value}" for key, value in self.values.items()) or "params.yaml as it is"
+        return grid_label(self.values)
+
+
+def grid_label(values: dict[str, Any]) -> str:
+    """``key=value, ...`` for a grid point's values; no values are params.yaml as it is."""
+    return ", ".join(f"{key}={value}" for key, value in values.items()) or "params.yaml as it is"
 
 
 def _grid_error(key: str, problem: str) -> ParamsError:
@@ -190,7 +195,7 @@ def _with_values(params: Params, values: dict[str, Any]) -> Params:
     return Params.model_validate(raw)
 
 
-def sweep_candidates(params: Params) -> list[SweepCandidate]:
+def grid_points(params: Params) -> list[GridPoint]:
     """Every combination of ``params.sweep.grid`` applied to ``params``, in grid order (a pure function).
 
     Each grid key must name a model.* or train.* value, each value must be valid there, and the
@@ -228,5 +233,5 @@ def sweep_candidates(params: Params) -> list[SweepCandidate]:
             candidate_params = _with_values(params, values)
         except ValidationError as err:  # values valid one by one but not together
             raise ParamsError(f"invalid parameters: sweep candidate {values}:\n{_describe(err)}") from None
-        candidates.append(SweepCandidate(f"c{number}", values, candidate_params))
+        candidates.append(GridPoint(f"c{number}", values, candidate_params))
     return candidates

@@ -59,16 +59,23 @@ class ModelRef:
         return asdict(self)
 
 
-def connect(settings: Settings) -> MlflowClient:
-    """Point MLflow at the configured store and make sure the experiment exists."""
+def store_client(settings: Settings) -> MlflowClient:
+    """Point MLflow at the configured store and return a client of it; creates nothing (the service only reads)."""
     import mlflow
     from mlflow import MlflowClient
 
-    if settings.artifact_location:
-        settings.mlflow_dir.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(settings.resolved_tracking_uri)
     mlflow.set_registry_uri(settings.resolved_tracking_uri)
-    client = MlflowClient(settings.resolved_tracking_uri, settings.resolved_tracking_uri)
+    return MlflowClient(settings.resolved_tracking_uri, settings.resolved_tracking_uri)
+
+
+def connect(settings: Settings) -> MlflowClient:
+    """A client of the configured store, with the experiment created if it is not there yet."""
+    import mlflow
+
+    if settings.artifact_location:
+        settings.mlflow_dir.mkdir(parents=True, exist_ok=True)
+    client = store_client(settings)
     if client.get_experiment_by_name(settings.experiment) is None:
         try:
             client.create_experiment(settings.experiment, artifact_location=settings.artifact_location)

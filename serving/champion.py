@@ -79,19 +79,6 @@ class LoadedModel:
         }
 
 
-def configure_tensorflow(threads: int) -> None:
-    """Size TensorFlow's thread pools before its runtime starts (0: TensorFlow's default)."""
-    import tensorflow as tf
-
-    if threads <= 0:
-        return
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-    except RuntimeError:
-        log.warning("TensorFlow is initialised already; its thread pools keep their sizes")
-
-
 def _settle_garbage_collector() -> None:
     """Keep the long-lived objects of TensorFlow and the model out of future garbage collections.
 
@@ -102,16 +89,6 @@ def _settle_garbage_collector() -> None:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
-
-
-def registry_client(settings: Settings) -> MlflowClient:
-    """A read-only view of the registry (unlike ``registry.connect``, it creates no experiment)."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    mlflow.set_tracking_uri(settings.resolved_tracking_uri)
-    mlflow.set_registry_uri(settings.resolved_tracking_uri)
-    return MlflowClient(settings.resolved_tracking_uri, settings.resolved_tracking_uri)
 
 
 def load(ref: ModelRef, runtime: str = "tflite-int8", threads: int = 1) -> LoadedModel:
@@ -160,11 +137,11 @@ def missing_store(settings: Settings) -> str | None:
 
 def load_champion(settings: Settings) -> LoadedModel:
     """The current champion, loaded once (for ``digits predict``); ModelUnavailable when none."""
-    from pipeline.registry import get_alias
+    from pipeline.registry import get_alias, store_client
 
     if reason := missing_store(settings):
         raise ModelUnavailable(reason)
-    ref = get_alias(registry_client(settings), settings.model_name)
+    ref = get_alias(store_client(settings), settings.model_name)
     if ref is None:
         raise ModelUnavailable(f"{NO_CHAMPION} (model {settings.model_name} in {settings.resolved_tracking_uri})")
     return load(ref, settings.serve_runtime, settings.serve_tf_threads)
@@ -216,8 +193,10 @@ class ChampionWatcher:
         if self._tf_configured:
             return
         self._tf_configured = True
+        from pipeline.model import limit_threads
+
         try:
-            configure_tensorflow(self.tf_threads or 0)
+            limit_threads(self.tf_threads)
         except Exception:  # loading will report a broken TensorFlow precisely
             log.exception("could not configure TensorFlow threads")
 
@@ -235,16 +214,16 @@ class ChampionWatcher:
         return self.current
 
     def _check(self) -> None:
-        from pipeline.registry import alias_version, get_version
+        from pipeline.registry import alias_version, get_version, store_client
 
         if self._client is None:
             if reason := missing_store(self.settings):
                 self._report(NO_CHAMPION, reason)
                 return
-            self._client = registry_client(self.settings)
+            self._client = store_client(self.settings)
         current = self.current
         # the cheap question first: every poll holds the GIL while it runs, and requests wait for it
-        # (reading the whole version and its run took ~25 ms a poll, measured in the service's p99)
+        # (reading the whole version and its run a poll showed in the service's p99)
         version = alias_version(self._client, self.settings.model_name)
         if current is not None and current.ref.version == version:
             self._report(None)

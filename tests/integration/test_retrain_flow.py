@@ -10,7 +10,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipeline import registry, steps
+from app import data
+from pipeline import registry, tracking
 from pipeline.params import load_params
 from pipeline.settings import get_settings
 from pipeline.validation import DataValidationError
@@ -75,7 +76,7 @@ def test_first_run_promotes_and_worse_runs_leave_the_champion(project):
 
 
 def test_poisoned_data_is_stopped_by_validation(project, mnist_slice):
-    steps.prepare_data(get_settings(), load_params(get_settings().params_path))
+    data.prepare(get_settings(), load_params(get_settings().params_path))
     labels_file = project / "data" / "mnist" / "train_labels.npy"
     labels = np.load(labels_file)
     labels[labels == 7] = 11  # a label outside 0-9, and digit 7 goes missing
@@ -99,8 +100,8 @@ def test_crash_mid_training_marks_the_run_failed_and_keeps_the_champion(project,
     def crash(run_id, epoch, values):
         raise RuntimeError("simulated crash in epoch 1")
 
-    log_epoch = steps._log_epoch
-    monkeypatch.setattr(steps, "_log_epoch", crash)
+    log_epoch = tracking.log_epoch
+    monkeypatch.setattr(tracking, "log_epoch", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _retrain()
     client = _client()
@@ -110,7 +111,7 @@ def test_crash_mid_training_marks_the_run_failed_and_keeps_the_champion(project,
     assert runs[0].info.status == "FAILED"
     assert registry.get_alias(client, get_settings().model_name).version == first["champion_version"]
 
-    monkeypatch.setattr(steps, "_log_epoch", log_epoch)
+    monkeypatch.setattr(tracking, "log_epoch", log_epoch)
     # the next run works; same data, seed and params give the same model, which ties the champion
     again = _retrain()
     assert again["test_accuracy"] == first["test_accuracy"]
@@ -120,14 +121,14 @@ def test_crash_mid_training_marks_the_run_failed_and_keeps_the_champion(project,
 def test_a_source_failing_its_checksum_stops_the_flow_before_any_version(project, slice_npz):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from cli.main import digits
 
     params_file = project / "params.yaml"
     params = yaml.safe_load(params_file.read_text())
     params["data"].update(source="keras-url", keras_url={"url": slice_npz.as_uri(), "sha256": "0" * 64})
     params_file.write_text(yaml.safe_dump(params))
 
-    result = CliRunner().invoke(app, ["retrain"])
+    result = CliRunner().invoke(digits, ["retrain"])
     assert result.exit_code == 1
     assert "checksum mismatch" in result.output and "Nothing was trained or promoted" in result.output
     assert not (project / "data.dvc").exists() and not (project / "data").exists()

@@ -22,7 +22,7 @@ import pytest
 from conftest import free_port
 from typer.testing import CliRunner
 
-from flows.cli import app
+from cli.main import digits
 from pipeline import registry
 from pipeline.settings import get_settings
 from tests.integration.serving_fixtures import Server
@@ -118,7 +118,7 @@ def test_retrain_status_and_serving_through_the_tracking_server(on_server, infra
 
         # `digits status`, configured by the environment alone (settings are read afresh)
         get_settings.cache_clear()
-        status = CliRunner().invoke(app, ["status", "--json", "--all"])
+        status = CliRunner().invoke(digits, ["status", "--json", "--all"])
         assert status.exit_code == 0, status.output
         report = json.loads(status.stdout)
         assert report["champion"]["version"] == "1" and report["champion"]["run_id"] == run_id

@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from flows.cli import app
-from pipeline import registry, steps, versioning
+from app import data, training
+from cli.main import digits
+from pipeline import registry, tracking, versioning
 from pipeline.data import load_dataset
 from pipeline.params import load_params
 from pipeline.settings import get_settings
@@ -28,13 +29,13 @@ def _settings_and_params():
 
 def test_data_version_round_trips_through_the_remote_and_grows_with_added_images(project, mnist_slice):
     settings, params = _settings_and_params()
-    first = steps.prepare_data(settings, params)
+    first = data.prepare(settings, params)
     assert first.pushed and first.files == 4
     assert versioning.is_checked_out(project, settings.data_dir)
     # ingesting the same source again gives the same bytes, so the same version
     shutil.rmtree(settings.data_dir)
     (project / "data.dvc").unlink()
-    assert steps.prepare_data(settings, params).md5 == first.md5
+    assert data.prepare(settings, params).md5 == first.md5
 
     # a fresh clone has data.dvc but no data/: the version comes back from the DVC remote
     shutil.rmtree(settings.data_dir)
@@ -49,7 +50,7 @@ def test_data_version_round_trips_through_the_remote_and_grows_with_added_images
         buffer = io.BytesIO()
         Image.fromarray(255 - mnist_slice.x_test[index]).resize((120, 120)).save(buffer, format="PNG")
         (folder / f"{index}.png").write_bytes(buffer.getvalue())
-    result = CliRunner().invoke(app, ["data", "add", str(folder.parent)])
+    result = CliRunner().invoke(digits, ["data", "add", str(folder.parent)])
     assert result.exit_code == 0, result.output
     pointer = versioning.read_pointer(project / "data.dvc")
     assert pointer["md5"] != first.md5 and pointer["md5"] in result.output
@@ -58,11 +59,11 @@ def test_data_version_round_trips_through_the_remote_and_grows_with_added_images
 
 def test_corrupt_added_data_makes_no_new_version(project):
     settings, params = _settings_and_params()
-    before = steps.prepare_data(settings, params)
+    before = data.prepare(settings, params)
     folder = project.parent / "bad" / "3"
     folder.mkdir(parents=True)
     (folder / "scan.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
-    result = CliRunner().invoke(app, ["data", "add", str(folder.parent)])
+    result = CliRunner().invoke(digits, ["data", "add", str(folder.parent)])
     assert result.exit_code == 1
     assert "3/scan.jpg" in result.output and "nothing was added" in result.output
     assert versioning.read_pointer(project / "data.dvc")["md5"] == before.md5
@@ -70,11 +71,11 @@ def test_corrupt_added_data_makes_no_new_version(project):
 
 def _register_trained(settings, params, epochs: int) -> registry.ModelRef:
     """Train a quick candidate on the project's slice and register it (no alias)."""
-    data_version = steps.prepare_data(settings, params)
+    data_version = data.prepare(settings, params)
     tuned = params.model_copy(update={"train": params.train.model_copy(update={"epochs": epochs})})
-    run_id = steps.start_run(settings, tuned, data_version)
-    candidate = steps.train_candidate(settings, tuned, run_id)
-    steps.finish_run(settings, run_id)
+    run_id = tracking.start_run(settings, tuned, data_version)
+    candidate = training.train_and_evaluate(settings, tuned, run_id)
+    tracking.finish_run(settings, run_id)
     return registry.register(
         registry.connect(settings), settings.model_name, candidate.model_uri, run_id, {"data_version": data_version.md5}
     )
@@ -134,25 +135,25 @@ def test_manual_promote_and_rollback_go_through_the_checks(project):
     client = registry.connect(settings)
     champion = lambda alias=registry.CHAMPION: registry.get_alias(client, settings.model_name, alias).version  # noqa: E731
 
-    promoted = runner.invoke(app, ["promote", good.version])
+    promoted = runner.invoke(digits, ["promote", good.version])
     assert promoted.exit_code == 0, promoted.output
-    status = json.loads(runner.invoke(app, ["status", "--json"]).output)
+    status = json.loads(runner.invoke(digits, ["status", "--json"]).output)
     assert status["champion"]["version"] == good.version and status["champion"]["promoted_at"]
 
     # the weaker version loses the comparison with the champion unless the person insists
-    refused = runner.invoke(app, ["promote", weak.version])
+    refused = runner.invoke(digits, ["promote", weak.version])
     assert refused.exit_code == 1 and "not worse than champion" in refused.output
     assert champion() == good.version
 
-    forced = runner.invoke(app, ["promote", weak.version, "--allow-regression"])
+    forced = runner.invoke(digits, ["promote", weak.version, "--allow-regression"])
     assert forced.exit_code == 0, forced.output
     assert champion() == weak.version and champion(registry.PREVIOUS) == good.version
 
-    back = runner.invoke(app, ["rollback"])
+    back = runner.invoke(digits, ["rollback"])
     assert back.exit_code == 0, back.output
     assert champion() == good.version and champion(registry.PREVIOUS) == weak.version
     history = registry.promotion_history(client, settings.model_name)
     assert [h["version"] for h in history] == [good.version, weak.version, good.version]
 
-    missing = runner.invoke(app, ["promote", "99"])
+    missing = runner.invoke(digits, ["promote", "99"])
     assert missing.exit_code == 1 and "no version 99" in missing.output

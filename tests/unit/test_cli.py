@@ -7,15 +7,15 @@ from conftest import REPO
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from flows.cli import app
+from cli.main import digits
 from pipeline.settings import get_settings
 
-COMMANDS = sorted(get_command(app).commands)
+COMMANDS = sorted(get_command(digits).commands)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_a_useful_help(command):
-    result = CliRunner().invoke(app, [command, "--help"])
+    result = CliRunner().invoke(digits, [command, "--help"])
     assert result.exit_code == 0
     summary = result.output.split("Options:")[0]
     assert len(summary.split()) >= 8, f"`digits {command} --help` says too little:\n{result.output}"
@@ -26,7 +26,7 @@ def test_unknown_params_key_is_refused_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setenv("DIGITS_HOME", str(tmp_path))
     get_settings.cache_clear()
     try:
-        result = CliRunner().invoke(app, ["retrain", "--set", "train.epochz=3"])
+        result = CliRunner().invoke(digits, ["retrain", "--set", "train.epochz=3"])
     finally:
         get_settings.cache_clear()
     assert result.exit_code == 2
@@ -35,7 +35,7 @@ def test_unknown_params_key_is_refused_before_any_work(tmp_path, monkeypatch):
 
 
 def test_malformed_set_option_says_how_to_write_it():
-    result = CliRunner().invoke(app, ["retrain", "--set", "epochs"])
+    result = CliRunner().invoke(digits, ["retrain", "--set", "epochs"])
     assert result.exit_code == 2 and "KEY=VALUE" in result.output
 
 
@@ -68,7 +68,7 @@ def prefect_api(monkeypatch):
 @pytest.mark.parametrize("command", [["retrain", "--deployment"], ["deploy"]])
 def test_deployment_commands_without_a_prefect_server_say_how_to_start_one(command, prefect_api):
     with prefect_api(None):
-        result = CliRunner().invoke(app, command)
+        result = CliRunner().invoke(digits, command)
     assert result.exit_code == 1
     assert "no Prefect server is configured" in result.output and "prefect server start" in result.output
 
@@ -78,7 +78,7 @@ def test_an_unreachable_prefect_server_is_named(prefect_api):
 
     url = f"http://127.0.0.1:{free_port()}/api"
     with prefect_api(url):
-        result = CliRunner().invoke(app, ["retrain", "--deployment"])
+        result = CliRunner().invoke(digits, ["retrain", "--deployment"])
     assert result.exit_code == 1
     assert f"the Prefect server at {url} does not answer" in result.output
 
@@ -89,7 +89,7 @@ def test_bad_params_are_refused_before_a_deployment_run_is_triggered(tmp_path, m
     get_settings.cache_clear()
     try:
         with prefect_api(None):  # had it got as far as the server, it would fail on that instead
-            result = CliRunner().invoke(app, ["retrain", "--deployment", "--set", "train.epochz=3"])
+            result = CliRunner().invoke(digits, ["retrain", "--deployment", "--set", "train.epochz=3"])
     finally:
         get_settings.cache_clear()
     assert result.exit_code == 2 and "train.epochz: unknown key" in result.output
@@ -114,7 +114,7 @@ def test_a_sweep_with_nothing_to_sweep_or_a_bad_grid_stops_before_any_work(args,
     monkeypatch.setenv("DIGITS_HOME", str(tmp_path))
     get_settings.cache_clear()
     try:
-        result = CliRunner().invoke(app, ["sweep", *args])
+        result = CliRunner().invoke(digits, ["sweep", *args])
     finally:
         get_settings.cache_clear()
     assert result.exit_code == 2, result.output

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.params import ParamsError, load_params, parse_params, sweep_candidates
+from app.training import TrainedModel, best
+from pipeline.params import ParamsError, grid_points, load_params, parse_params
 from pipeline.settings import Settings
-from pipeline.steps import Trial, best_trial
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,13 +28,13 @@ def test_the_committed_grid_parses_and_a_missing_section_is_an_empty_grid():
     without.pop("sweep", None)
     params = parse_params(without)
     assert params.sweep.grid == {}
-    [only] = sweep_candidates(params)  # an empty grid is one candidate: the params as they are
+    [only] = grid_points(params)  # an empty grid is one candidate: the params as they are
     assert only.values == {} and only.params.model == params.model and only.label == "params.yaml as it is"
 
 
 def test_every_combination_in_grid_order_each_a_whole_params_without_a_grid():
     params = parse_params(raw({"model.dense_units": [64, 128], "train.learning_rate": [0.001, 0.002, 0.004]}))
-    candidates = sweep_candidates(params)
+    candidates = grid_points(params)
     assert [c.name for c in candidates] == ["c1", "c2", "c3", "c4", "c5", "c6"]
     assert [(c.params.model.dense_units, c.params.train.learning_rate) for c in candidates] == [
         (64, 0.001),
@@ -54,20 +54,20 @@ def test_every_combination_in_grid_order_each_a_whole_params_without_a_grid():
 
 
 def test_list_valued_keys_take_a_list_of_lists():
-    candidates = sweep_candidates(parse_params(raw({"model.conv_filters": [[16], [32, 64]]})))
+    candidates = grid_points(parse_params(raw({"model.conv_filters": [[16], [32, 64]]})))
     assert [c.params.model.conv_filters for c in candidates] == [[16], [32, 64]]
 
 
 def test_overrides_set_the_base_and_the_grid_wins_on_its_own_keys():
     params = parse_params(raw(), {"train.epochs": 1, "model.dense_units": 8, "sweep.grid": {"model.dense_units": [16, 32]}})
-    candidates = sweep_candidates(params)
+    candidates = grid_points(params)
     assert [(c.params.train.epochs, c.params.model.dense_units) for c in candidates] == [(1, 16), (1, 32)]
 
 
 def test_expansion_does_not_touch_its_input():
     params = parse_params(raw({"model.dense_units": [16, 32]}))
     before = params.model_dump()
-    sweep_candidates(params)
+    grid_points(params)
     assert params.model_dump() == before
 
 
@@ -109,34 +109,35 @@ def test_a_grid_needs_a_validation_hold_out_to_choose_on():
     parse_params(raw({}, validation_split=0))  # no grid, no sweep: retrain may train on everything
 
 
-def _trial(name: str, accuracy: float, loss: float) -> Trial:
-    return Trial(run_id=name, model_uri=f"runs:/{name}/model", val_accuracy=accuracy, val_loss=loss)
+def _trained(name: str, accuracy: float, loss: float) -> TrainedModel:
+    return TrainedModel(run_id=name, model_uri=f"runs:/{name}/model", val_accuracy=accuracy, val_loss=loss)
 
 
-def test_the_best_trial_is_the_best_validation_accuracy_then_loss_then_grid_order():
-    assert best_trial([_trial("a", 0.90, 0.3), _trial("b", 0.95, 0.5), _trial("c", 0.93, 0.1)]).run_id == "b"
-    assert best_trial([_trial("a", 0.95, 0.3), _trial("b", 0.95, 0.2)]).run_id == "b"
-    assert best_trial([_trial("a", 0.95, 0.2), _trial("b", 0.95, 0.2)]).run_id == "a"
+def test_the_best_model_is_the_best_validation_accuracy_then_loss_then_grid_order():
+    assert best([_trained("a", 0.90, 0.3), _trained("b", 0.95, 0.5), _trained("c", 0.93, 0.1)]).run_id == "b"
+    assert best([_trained("a", 0.95, 0.3), _trained("b", 0.95, 0.2)]).run_id == "b"
+    assert best([_trained("a", 0.95, 0.2), _trained("b", 0.95, 0.2)]).run_id == "a"
     with pytest.raises(ValueError, match="every sweep candidate failed"):
-        best_trial([])
+        best([])
 
 
 def test_a_local_cluster_shares_the_cores_and_an_address_leaves_sizing_to_its_workers():
-    from flows import sweep
+    from app import sweep
+    from flows.sweep import task_runner
 
     base = Settings(home=REPO)
-    assert sweep.plan_cluster(base, candidates=2, cores=4) == sweep.Cluster(None, 2, 2)  # no idle workers
-    assert sweep.plan_cluster(base, candidates=9, cores=4) == sweep.Cluster(None, 4, 1)  # one worker per core
-    assert sweep.plan_cluster(base, candidates=1, cores=1) == sweep.Cluster(None, 1, 1)
+    assert sweep.plan_cluster(base, points=2, cores=4) == sweep.Cluster(None, 2, 2)  # no idle workers
+    assert sweep.plan_cluster(base, points=9, cores=4) == sweep.Cluster(None, 4, 1)  # one worker per core
+    assert sweep.plan_cluster(base, points=1, cores=1) == sweep.Cluster(None, 1, 1)
     assert sweep.plan_cluster(base.model_copy(update={"dask_workers": 3}), 9, cores=4) == sweep.Cluster(None, 3, 1)
     assert sweep.plan_cluster(base.model_copy(update={"sweep_tf_threads": 2}), 9, cores=4) == sweep.Cluster(None, 4, 2)
-    assert sweep.plan_cluster(base, candidates=2).workers >= 1  # this machine's own cores
+    assert sweep.plan_cluster(base, points=2).workers >= 1  # this machine's own cores
 
-    remote = sweep.plan_cluster(base.model_copy(update={"dask_address": "tcp://10.0.0.5:8786"}), candidates=9)
+    remote = sweep.plan_cluster(base.model_copy(update={"dask_address": "tcp://10.0.0.5:8786"}), points=9)
     assert remote == sweep.Cluster("tcp://10.0.0.5:8786", None, None)
-    assert sweep.plan_cluster(base, candidates=9, address="tcp://h:1").address == "tcp://h:1"  # the CLI option wins
-    assert sweep.task_runner(remote).address == "tcp://10.0.0.5:8786"
-    local = sweep.task_runner(sweep.Cluster(None, 2, 1))
+    assert sweep.plan_cluster(base, points=9, address="tcp://h:1").address == "tcp://h:1"  # the CLI option wins
+    assert task_runner(remote).address == "tcp://10.0.0.5:8786"
+    local = task_runner(sweep.Cluster(None, 2, 1))
     assert local.address is None and local.cluster_kwargs["n_workers"] == 2
     assert local.cluster_kwargs["threads_per_worker"] == 1 and local.cluster_kwargs["env"]["TF_NUM_INTRAOP_THREADS"] == "1"
 

@@ -1,0 +1,178 @@
+"""Promotion use cases: gate a candidate, promote it, promote or roll back a version by hand, report the champion.
+
+Every move of ``champion`` goes one way: a decision from ``pipeline.gate``, then the registry's
+locked compare-and-set, then the decision logged with its reasons.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from app.training import SMOKE_IMAGES, Candidate, score
+from pipeline import registry
+from pipeline.data import load_dataset
+from pipeline.evaluate import predict_classes
+from pipeline.gate import Check, GateDecision, decide
+from pipeline.params import Params
+from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from pipeline.data import Dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    decision: GateDecision
+    registered: registry.ModelRef | None
+    champion: registry.ModelRef | None
+
+
+def gate(settings: Settings, params: Params, candidate: Candidate) -> GateDecision:
+    """Floors, then the champion re-scored on the same test data in this run."""
+    client = registry.connect(settings)
+    champion = registry.get_alias(client, settings.model_name)
+    champion_metrics = None
+    if champion is not None:
+        champion_metrics, _ = score(champion.uri, load_dataset(settings.data_dir))
+        log.info("champion v%s re-scored: accuracy %.4f", champion.version, champion_metrics.accuracy)
+        client.log_metric(candidate.run_id, "champion_test_accuracy", champion_metrics.accuracy)
+    return decide(candidate.metrics, params.gate, champion_metrics, champion.version if champion else None)
+
+
+def promote(settings: Settings, candidate: Candidate, decision: GateDecision) -> Outcome:
+    """Register a candidate that cleared the gate, smoke-test the registered copy, move ``champion``."""
+    client = registry.connect(settings)
+    if not decision.promote:
+        _log_decision(client, candidate.run_id, decision)
+        return Outcome(decision, None, registry.get_alias(client, settings.model_name))
+    run_tags = client.get_run(candidate.run_id).data.tags
+    version = registry.register(
+        client,
+        settings.model_name,
+        candidate.model_uri,
+        candidate.run_id,
+        {
+            "data_version": run_tags.get("data_version", "unknown"),
+            "git_commit": run_tags.get("git_commit", "unknown"),
+            "test_accuracy": f"{candidate.metrics.accuracy:.4f}",
+            "test_min_class_recall": f"{candidate.metrics.min_class_recall:.4f}",
+            "gate_reasons": "; ".join(decision.reasons)[:4000],
+        },
+    )
+    decision = decision.with_check(_smoke_check(version.uri, load_dataset(settings.data_dir), candidate.smoke_digits))
+    decision = _move_champion(client, settings, version.version, decision, "; ".join(decision.reasons), candidate.run_id)
+    client.set_model_version_tag(settings.model_name, version.version, "gate", "promote" if decision.promote else "reject")
+    if decision.promote:
+        client.set_tag(candidate.run_id, "promoted_version", version.version)
+    return Outcome(
+        decision,
+        registry.get_version(client, settings.model_name, version.version),
+        registry.get_alias(client, settings.model_name),
+    )
+
+
+def override(settings: Settings, params: Params, version: str, allow_regression: bool = False) -> Outcome:
+    """A person's promotion of a registered version (``digits promote``), through the same checks.
+
+    The version is re-scored on the test set against the floors, compared with the champion unless
+    ``allow_regression``, and loading it from the registry is the smoke check. The decision is
+    logged as an MLflow run of its own.
+    """
+    import mlflow
+
+    client = registry.connect(settings)
+    champion = registry.get_alias(client, settings.model_name)
+    target = registry.get_version(client, settings.model_name, version)
+    if champion is not None and champion.version == target.version:
+        raise registry.PromotionError(f"v{target.version} is already the champion")
+    dataset = load_dataset(settings.data_dir)
+    try:
+        metrics, _ = score(target.uri, dataset)
+    except Exception as err:  # a version that cannot load or answer is not promotable
+        raise registry.PromotionError(f"v{target.version} failed the smoke check: {type(err).__name__}: {err}") from None
+    champion_metrics = score(champion.uri, dataset)[0] if champion and not allow_regression else None
+    decision = decide(metrics, params.gate, champion_metrics, champion.version if champion_metrics else None)
+    decision = decision.with_check(Check("smoke prediction from the registry", True, f"{target.uri} loaded and answered"))
+    if allow_regression and champion is not None:
+        note = f"comparison with champion v{champion.version} skipped on request (override)"
+        decision = dataclasses.replace(decision, champion_version=champion.version, notes=decision.notes + (note,))
+    with mlflow.start_run(run_name=f"promote-v{target.version}") as run:
+        mlflow.set_tags({"kind": "manual-promotion", "target_version": target.version})
+        mlflow.log_metrics(metrics.flat())
+    reason = "manual: " + "; ".join(decision.reasons)
+    decision = _move_champion(client, settings, target.version, decision, reason, run.info.run_id)
+    return Outcome(decision, target, registry.get_alias(client, settings.model_name))
+
+
+def rollback(settings: Settings, params: Params) -> Outcome:
+    """Move ``champion`` back to ``previous-champion``: floors and smoke check apply, the comparison does not."""
+    previous = registry.get_alias(registry.connect(settings), settings.model_name, registry.PREVIOUS)
+    if previous is None:
+        raise registry.PromotionError("there is no previous champion to roll back to")
+    return override(settings, params, previous.version, allow_regression=True)
+
+
+def status(settings: Settings, show_all: bool = False) -> dict[str, Any]:
+    """The champion and the previous one; with ``show_all`` every version and the promotion history."""
+    client = registry.connect(settings)
+    champion = registry.get_alias(client, settings.model_name)
+    previous = registry.get_alias(client, settings.model_name, registry.PREVIOUS)
+    report: dict[str, Any] = {
+        "model_name": settings.model_name,
+        "champion": champion.to_dict() if champion else None,
+        "previous_champion": previous.version if previous else None,
+    }
+    if show_all:
+        report["versions"] = [v.to_dict() for v in registry.list_versions(client, settings.model_name)]
+        report["promotion_history"] = registry.promotion_history(client, settings.model_name)
+    return report
+
+
+def _move_champion(
+    client: MlflowClient, settings: Settings, version: str, decision: GateDecision, reason: str, run_id: str
+) -> GateDecision:
+    """The one way ``champion`` moves: only on a passing decision, under the registry's lock; the decision is logged."""
+    if decision.promote:
+        try:
+            registry.move_champion(client, settings, version, decision.champion_version, reason, run_id)
+        except registry.PromotionError as err:
+            decision = decision.with_check(Check("champion unchanged since comparison", False, str(err)))
+    _log_decision(client, run_id, decision)
+    return decision
+
+
+def _smoke_check(model_uri: str, dataset: Dataset, expected: tuple[int, ...]) -> Check:
+    try:
+        from pipeline.train import compiled_predictor
+
+        probabilities, digits = predict_classes(compiled_predictor(registry.load_keras(model_uri)), dataset.x_test[:SMOKE_IMAGES])
+    except Exception as err:  # any failure to load or answer is the finding
+        return Check("smoke prediction from the registry", False, f"{model_uri} failed: {type(err).__name__}: {err}")
+    ok = probabilities.shape == (len(expected), 10) and bool(np.isfinite(probabilities).all()) and tuple(digits) == expected
+    detail = (
+        f"{model_uri} answered {len(digits)} test images like the trained model"
+        if ok
+        else f"{model_uri} answers differ from the trained model's: {tuple(digits)[:8]} vs {expected[:8]}"
+    )
+    return Check("smoke prediction from the registry", ok, detail)
+
+
+def _log_decision(client: MlflowClient, run_id: str, decision: GateDecision) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "gate_decision.json").write_text(json.dumps(decision.to_dict(), indent=2))
+        Path(tmp, "gate_decision.md").write_text(decision.to_markdown())
+        client.log_artifacts(run_id, tmp, "gate")
+    client.set_tag(run_id, "gate", "promote" if decision.promote else "reject")
+    client.set_tag(run_id, "gate_reasons", "; ".join(decision.reasons)[:4000])

@@ -1,0 +1,50 @@
+"""``digits``: retrain, inspect and override the champion, manage data, open the UIs, predict."""
+
+from __future__ import annotations
+
+import atexit
+import gc
+
+import typer
+
+from cli import data, models, operations, stages, training
+from serving import cli as serving
+
+digits = typer.Typer(
+    help=(
+        "Handwritten-digit MLOps: DVC data versions, Great Expectations checks, Keras training "
+        "tracked in MLflow, a promotion gate, the MLflow Model Registry and a BentoML service.\n\n"
+        "Typical use: `digits retrain` (trains and promotes if the gate passes), "
+        "`digits status`, `digits ui`, `digits serve`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+@digits.callback()
+def _exit_without_final_garbage_collections() -> None:
+    # At exit the interpreter's last garbage collections walk every object TensorFlow, Prefect and MLflow
+    # made, freeing memory the OS takes back anyway; frozen objects are skipped. Registered first, this
+    # runs after every other exit handler (Prefect's, MLflow's).
+    atexit.register(gc.freeze)
+
+
+for command in (
+    training.retrain,
+    training.sweep,
+    models.status,
+    models.promote,
+    models.rollback,
+    operations.ui,
+    operations.deploy,
+    stages.validate,
+    stages.train,
+    stages.gate,
+    serving.predict,
+    serving.serve,
+):
+    digits.command()(command)
+digits.add_typer(data.data, name="data")

@@ -1,0 +1,71 @@
+"""``digits status``, ``promote`` and ``rollback``: the champion in the MLflow Model Registry."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from cli.common import JsonOption, fail, load, quiet_libraries, reported_errors
+
+
+def status(
+    as_json: JsonOption = False,
+    show_all: Annotated[bool, typer.Option("--all", help="List every registered version and the promotion history.")] = False,
+) -> None:
+    """Show the champion: model name, version, run id, test metrics, data version, promoted-at."""
+    quiet_libraries()
+    from app import promotion
+    from pipeline.settings import get_settings
+
+    report = promotion.status(get_settings(), show_all)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    champion = report["champion"]
+    if champion is None:
+        typer.echo(f"{report['model_name']}: no champion yet. Run `digits retrain` to train and promote one.")
+        return
+    typer.echo(f"{report['model_name']} champion: v{champion['version']} (previous: {report['previous_champion'] or 'none'})")
+    for key in ("run_id", "data_version", "git_commit", "promoted_at", "promoted_by", "promotion_reason"):
+        typer.echo(f"  {key:<17} {champion[key]}")
+    for key, value in champion["metrics"].items():
+        typer.echo(f"  {key:<17} {value:.4f}")
+    for version in report.get("versions", []):
+        typer.echo(
+            f"  v{version['version']}: accuracy {version['metrics'].get('test_accuracy', float('nan')):.4f}, "
+            f"data {str(version['data_version'])[:12]}, promoted {version['promoted_at'] or '-'}"
+        )
+
+
+def promote(
+    version: Annotated[str, typer.Argument(help="Registered version number to make champion.")],
+    allow_regression: Annotated[bool, typer.Option(help="Promote even if less accurate than the current champion.")] = False,
+) -> None:
+    """Make a registered version the champion, through the same checks as the flow.
+
+    The version is re-scored on the test set against the floors in params.yaml, compared with the
+    current champion (skip with --allow-regression), and must load from the registry and answer.
+    """
+    from app import promotion
+
+    settings, params = load()
+    with reported_errors():
+        _report(promotion.override(settings, params, version, allow_regression))
+
+
+def rollback() -> None:
+    """Move `champion` back to `previous-champion` (floors and smoke checks still apply)."""
+    from app import promotion
+
+    settings, params = load()
+    with reported_errors():
+        _report(promotion.rollback(settings, params))
+
+
+def _report(outcome) -> None:
+    typer.echo(outcome.decision.to_markdown())
+    if not outcome.decision.promote:
+        fail("the champion did not move", 1)
+    typer.echo(f"champion is now v{outcome.champion.version}")
