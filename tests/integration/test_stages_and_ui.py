@@ -23,9 +23,16 @@ def _env(project: Path) -> dict[str, str]:
     return {**os.environ, "DIGITS_HOME": str(project), "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
 
 
+CODE = ("pipeline", "app", "cli")  # what the stages run, and so depend on
+
+
 def _with_dvc_stages(project: Path) -> None:
+    import shutil
+
     (project / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
-    (project / "pipeline").symlink_to(REPO / "pipeline")  # the stages depend on the library's code
+    (project / ".dvcignore").write_text((REPO / ".dvcignore").read_text())
+    for folder in CODE:
+        shutil.copytree(REPO / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
 
 
 def _dvc_status(project: Path) -> str:
@@ -48,6 +55,13 @@ def test_dvc_repro_validates_trains_and_promotes(project):
     # nothing changed: nothing to reproduce
     again = subprocess.run([f"{VENV_BIN}/dvc", "repro"], cwd=project, env=_env(project), capture_output=True, text=True)
     assert again.returncode == 0 and "didn't change, skipping" in again.stdout + again.stderr
+
+    # a change to the preprocessing is a change to every stage that runs it
+    with (project / "pipeline" / "preprocess.py").open("a") as code:
+        code.write("\n# changed\n")
+    status = _dvc_status(project)
+    assert all(f"{stage}:" in status for stage in ("validate", "train", "promote")), status
+    assert "modified:" in status and "pipeline" in status, status
 
 
 def test_mlflow_ui_shows_the_run_its_data_version_and_the_champion(project, browser, prefect_engine):
