@@ -86,6 +86,25 @@ def evaluate(settings: Settings, trained: TrainedModel) -> Candidate:
     return training.evaluate(settings, trained)
 
 
+def _train_all(
+    settings: Settings, points: list[GridPoint], runs: list[tracking.TrackedRun], tf_threads: int | None
+) -> tuple[dict[str, TrainedModel], dict[str, str]]:
+    """Train every grid point at once on the task runner: the trained models, and why the others failed."""
+    logger = get_run_logger()
+    level = logging.getLogger("pipeline").getEffectiveLevel()
+    futures = [train_point.submit(settings, p.params, r.run_id, tf_threads, level) for p, r in zip(points, runs, strict=True)]
+    trained: dict[str, TrainedModel] = {}
+    failures: dict[str, str] = {}
+    for point, run, future in zip(points, runs, futures, strict=True):
+        try:
+            trained[point.name] = future.result()
+        except Exception as err:  # one failed grid point does not sink the others
+            failures[point.name] = f"{type(err).__name__}: {err}".splitlines()[0][:300]  # the task run has it all
+            logger.warning("candidate %s (%s) failed: %s", point.name, point.label, failures[point.name])
+            run.close(failed=True, stopped_at="training")
+    return trained, failures
+
+
 @flow(name="sweep-digits", log_prints=True)
 def sweep_flow(overrides: dict[str, Any] | None = None, tf_threads: int | None = None, where: str = "") -> dict[str, Any]:
     """Train every grid point in parallel, gate the one with the best validation accuracy, promote it if it passes.
@@ -112,19 +131,7 @@ def sweep_flow(overrides: dict[str, Any] | None = None, tf_threads: int | None =
             )
             for p in points
         ]
-        level = logging.getLogger("pipeline").getEffectiveLevel()
-        futures = [
-            train_point.submit(settings, p.params, r.run_id, tf_threads, level) for p, r in zip(points, point_runs, strict=True)
-        ]
-        trained: dict[str, TrainedModel] = {}
-        failures: dict[str, str] = {}
-        for point, point_run, future in zip(points, point_runs, futures, strict=True):
-            try:
-                trained[point.name] = future.result()
-            except Exception as err:  # one failed grid point does not sink the others
-                failures[point.name] = f"{type(err).__name__}: {err}".splitlines()[0][:300]  # the task run has it all
-                logger.warning("candidate %s (%s) failed: %s", point.name, point.label, failures[point.name])
-                point_run.close(failed=True, stopped_at="training")
+        trained, failures = _train_all(settings, points, point_runs, tf_threads)
         if not trained:
             raise RuntimeError(f"every sweep candidate failed: {failures}")
         # the choice sees validation scores only; the test set is first used on the chosen one, below

@@ -1,7 +1,7 @@
 """A Prefect API server for one command, booting in a child process before this one imports Prefect.
 
 With no server configured, Prefect starts a temporary one on the flow's first API call, and only
-after this process has imported Prefect's server package (~3 s on 2 cores). Here
+after this process has imported Prefect's server package, which is slow. Here
 ``prefect server start`` boots on the other core from the command's first second, while this
 process imports the pipeline and prepares the MLflow store, and this process never imports the
 server package at all.
@@ -40,7 +40,7 @@ class TemporaryPrefectServer:
     def start_unless_configured(cls) -> TemporaryPrefectServer | None:
         """Start the server now, unless PREFECT_API_URL names one.
 
-        A Prefect profile can name a server too, but reading it means importing Prefect (~1 s):
+        A Prefect profile can name a server too, but reading it means importing Prefect, which takes a while:
         ``api()`` checks it and stops this server unused if so.
         """
         if _configured_api_url():

@@ -83,7 +83,7 @@ def _settle_garbage_collector() -> None:
     """Keep the long-lived objects of TensorFlow and the model out of future garbage collections.
 
     Without this, a full collection walks TensorFlow's large object graph every few seconds under
-    load and stalls every request for most of a second (measured: p99 870 ms at 32 clients).
+    load and stalls every request for most of a second (benchmarks/README.md has the figures).
     Objects of a replaced model are unfrozen and collected here, once per swap.
     """
     gc.unfreeze()
