@@ -20,7 +20,7 @@ from app.training import SMOKE_IMAGES, Candidate, score
 from pipeline import registry
 from pipeline.data import load_dataset
 from pipeline.evaluate import predict_classes
-from pipeline.gate import Check, GateDecision, decide
+from pipeline.gate import Check, GateDecision, Paired, decide
 from pipeline.params import Params
 from pipeline.settings import Settings
 
@@ -40,15 +40,33 @@ class Outcome:
 
 
 def gate(settings: Settings, params: Params, candidate: Candidate) -> GateDecision:
-    """Floors, then the champion re-scored on the same test data in this run."""
+    """Floors, then both models' answers on the same test images in this run: McNemar's test, and whether anything changed."""
     client = registry.connect(settings)
     champion = registry.get_alias(client, settings.model_name)
-    champion_metrics = None
-    if champion is not None:
-        champion_metrics, _ = score(champion.uri, load_dataset(settings.data_dir))
-        log.info("champion v%s re-scored: accuracy %.4f", champion.version, champion_metrics.accuracy)
-        client.log_metric(candidate.run_id, "champion_test_accuracy", champion_metrics.accuracy)
-    return decide(candidate.metrics, params.gate, champion_metrics, champion.version if champion else None)
+    if champion is None:
+        return decide(candidate.metrics, params.gate)
+    dataset = load_dataset(settings.data_dir)
+    metrics, answers = score(candidate.model_uri, dataset)
+    champion_metrics, champion_answers = score(champion.uri, dataset)
+    paired = Paired.compare(dataset.y_test, answers, champion_answers)
+    log.info("champion v%s re-scored: accuracy %.4f; %s", champion.version, champion_metrics.accuracy, paired.describe())
+    figures = {
+        "champion_test_accuracy": champion_metrics.accuracy,
+        "gate_only_candidate_right": paired.only_candidate,
+        "gate_only_champion_right": paired.only_champion,
+        "gate_mcnemar_p": paired.p_value,
+    }
+    for key, value in figures.items():
+        client.log_metric(candidate.run_id, key, value)
+    same_setup = champion.run_id is not None and _setup(client, candidate.run_id) == _setup(client, champion.run_id)
+    return decide(metrics, params.gate, champion_metrics, champion.version, paired=paired, same_setup=same_setup)
+
+
+def _setup(client: MlflowClient, run_id: str) -> tuple[dict[str, str], str | None]:
+    """What a run's model was trained from: its model and training params, and its data version."""
+    run = client.get_run(run_id)
+    trained_from = {k: v for k, v in run.data.params.items() if k.startswith(("model.", "train."))}
+    return trained_from, run.data.tags.get("data_version")
 
 
 def promote(settings: Settings, candidate: Candidate, decision: GateDecision) -> Outcome:
@@ -99,11 +117,15 @@ def override(settings: Settings, params: Params, version: str, allow_regression:
         raise registry.PromotionError(f"v{target.version} is already the champion")
     dataset = load_dataset(settings.data_dir)
     try:
-        metrics, _ = score(target.uri, dataset)
+        metrics, answers = score(target.uri, dataset)
     except Exception as err:  # a version that cannot load or answer is not promotable
         raise registry.PromotionError(f"v{target.version} failed the smoke check: {type(err).__name__}: {err}") from None
-    champion_metrics = score(champion.uri, dataset)[0] if champion and not allow_regression else None
-    decision = decide(metrics, params.gate, champion_metrics, champion.version if champion_metrics else None)
+    if champion is not None and not allow_regression:
+        champion_metrics, champion_answers = score(champion.uri, dataset)
+        paired = Paired.compare(dataset.y_test, answers, champion_answers)
+        decision = decide(metrics, params.gate, champion_metrics, champion.version, paired=paired)
+    else:
+        decision = decide(metrics, params.gate)
     decision = decision.with_check(Check("smoke prediction from the registry", True, f"{target.uri} loaded and answered"))
     if allow_regression and champion is not None:
         note = f"comparison with champion v{champion.version} skipped on request (override)"

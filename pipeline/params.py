@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -76,7 +76,20 @@ class TrainParams(_Strict):
 class GateParams(_Strict):
     min_accuracy: float = Field(0.99, ge=0, le=1)
     min_class_recall: float = Field(0.97, ge=0, le=1)
+    # a drop below the champion up to this is allowed; a larger one only when it is not significant
     max_accuracy_drop: float = Field(0.0, ge=0, le=1)
+    significance: float = Field(0.05, gt=0, lt=1)
+    # out-of-distribution families of the suite: a floor each, and how far below the champion each may fall
+    min_family_accuracy: dict[str, float] = Field(default_factory=dict)
+    max_family_drop: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("min_family_accuracy", "max_family_drop")
+    @classmethod
+    def _shares(cls, values: dict[str, float]) -> dict[str, float]:
+        for family, value in values.items():
+            if not 0 <= value <= 1:
+                raise ValueError(f"{family}: {value} is not a share between 0 and 1")
+        return values
 
 
 class SweepParams(_Strict):

@@ -112,10 +112,11 @@ def test_crash_mid_training_marks_the_run_failed_and_keeps_the_champion(project,
     assert registry.get_alias(client, get_settings().model_name).version == first["champion_version"]
 
     monkeypatch.setattr(tracking, "log_epoch", log_epoch)
-    # the next run works; same data, seed and params give the same model, which ties the champion
+    # the next run works; same data, seed and params give the same model, which changes nothing
     again = _retrain()
     assert again["test_accuracy"] == first["test_accuracy"]
-    assert again["promoted"] and again["champion_version"] == "2"
+    assert not again["promoted"] and again["registered_version"] is None and again["champion_version"] == "1"
+    assert any(reason.startswith("a change from the champion: the same data version and params") for reason in again["reasons"])
 
 
 def test_a_source_failing_its_checksum_stops_the_flow_before_any_version(project, slice_npz):
