@@ -27,7 +27,7 @@ def ui(
     if url := settings.tracking_server:
         if problem := tracking.server_problem(url):
             fail(
-                f"MLFLOW_TRACKING_URI points at a tracking server, but {problem}. "
+                f"MLFLOW_TRACKING_URI points at the tracking server {url}, which does not answer ({problem}). "
                 "Start it (`mlflow server ...`), fix MLFLOW_TRACKING_URI, or unset it to use the embedded store."
             )
         typer.echo(

@@ -129,7 +129,7 @@ def ui_command(settings: Settings, port: int) -> list[str]:
 
 
 def server_problem(url: str) -> str | None:
-    """Why the tracking server at ``url`` cannot be used, or None when it answers."""
+    """Why the tracking server at ``url`` does not answer (the connection error), or None when it does."""
     import urllib.error
     import urllib.request
 
@@ -138,5 +138,5 @@ def server_problem(url: str) -> str | None:
     except urllib.error.HTTPError:
         return None  # it answered (perhaps asking for credentials): it is up
     except OSError as err:
-        return f"the tracking server {url} does not answer ({err})"
+        return str(err)
     return None
