@@ -63,7 +63,8 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def _decode_reduced(image: Image.Image) -> None:
-    """Let a large JPEG decode at a fraction of its size: a 12 MP photo then costs a few ms, not a few hundred."""
+    """Let a large JPEG decode at a fraction of its size: ink is found on a small copy anyway, and a phone photo
+    decoded in full costs more than everything else on the path."""
     longest = max(image.size)
     if image.format == "JPEG" and longest > 2 * DECODE_SIDE:
         scale = DECODE_SIDE / longest
@@ -138,11 +139,8 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     if gray.dtype != np.uint8:
         gray = np.clip(np.rint(np.asarray(gray, dtype=np.float32)), 0, 255).astype(np.uint8)
     work, scale = _working_copy(gray)
-    dark_ink = _dark_ink_is_likelier(gray, work)
+    dark_ink, background, ink = _read_polarity(gray, work)
     paper = gray if dark_ink else 255 - gray
-    work = work if dark_ink else 255 - work
-    background = _paper_background(work)
-    ink = _ink_strength(work, background)
     mask = _ink_mask(ink)
     digit = _digit_components(mask)
     return _mnist_frame(paper, background, digit, scale)
@@ -161,14 +159,17 @@ MIN_INK_CONTRAST = 0.12
 MIN_TONE_RANGE = 12
 # a digit's ink covers a small part of the frame; more than this is texture or noise
 MAX_INK_SHARE = 0.35
-# relative to a stroke's core, ink fainter than this is blur or paper grain (as the 0.2 cut MNIST-style paths use)
-HALO = 0.3
+# relative to a stroke's core, ink fainter than this is blur or paper grain (the cut the first MNIST-style path made)
+HALO = 0.2
+# MNIST's strokes are about this many pixels wide in the 28x28 frame; thinner ones are widened to it
+MIN_STROKE = 1.5
 # a "digit" whose box spans this much of both sides of the frame is ink spread all over
 MAX_DIGIT_SPAN = 0.92
 
 
-def _dark_ink_is_likelier(gray: np.ndarray, work: np.ndarray) -> bool:
-    """Whether the ink is darker than the paper (a pen on paper) or lighter (chalk, a white-on-black canvas).
+def _read_polarity(gray: np.ndarray, work: np.ndarray) -> tuple[bool, np.ndarray, np.ndarray]:
+    """Whether the ink is darker than the paper (a pen) or lighter (chalk, a white-on-black canvas), with the
+    paper's background and the ink's strength on the working copy read that way.
 
     Ink is the minority: read each way, the true polarity finds ink on the smaller share of the image.
     Where both shares are alike, ink lies in the longer tail of the grey levels beyond the median. The
@@ -180,12 +181,14 @@ def _dark_ink_is_likelier(gray: np.ndarray, work: np.ndarray) -> bool:
             f"no digit found: the image is one flat tone (grey levels {int(low)}-{int(high)}); "
             "send a photo or drawing of one digit, dark on light or light on dark"
         )
-    dark_share, light_share = (
-        float(np.mean(_ink_strength(paper, _paper_background(paper)) > MIN_INK_CONTRAST)) for paper in (work, 255 - work)
-    )
-    if abs(dark_share - light_share) > 0.01:
-        return dark_share < light_share
-    return bool(median - low >= high - median)
+    readings = []
+    for paper in (work, 255 - work):
+        background = _paper_background(paper)
+        readings.append((background, _ink_strength(paper, background)))
+    dark_share, light_share = (float(np.mean(ink > MIN_INK_CONTRAST)) for _, ink in readings)
+    dark_ink = dark_share < light_share if abs(dark_share - light_share) > 0.01 else bool(median - low >= high - median)
+    background, ink = readings[0 if dark_ink else 1]
+    return dark_ink, background, ink
 
 
 def _working_copy(gray: np.ndarray) -> tuple[np.ndarray, float]:
@@ -241,10 +244,11 @@ def _ink_mask(ink: np.ndarray) -> np.ndarray:
             "photo); send a photo or drawing of one digit on plain paper"
         )
     strong = weak & (strength > strong_level)
-    # hysteresis: a pencil stroke's faint edges count where they touch its dark core
+    # hysteresis: a pencil stroke's faint edges count where they touch its dark core; a region that is
+    # mostly faint (the soft edge of a shadow, a crease) is not ink even where a few pixels are dark enough
     count, labels = cv2.connectedComponents(weak.astype(np.uint8), connectivity=8)
-    keep = np.zeros(count, dtype=bool)
-    keep[np.unique(labels[strong])] = True
+    strong_pixels = np.bincount(labels[strong], minlength=count)
+    keep = strong_pixels >= 0.25 * np.bincount(labels.ravel(), minlength=count)
     keep[0] = False
     return keep[labels]
 
@@ -291,6 +295,14 @@ def _touches_border(stats_row: np.ndarray, shape: tuple[int, int]) -> bool:
     return left == 0 or top == 0 or right == shape[1] or bottom == shape[0]
 
 
+def _is_solid_blob(stats_row: np.ndarray) -> bool:
+    """Mostly filled and not elongated: a shadow's corner or a fingertip, where strokes leave their box mostly empty."""
+    left, top, right, bottom = _box(stats_row)
+    width, height = right - left, bottom - top
+    filled = stats_row[4] / (width * height)
+    return filled >= 0.5 and max(width, height) < 3 * min(width, height)
+
+
 def _could_be_a_digit(stats_row: np.ndarray, shape: tuple[int, int]) -> bool:
     """Large enough to be seen as a digit, and not a dash: no digit is much wider than it is tall."""
     left, top, right, bottom = _box(stats_row)
@@ -307,7 +319,9 @@ def _digit_components(mask: np.ndarray) -> np.ndarray:
     candidates = [
         label
         for label in range(1, count)
-        if stats[label, cv2.CC_STAT_AREA] >= 4 and not _touches_border_widely(stats[label], labels, label)
+        if stats[label, cv2.CC_STAT_AREA] >= 4
+        and not _touches_border_widely(stats[label], labels, label)
+        and not (_touches_border(stats[label], (height, width)) and _is_solid_blob(stats[label]))
     ]
     if len(candidates) > 150:
         raise NotADigitError(
@@ -332,7 +346,7 @@ def _digit_components(mask: np.ndarray) -> np.ndarray:
         grown = False
         reach = 0.25 * max(box[2] - box[0], box[3] - box[1])
         for label in candidates:
-            if label in chosen or areas[label] < 0.03 * areas[main]:
+            if label in chosen or areas[label] < 0.005 * areas[main]:
                 continue
             other = _box(stats[label])
             gap_x = max(other[0] - box[2], box[0] - other[2], 0)
@@ -393,6 +407,7 @@ def _mnist_frame(paper: np.ndarray, background: np.ndarray, digit: np.ndarray, s
     ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     # scale the longer side to BOX, keeping the aspect ratio
     box_scale = BOX / max(ink.shape)
+    ink = _thickened(ink, MIN_STROKE / box_scale)
     height, width = max(1, round(ink.shape[0] * box_scale)), max(1, round(ink.shape[1] * box_scale))
     interpolation = cv2.INTER_AREA if box_scale < 1 else cv2.INTER_CUBIC
     digit_box = np.clip(cv2.resize(ink * 255, (width, height), interpolation=interpolation), 0, 255)
@@ -410,7 +425,22 @@ def _mnist_frame(paper: np.ndarray, background: np.ndarray, digit: np.ndarray, s
     return np.clip(np.rint(frame), 0, 255).astype(np.uint8)
 
 
-def _resize_region(image: np.ndarray, box: tuple[float, float, float, float], size: tuple[int, int], interpolation: int) -> np.ndarray:
+def _thickened(ink: np.ndarray, min_width: float) -> np.ndarray:
+    """Strokes widened to at least ``min_width`` pixels: a pencil line would otherwise fade to a grey hair in 20x20."""
+    import cv2
+
+    solid = (ink >= 0.5).astype(np.uint8)
+    edge = np.count_nonzero(solid - cv2.erode(solid, np.ones((3, 3), np.uint8)))
+    width = 2 * np.count_nonzero(solid) / max(edge, 1)  # a stroke of length L and width w: area wL, edge about 2L
+    grow = int(round(min_width - width))
+    if grow < 1:
+        return ink
+    return cv2.dilate(ink, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (grow + 1, grow + 1)))
+
+
+def _resize_region(
+    image: np.ndarray, box: tuple[float, float, float, float], size: tuple[int, int], interpolation: int
+) -> np.ndarray:
     """The part of ``image`` inside ``box`` (left, top, right, bottom, in its pixels, fractional) resampled to ``size``."""
     import cv2
 
@@ -418,9 +448,7 @@ def _resize_region(image: np.ndarray, box: tuple[float, float, float, float], si
     # an affine map from output pixel centres to input coordinates
     sx, sy = (right - left) / size[0], (bottom - top) / size[1]
     matrix = np.array([[sx, 0, left + 0.5 * sx - 0.5], [0, sy, top + 0.5 * sy - 0.5]], dtype=np.float64)
-    return cv2.warpAffine(
-        image, matrix, size, flags=interpolation | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
-    )
+    return cv2.warpAffine(image, matrix, size, flags=interpolation | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
 
 
 def to_model_input(images: np.ndarray) -> np.ndarray:
