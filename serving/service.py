@@ -307,9 +307,10 @@ class DigitClassifier:
         """Predict the digit in an uploaded image (multipart field ``image``), any size and polarity.
 
         The image gets the same MNIST-style normalisation as the training data: grayscale, polarity,
-        the paper separated from the ink, crop to the digit, scale into a 20x20 box, centre by mass in 28x28. Answers the digit, its
-        confidence, the ten probabilities and the model name, version and run id. An unreadable file gets
-        400; a readable image that shows no digit (blank, noise, ink all over) gets 422 saying what was seen.
+        the paper separated from the ink, crop to the digit, scale into a 20x20 box, centre by mass in
+        28x28. Answers the digit, its confidence, the ten probabilities and the model name, version and
+        run id. An unreadable file gets 400; a readable image that shows no digit (blank, noise, ink all
+        over) gets 422 saying what was seen.
         """
         if self._decoders is None:
             self._decoders = anyio.CapacityLimiter(DECODE_THREADS)
