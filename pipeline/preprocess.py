@@ -125,7 +125,8 @@ def to_grayscale(image: Image.Image) -> np.ndarray:
     image = ImageOps.exif_transpose(image)
     if image.mode in ("L", "1", "I", "I;16", "F"):
         return np.asarray(image.convert("L"), dtype=np.uint8)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8).min(axis=2)
+    rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])  # far faster than rgb.min(axis=2)
 
 
 def to_mnist(gray: np.ndarray) -> np.ndarray:
@@ -139,7 +140,7 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     if gray.dtype != np.uint8:
         gray = np.clip(np.rint(np.asarray(gray, dtype=np.float32)), 0, 255).astype(np.uint8)
     work, scale = _working_copy(gray)
-    dark_ink, background, ink = _read_polarity(gray, work)
+    dark_ink, background, ink = _read_polarity(work)
     paper = gray if dark_ink else 255 - gray
     mask = _ink_mask(ink)
     digit = _digit_components(mask)
@@ -167,7 +168,7 @@ MIN_STROKE = 1.5
 MAX_DIGIT_SPAN = 0.92
 
 
-def _read_polarity(gray: np.ndarray, work: np.ndarray) -> tuple[bool, np.ndarray, np.ndarray]:
+def _read_polarity(work: np.ndarray) -> tuple[bool, np.ndarray, np.ndarray]:
     """Whether the ink is darker than the paper (a pen) or lighter (chalk, a white-on-black canvas), with the
     paper's background and the ink's strength on the working copy read that way.
 
@@ -175,7 +176,7 @@ def _read_polarity(gray: np.ndarray, work: np.ndarray) -> tuple[bool, np.ndarray
     Where both shares are alike, ink lies in the longer tail of the grey levels beyond the median. The
     frame's edge cannot decide: a dark table beyond the sheet may fill it.
     """
-    low, median, high = np.percentile(gray, [0.1, 50, 99.9])
+    low, median, high = np.percentile(work, [0.1, 50, 99.9])
     if high - low < MIN_TONE_RANGE:
         raise NotADigitError(
             f"no digit found: the image is one flat tone (grey levels {int(low)}-{int(high)}); "
@@ -198,7 +199,7 @@ def _working_copy(gray: np.ndarray) -> tuple[np.ndarray, float]:
     scale = WORK_SIDE / max(gray.shape)
     size = (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale)))
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    return cv2.resize(gray, size, interpolation=interpolation).astype(np.float32), scale
+    return cv2.resize(gray, size, interpolation=interpolation), scale
 
 
 def _paper_background(work: np.ndarray) -> np.ndarray:
@@ -216,7 +217,7 @@ def _paper_background(work: np.ndarray) -> np.ndarray:
 def _ink_strength(paper: np.ndarray, background: np.ndarray) -> np.ndarray:
     """How much darker than its paper each pixel is, 0 (paper) to 1 (black): light and shadow divide out."""
     floor = 16.0  # a nearly black "paper" would turn sensor noise into ink
-    return np.clip(1.0 - paper / np.maximum(background, floor), 0.0, 1.0)
+    return np.clip(1.0 - paper.astype(np.float32) / np.maximum(background.astype(np.float32), floor), 0.0, 1.0)
 
 
 def _ink_mask(ink: np.ndarray) -> np.ndarray:
@@ -226,10 +227,10 @@ def _ink_mask(ink: np.ndarray) -> np.ndarray:
     """
     import cv2
 
-    ink = np.clip(ink - _line_strength(ink), 0.0, 1.0)
+    strength = np.rint(np.clip(ink - _line_strength(ink), 0.0, 1.0) * 255).astype(np.uint8)
     # the paper's own level (grain and sensor noise lift it a little above 0) is where ink starts
-    ink = cv2.GaussianBlur(np.clip(ink - np.median(ink), 0.0, 1.0), (3, 3), 0)
-    strength = np.rint(ink * 255).astype(np.uint8)
+    paper_level = int(np.searchsorted(np.cumsum(np.bincount(strength.ravel(), minlength=256)), strength.size / 2))
+    strength = cv2.GaussianBlur(cv2.subtract(strength, paper_level), (3, 3), 0)
     if strength.max() < MIN_INK_CONTRAST * 255:
         raise NotADigitError(
             "no digit found: the image shows paper without ink (nothing is darker than the paper around it "
@@ -261,15 +262,17 @@ def _line_strength(ink: np.ndarray) -> np.ndarray:
     """
     import cv2
 
-    thin = ink - cv2.morphologyEx(ink, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
+    # in 8 bits: OpenCV's long morphological runs are several times faster on bytes than on floats
+    levels = np.rint(ink * 255).astype(np.uint8)
+    thin = cv2.subtract(levels, cv2.morphologyEx(levels, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8)))
     height, width = ink.shape
-    response = np.zeros_like(ink)
+    response = np.zeros_like(levels)
     for horizontal in (True, False):
         run = max(3, int(0.45 * (width if horizontal else height)))
         spread = cv2.dilate(thin, np.ones((7, 1) if horizontal else (1, 7), np.uint8))
         along = np.ones((1, run) if horizontal else (run, 1), np.uint8)
         response = np.maximum(response, cv2.morphologyEx(spread, cv2.MORPH_OPEN, along))
-    return response
+    return response.astype(np.float32) / 255
 
 
 def _touches_border_widely(stats_row: np.ndarray, labels: np.ndarray, label: int) -> bool:
@@ -396,7 +399,7 @@ def _mnist_frame(paper: np.ndarray, background: np.ndarray, digit: np.ndarray, s
     else:
         crop_background = cv2.resize(background, full_size, interpolation=cv2.INTER_AREA)[top:bottom, left:right]
         crop_mask = cv2.resize(widened.astype(np.float32), full_size, interpolation=cv2.INTER_AREA)[top:bottom, left:right] > 0.05
-    ink = _ink_strength(paper[top:bottom, left:right].astype(np.float32), crop_background) * crop_mask
+    ink = _ink_strength(paper[top:bottom, left:right], crop_background) * crop_mask
     # the strokes' cores reach full white as in MNIST; the faint halo that blur and JPEG leave around them drops out
     core = np.percentile(ink[ink > 0], 95) if np.any(ink > 0) else 1.0
     ink = np.clip(ink / max(core, 1e-3), 0.0, 1.0)
