@@ -283,3 +283,34 @@ def test_images_without_a_digit_are_refused_with_a_reason(name, photo, message):
         image_bytes_to_mnist(_png(photo()))
     assert isinstance(raised.value, ImageError)
     assert "send" in str(raised.value), "the message says what to send instead"
+
+
+def test_squared_paper_and_specks_are_dropped(digits):
+    outputs = []
+    for seed, pixels in enumerate(digits):
+        rng = np.random.default_rng(seed)
+        paper = _paper(320, 320, seed)
+        for at in range(10, 320, 22):  # squared paper: lines both ways
+            paper[at : at + 2, :] = paper[at : at + 2, :] * 0.4 + np.asarray((140.0, 160.0, 200.0)) * 0.6
+            paper[:, at : at + 2] = paper[:, at : at + 2] * 0.4 + np.asarray((140.0, 160.0, 200.0)) * 0.6
+        photo = _print(paper, _mnist_coverage(pixels, 150), top=85, left=85, ink=BLACK_INK)
+        for y, x in rng.integers(5, 315, (25, 2)):  # crumbs and dust
+            if not (70 < y < 250 and 70 < x < 250):
+                photo[y : y + 2, x : x + 2] = 40.0
+        outputs.append(image_bytes_to_mnist(_jpeg(_light(photo, shadow=False))))
+        _assert_mnist_framed(outputs[-1])
+    _assert_like_clean(outputs, [to_mnist(pixels) for pixels in digits])
+
+
+def test_a_photo_taken_at_a_slant_is_read(digits):
+    """Slight perspective: the ruled lines converge and tilt, the digit is a little foreshortened."""
+    outputs = []
+    for seed, pixels in enumerate(digits):
+        paper = _ruled(_paper(360, 320, seed), spacing=24)
+        photo = _print(paper, _mnist_coverage(pixels, 150), top=100, left=85, ink=BLUE_INK)
+        image = Image.fromarray(np.clip(np.rint(_light(photo)), 0, 255).astype(np.uint8), "RGB")
+        # output (x, y) <- input ((a x + b y + c) / (g x + h y + 1), (d x + e y + f) / (g x + h y + 1))
+        slanted = image.transform(image.size, Image.Transform.PERSPECTIVE, (1.0, 0.06, -10, 0.02, 1.0, -8, 0.0002, 0.0003))
+        outputs.append(image_bytes_to_mnist(_jpeg(np.asarray(slanted, dtype=float))))
+        _assert_mnist_framed(outputs[-1])
+    _assert_like_clean(outputs, [to_mnist(pixels) for pixels in digits])
