@@ -175,9 +175,9 @@ def _read_polarity(work: np.ndarray) -> tuple[bool, np.ndarray, np.ndarray]:
     """Whether the ink is darker than the paper (a pen) or lighter (chalk, a white-on-black canvas), with the
     paper's background and the ink's strength on the working copy read that way.
 
-    Ink is the minority: read each way, the true polarity finds ink on the smaller share of the image.
-    Where both shares are alike, ink lies in the longer tail of the grey levels beyond the median. The
-    frame's edge cannot decide: a dark table beyond the sheet may fill it.
+    Ink is the minority: read the wrong way, paper between strokes or ruled lines turns into "ink" over
+    a large share of the image. Where neither reading finds much, ink lies in the longer tail of the
+    grey levels beyond the median. The frame's edge cannot decide: a dark table beyond the sheet may fill it.
     """
     low, median, high = np.percentile(work, [0.1, 50, 99.9])
     if high - low < MIN_TONE_RANGE:
@@ -190,7 +190,10 @@ def _read_polarity(work: np.ndarray) -> tuple[bool, np.ndarray, np.ndarray]:
         background = _paper_background(paper)
         readings.append((background, _ink_strength(paper, background)))
     dark_share, light_share = (float(np.mean(ink > MIN_INK_CONTRAST)) for _, ink in readings)
-    dark_ink = dark_share < light_share if abs(dark_share - light_share) > 0.01 else bool(median - low >= high - median)
+    if max(dark_share, light_share) >= 0.05 and abs(dark_share - light_share) > 0.01:
+        dark_ink = dark_share < light_share
+    else:  # neither reading floods the image: the wrong one may just miss the ink, so it cannot decide
+        dark_ink = bool(median - low >= high - median)
     background, ink = readings[0 if dark_ink else 1]
     return dark_ink, background, ink
 
@@ -274,8 +277,23 @@ def _line_strength(ink: np.ndarray) -> np.ndarray:
         run = max(3, int(0.45 * (width if horizontal else height)))
         spread = cv2.dilate(thin, np.ones((7, 1) if horizontal else (1, 7), np.uint8))
         along = np.ones((1, run) if horizontal else (run, 1), np.uint8)
-        response = np.maximum(response, cv2.morphologyEx(spread, cv2.MORPH_OPEN, along))
+        lines = cv2.morphologyEx(spread, cv2.MORPH_OPEN, along)
+        if not horizontal:
+            lines = _reaching_top_or_bottom(lines)
+        response = np.maximum(response, lines)
     return response.astype(np.float32) / 255
+
+
+def _reaching_top_or_bottom(lines: np.ndarray) -> np.ndarray:
+    """Only the vertical lines that run out of the frame: a thin 1 filling a tight crop has paper above or below it."""
+    import cv2
+
+    count, labels = cv2.connectedComponents((lines > 0).astype(np.uint8), connectivity=8)
+    reaching = np.zeros(count, dtype=bool)
+    reaching[np.unique(labels[0])] = True
+    reaching[np.unique(labels[-1])] = True
+    reaching[0] = False
+    return np.where(reaching[labels], lines, 0).astype(lines.dtype)
 
 
 def _touches_border_widely(stats_row: np.ndarray, labels: np.ndarray, label: int) -> bool:
@@ -412,9 +430,11 @@ def _mnist_frame(paper: np.ndarray, background: np.ndarray, digit: np.ndarray, s
         raise NotADigitError("no digit found: the strokes are too faint; send a darker photo or drawing of one digit")
     ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     # scale the longer side to BOX, keeping the aspect ratio
+    ink = _thickened(ink, MIN_STROKE * max(ink.shape) / BOX)
     box_scale = BOX / max(ink.shape)
-    ink = _thickened(ink, MIN_STROKE / box_scale)
-    height, width = max(1, round(ink.shape[0] * box_scale)), max(1, round(ink.shape[1] * box_scale))
+    # a box narrower than MNIST's stroke could not hold one (the single stroke of a 1)
+    narrowest = int(np.ceil(MIN_STROKE))
+    height, width = (max(narrowest, round(side * box_scale)) for side in ink.shape)
     interpolation = cv2.INTER_AREA if box_scale < 1 else cv2.INTER_CUBIC
     digit_box = np.clip(cv2.resize(ink * 255, (width, height), interpolation=interpolation), 0, 255)
     # paste so that the centre of mass lands in the middle of the frame
@@ -441,7 +461,10 @@ def _thickened(ink: np.ndarray, min_width: float) -> np.ndarray:
     grow = int(round(min_width - width))
     if grow < 1:
         return ink
-    return cv2.dilate(ink, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (grow + 1, grow + 1)))
+    # room to grow at the crop's edges: a 1's single stroke fills its crop from side to side
+    margin = (grow + 1) // 2
+    padded = np.pad(ink, margin)
+    return cv2.dilate(padded, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (grow + 1, grow + 1)))
 
 
 def _resize_region(
