@@ -57,7 +57,7 @@ def predict(
 
     The champion (`models:/<name>@champion` in the MLflow registry) is loaded in this process:
     no server is needed. Each image gets the same MNIST-style normalisation as the training
-    data. Exits with 1 if any image could not be read.
+    data. Exits with 1 if any image could not be read or shows no digit.
     """
     paths = [*(images or []), *(image or [])]
     if not paths:

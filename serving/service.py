@@ -42,7 +42,7 @@ from pydantic_core import PydanticCustomError
 from starlette.responses import JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from pipeline.preprocess import MAX_BYTES, SIDE, ImageError, image_bytes_to_mnist
+from pipeline.preprocess import MAX_BYTES, SIDE, ImageError, NotADigitError, image_bytes_to_mnist
 from pipeline.settings import get_settings
 from serving.batching import MicroBatcher
 from serving.champion import ChampionWatcher, ModelUnavailable
@@ -307,8 +307,10 @@ class DigitClassifier:
         """Predict the digit in an uploaded image (multipart field ``image``), any size and polarity.
 
         The image gets the same MNIST-style normalisation as the training data: grayscale, polarity,
-        crop to the ink, scale into a 20x20 box, centre by mass in 28x28. Answers the digit, its
-        confidence, the ten probabilities and the model name, version and run id.
+        the paper separated from the ink, crop to the digit, scale into a 20x20 box, centre by mass in
+        28x28. Answers the digit, its confidence, the ten probabilities and the model name, version and
+        run id. An unreadable file gets 400; a readable image that shows no digit (blank, noise, ink all
+        over) gets 422 saying what was seen.
         """
         if self._decoders is None:
             self._decoders = anyio.CapacityLimiter(DECODE_THREADS)
@@ -316,6 +318,8 @@ class DigitClassifier:
             digit = await anyio.to_thread.run_sync(_read_upload, image, limiter=self._decoders)
         except _TooLarge as err:
             return _error(413, str(err))
+        except NotADigitError as err:  # readable, but no digit in it: a guess would be worse than saying so
+            return _error(422, str(err))
         except ImageError as err:
             return _error(400, str(err))
         answers = await self._predict(digit[None])

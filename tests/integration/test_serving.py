@@ -286,6 +286,14 @@ def _jpeg(mnist_slice) -> bytes:
     return render(mnist_slice.x_test[0], "JPEG")
 
 
+def _noise_png() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 ZEROS = np.zeros((28, 28), dtype=int).tolist()
 BAD_INPUTS = {
     # name: (route, request keyword arguments (a callable of the slice), status, fragment of the message)
@@ -332,6 +340,18 @@ BAD_INPUTS = {
         lambda s: {"files": {"image": ("w.png", png_claiming(100_000, 28), "image/png")}},
         400,
         "the image is 100000x28 pixels; the limit is 8192 on a side",
+    ),
+    "blank page": (
+        "/predict",
+        lambda s: {"files": {"image": ("blank.png", render(np.zeros((28, 28), np.uint8)), "image/png")}},
+        422,
+        "no digit found: the image is one flat tone",
+    ),
+    "noise": (
+        "/predict",
+        lambda s: {"files": {"image": ("noise.png", _noise_png(), "image/png")}},
+        422,
+        "not a digit",
     ),
     "file just over 20 MiB": (
         "/predict",
@@ -456,16 +476,18 @@ def test_cli_predict_prints_digit_and_confidence(champion, mnist_slice, tmp_path
     app = typer.Typer()
     app.command()(predict)
     app.command("other")(lambda: None)  # two commands, as in `digits predict`
-    good, bad = tmp_path / "seven.png", tmp_path / "broken.png"
+    good, bad, blank = tmp_path / "seven.png", tmp_path / "broken.png", tmp_path / "blank.png"
     good.write_bytes(render(mnist_slice.x_test[0]))
     bad.write_bytes(b"not an image")
+    blank.write_bytes(render(np.zeros((28, 28), np.uint8)))
     expected = int(champion.expected(mnist_slice.x_test[:1]).argmax())
     with using_store(champion.server.home):
-        result = CliRunner().invoke(app, ["predict", str(good), "--image", str(bad)])
+        result = CliRunner().invoke(app, ["predict", str(good), "--image", str(bad), "--image", str(blank)])
         as_json = CliRunner().invoke(app, ["predict", "--json", str(good)])
     assert result.exit_code == 1, result.output
     assert f"seven.png: {expected} (" in result.stdout and "%)" in result.stdout
     assert "broken.png: error: not a readable image" in result.stderr
+    assert "blank.png: error: no digit found" in result.stderr
     assert f"answered by digits-cnn v{champion.version} (run {champion.run_id}, runtime tflite)" in result.stderr
     assert as_json.exit_code == 0 and json.loads(as_json.stdout)["digit"] == expected
 

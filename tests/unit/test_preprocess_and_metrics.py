@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline.evaluate import compute_metrics
-from pipeline.preprocess import ImageError, image_bytes_to_mnist, to_mnist, to_model_input
+from pipeline.preprocess import ImageError, NotADigitError, image_bytes_to_mnist, to_mnist, to_model_input
 
 
 def _png(array: np.ndarray, mode: str = "L") -> bytes:
@@ -42,8 +42,9 @@ def test_polarity_does_not_matter():
     assert np.abs(to_mnist(photo).astype(int) - to_mnist(255 - photo).astype(int)).max() <= 1
 
 
-def test_blank_image_is_all_background():
-    assert to_mnist(np.full((50, 50), 200, np.uint8)).max() == 0
+def test_blank_image_is_not_a_digit():
+    with pytest.raises(NotADigitError, match="no digit found"):
+        to_mnist(np.full((50, 50), 200, np.uint8))
 
 
 def test_rgba_drawing_on_transparent_canvas_is_read():
