@@ -66,7 +66,15 @@ def store_client(settings: Settings) -> MlflowClient:
 
     mlflow.set_tracking_uri(settings.resolved_tracking_uri)
     mlflow.set_registry_uri(settings.resolved_tracking_uri)
-    return MlflowClient(settings.resolved_tracking_uri, settings.resolved_tracking_uri)
+    if settings.tracking_uri is not None or not settings.mlflow_dir.is_dir():
+        return MlflowClient(settings.resolved_tracking_uri, settings.resolved_tracking_uri)
+    from filelock import FileLock
+
+    # the first process to open the embedded store creates its tables; others doing it at once collide
+    with FileLock(settings.mlflow_dir / "store.lock", timeout=600):
+        client = MlflowClient(settings.resolved_tracking_uri, settings.resolved_tracking_uri)
+        client.search_registered_models(max_results=1)  # the registry's tables, on first use
+    return client
 
 
 def connect(settings: Settings) -> MlflowClient:
