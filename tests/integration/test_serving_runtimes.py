@@ -57,3 +57,8 @@ def test_the_fastest_export_a_run_kept_answers(tmp_path, mnist_slice):
     assert clear.sum() > len(pixels) / 2, f"{clear.sum()} of {len(pixels)}"
     assert (int8_answers.argmax(axis=1)[clear] == expected.argmax(axis=1)[clear]).all()
     assert np.abs(int8_answers - expected).max() < 0.2
+    # its probabilities are not rounded to steps of 1/256 (an int8 softmax made every clear digit 255/256)
+    top = int8_answers.max(axis=1)
+    assert len(np.unique(top)) > len(pixels) / 2, f"{len(np.unique(top))} distinct top probabilities of {len(pixels)}"
+    assert (top == np.float32(255 / 256)).mean() < 0.05
+    assert (np.abs(top * 256 - np.round(top * 256)) > 1e-3).mean() > 0.5
