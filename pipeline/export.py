@@ -28,6 +28,8 @@ INT8_FILE = "model-int8.tflite"
 # what the service can run, fastest first, and the export file of each (Keras needs none)
 RUNTIME_FILES = {"tflite-int8": INT8_FILE, "tflite": TFLITE_FILE}
 AGREEMENT_FILES = {"tflite-int8": "agreement-int8.json", "tflite": "agreement.json"}
+# the version's temperature and unsure threshold (``pipeline.calibration``), kept beside its exports
+CALIBRATION_FILE = "calibration.json"
 # training images that set the int8 export's value ranges; with fewer, more test digits change
 CALIBRATION_IMAGES = 500
 # larger batches run in slices of this many images, so that their activations stay in the CPU caches
