@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline import registry, tracking
+from pipeline.calibration import Calibration
 from pipeline.data import Dataset, load_dataset
 from pipeline.evaluate import Metrics, compute_metrics, predict_classes
 from pipeline.params import Params
@@ -39,6 +40,8 @@ class TrainedModel:
     model_uri: str
     val_accuracy: float | None
     val_loss: float | None
+    # temperature and unsure threshold fitted on the hold-out (defaults without one); logged with the exports
+    calibration: Calibration | None = None
 
 
 @dataclass(frozen=True)
@@ -135,8 +138,60 @@ def _fit(
             # stated, not inferred: inferring re-imports the model in a subprocess
             pip_requirements=_model_requirements(),
         )
-    trained = TrainedModel(run_id, info.model_uri, validation.get("val_accuracy"), validation.get("val_loss"))
+        calibration = _calibrate(result.model, dataset, params)
+    trained = TrainedModel(run_id, info.model_uri, validation.get("val_accuracy"), validation.get("val_loss"), calibration)
     return trained, result, dataset
+
+
+def _calibrate(model: keras.Model, dataset: Dataset, params: Params) -> Calibration:
+    """Temperature and unsure threshold fitted on the validation hold-out, logged into the active run.
+
+    The hold-out is the one training validated on: the model never learnt from it, so its confidence
+    there is what new images will see.
+    """
+    import mlflow
+
+    from pipeline import plots
+    from pipeline.calibration import fit_calibration, reliability
+    from pipeline.export import CALIBRATION_FILE, TFLITE_ARTIFACT_DIR
+    from pipeline.train import compiled_predictor, split_for_validation
+
+    *_, x_val, y_val = split_for_validation(dataset.x_train, dataset.y_train, params.train.validation_split, params.train.seed)
+    if not len(x_val):
+        calibration = Calibration.uncalibrated(params.confidence)
+        log.info(
+            "no validation hold-out (train.validation_split is 0): probabilities served as they are, unsure below %.3f "
+            "(confidence.default_threshold)",
+            calibration.threshold,
+        )
+    else:
+        probabilities, _ = predict_classes(compiled_predictor(model), x_val)
+        calibration = fit_calibration(probabilities, y_val, params.confidence)
+        log.info(
+            "calibrated on %d validation images: temperature %.3f, ECE %.4f -> %.4f, unsure below %.4f",
+            calibration.images,
+            calibration.temperature,
+            calibration.ece_before,
+            calibration.ece_after,
+            calibration.threshold,
+        )
+        mlflow.log_metrics({"val_ece": calibration.ece_before, "val_ece_calibrated": calibration.ece_after})
+        sure = calibration.validation  # val_accuracy is the per-epoch curve already: not logged again
+        mlflow.log_metrics(
+            {
+                "val_accuracy_sure": sure.accuracy_sure,
+                "val_unsure_share": sure.unsure_share,
+                "val_confident_error_share": sure.confident_error_share,
+            }
+        )
+        panels = {
+            "as trained": reliability(probabilities, y_val),
+            "calibrated": reliability(calibration.apply(probabilities), y_val),
+        }
+        mlflow.log_figure(plots.reliability_diagram(panels, "validation hold-out"), "plots/reliability_validation.png")
+    mlflow.log_metrics({"temperature": calibration.temperature, "unsure_threshold": calibration.threshold})
+    mlflow.log_dict(calibration.to_dict(), f"{TFLITE_ARTIFACT_DIR}/{CALIBRATION_FILE}")
+    return calibration
 
 
 def _evaluate(trained: TrainedModel, model: keras.Model, dataset: Dataset) -> Candidate:
@@ -152,6 +207,7 @@ def _evaluate(trained: TrainedModel, model: keras.Model, dataset: Dataset) -> Ca
     )
     with tracking.active(trained.run_id):
         _log_evaluation(dataset, metrics, probabilities)
+        _log_confidence(dataset, probabilities, trained.calibration)
         _export_for_serving(model, dataset, probabilities)
     return Candidate(trained.run_id, trained.model_uri, metrics, tuple(int(d) for d in predicted[:SMOKE_IMAGES]))
 
@@ -177,6 +233,39 @@ def _log_evaluation(dataset: Dataset, metrics: Metrics, probabilities: np.ndarra
     mlflow.log_figure(plots.confusion_matrix(metrics), "plots/confusion_matrix.png")
     mlflow.log_figure(plots.per_class_scores(metrics), "plots/per_class_scores.png")
     mlflow.log_figure(plots.misclassified_grid(dataset.x_test, dataset.y_test, probabilities), "plots/misclassified.png")
+
+
+def _log_confidence(dataset: Dataset, probabilities: np.ndarray, calibration: Calibration | None) -> None:
+    """How far the answers can be trusted on the test set, as served (temperature and unsure threshold applied)."""
+    import mlflow
+
+    from pipeline import plots
+    from pipeline.calibration import confidence_figures, reliability
+
+    if calibration is None:  # trained before calibration existed: nothing to apply
+        return
+    served = calibration.apply(probabilities)
+    figures = confidence_figures(served, dataset.y_test, calibration.threshold)
+    panels = {"as trained": reliability(probabilities, dataset.y_test), "calibrated": reliability(served, dataset.y_test)}
+    mlflow.log_metrics(
+        {
+            "test_ece": panels["as trained"].ece,
+            "test_ece_calibrated": panels["calibrated"].ece,
+            "test_accuracy_sure": figures.accuracy_sure,
+            "test_unsure_share": figures.unsure_share,
+            "test_confident_error_share": figures.confident_error_share,
+        }
+    )
+    mlflow.log_dict(figures.to_dict(), "evaluation/confidence.json")
+    mlflow.log_figure(plots.reliability_diagram(panels, "test set"), "plots/reliability.png")
+    log.info(
+        'test: %.2f %% marked unsure, accuracy %.4f on the rest, %.3f %% wrong without "unsure", ECE %.4f -> %.4f',
+        100 * figures.unsure_share,
+        figures.accuracy_sure,
+        100 * figures.confident_error_share,
+        panels["as trained"].ece,
+        panels["calibrated"].ece,
+    )
 
 
 def _export_for_serving(model: keras.Model, dataset: Dataset, probabilities: np.ndarray) -> None:

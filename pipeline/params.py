@@ -92,6 +92,23 @@ class GateParams(_Strict):
         return values
 
 
+class ConfidenceParams(_Strict):
+    # the unsure threshold is the lowest one at which wrong answers given without "unsure" are at most
+    # this share of all validation answers
+    max_confident_error: float = Field(0.002, ge=0, le=1)
+    # bounds on that threshold: below the floor nothing is unsure-worthy, above the ceiling too much would be
+    min_threshold: float = Field(0.5, ge=0, le=1)
+    max_threshold: float = Field(0.999, ge=0, le=1)
+    # without a validation hold-out (train.validation_split 0) nothing is fitted: this threshold, no temperature
+    default_threshold: float = Field(0.9, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ConfidenceParams:
+        if not self.min_threshold <= self.default_threshold <= self.max_threshold:
+            raise ValueError("confidence thresholds must satisfy min_threshold <= default_threshold <= max_threshold")
+        return self
+
+
 class SweepParams(_Strict):
     # dotted params key (model.* or train.*) -> the values to try; every combination is one candidate
     grid: dict[str, list[Any]] = Field(default_factory=dict)
@@ -103,12 +120,13 @@ class Params(_Strict):
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     gate: GateParams = GateParams()
+    confidence: ConfidenceParams = ConfidenceParams()
     sweep: SweepParams = SweepParams()
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys for ``mlflow.log_params`` (``train.epochs`` ...), data sources left out."""
         out: dict[str, Any] = {"data.source": self.data.source}
-        for section in ("validation", "model", "train", "gate"):
+        for section in ("validation", "model", "train", "gate", "confidence"):
             for key, value in getattr(self, section).model_dump().items():
                 out[f"{section}.{key}"] = value
         return out

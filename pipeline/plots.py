@@ -1,4 +1,4 @@
-"""Figures a person would rather look at than read: learning curves, confusion, mistakes."""
+"""Figures a person would rather look at than read: learning curves, confusion, mistakes, reliability."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pipeline.evaluate import Metrics
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from pipeline.calibration import Reliability
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -89,4 +91,34 @@ def misclassified_grid(images: np.ndarray, y_true: np.ndarray, probabilities: np
         caption = f"true {y_true[index]} / pred {y_pred[index]}\n{probabilities[index, y_pred[index]]:.0%}"
         ax.text(left + width / 2, top - 1, caption, ha="center", va="bottom", fontsize=8)
     ax.imshow(tiles, cmap="gray_r", vmin=0, vmax=max(float(tiles.max()), 1.0), interpolation="nearest")
+    return fig
+
+
+def reliability_diagram(panels: dict[str, Reliability], title: str = "reliability") -> Figure:
+    """One panel per set of answers (e.g. before and after calibration): accuracy against confidence per bin.
+
+    Bars below the diagonal are over-confident; each panel's title gives its expected calibration error.
+    """
+    fig = _figure(5 * len(panels), 4.6)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, bins) in zip(axes, panels.items(), strict=True):
+        edges = np.asarray(bins.edges)
+        width = np.diff(edges)
+        filled = np.asarray(bins.counts) > 0
+        ax.bar(edges[:-1][filled], np.asarray(bins.accuracy)[filled], width=width[filled], align="edge", label="accuracy")
+        ax.bar(
+            edges[:-1][filled],
+            (np.asarray(bins.confidence) - np.asarray(bins.accuracy))[filled],
+            bottom=np.asarray(bins.accuracy)[filled],
+            width=width[filled],
+            align="edge",
+            color="tab:red",
+            alpha=0.35,
+            label="gap to confidence",
+        )
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="calibrated")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=f"{name}: ECE {bins.ece:.4f}")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8)
+    fig.suptitle(f"{title} ({sum(next(iter(panels.values())).counts):,} images)")
     return fig

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     import keras
     from mlflow import MlflowClient
 
+    from pipeline.calibration import Calibration
+
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
@@ -164,19 +166,38 @@ def load_tflite(run_id: str | None, file: str | None = None) -> bytes | None:
     Versions trained before exports existed, or whose export did not answer like the Keras model,
     have none; they are served through Keras.
     """
+    from pipeline.export import TFLITE_FILE
+
+    return _serving_file(run_id, file or TFLITE_FILE)
+
+
+def _serving_file(run_id: str | None, file: str) -> bytes | None:
+    """The content of ``file`` among a run's serving artifacts, or None when the run has none such."""
     import tempfile
     from pathlib import Path
 
     import mlflow
     from mlflow import MlflowClient
 
-    from pipeline.export import TFLITE_ARTIFACT_DIR, TFLITE_FILE
+    from pipeline.export import TFLITE_ARTIFACT_DIR
 
-    path = f"{TFLITE_ARTIFACT_DIR}/{file or TFLITE_FILE}"
+    path = f"{TFLITE_ARTIFACT_DIR}/{file}"
     if run_id is None or path not in {a.path for a in MlflowClient().list_artifacts(run_id, TFLITE_ARTIFACT_DIR)}:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp)).read_bytes()
+
+
+def load_calibration(run_id: str | None) -> Calibration | None:
+    """The temperature and unsure threshold a training run fitted (``serving/calibration.json``), or None.
+
+    Versions trained before calibration existed have none; the service then uses its default threshold.
+    """
+    from pipeline.calibration import Calibration
+    from pipeline.export import CALIBRATION_FILE
+
+    content = _serving_file(run_id, CALIBRATION_FILE)
+    return None if content is None else Calibration.from_dict(json.loads(content))
 
 
 def register(client: MlflowClient, model_name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> ModelRef:

@@ -35,6 +35,12 @@ class Settings(BaseSettings):
         description="the fastest runtime the service may use: the champion's int8 TensorFlow Lite export when its run "
         "kept one, else its float32 export, else Keras; `tflite` starts at the float32 export, `keras` is always Keras",
     )
+    unsure_threshold: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="answers less confident than this say unsure, for versions trained without a calibration of their own",
+    )
     # scale-out on a Prefect server (`digits deploy`, `digits retrain --deployment`)
     work_pool: str = Field("digits", description="Prefect process work pool that `digits deploy` creates and workers poll")
     deployment: str = Field("digits", description="name of the Prefect deployment retrain-digits/<name>")

@@ -27,6 +27,7 @@ from pipeline.settings import Settings
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+    from pipeline.calibration import Calibration
     from pipeline.registry import ModelRef
 
 log = logging.getLogger(__name__)
@@ -49,13 +50,16 @@ class LoadedModel:
     runtime: str  # "tflite-int8" or "tflite" (the version's TensorFlow Lite exports), or "keras"
     loaded_at: str
     load_seconds: float
+    # answers less confident than this are marked unsure (the version's calibration, else the service's default)
+    unsure_threshold: float
+    calibrated: bool = False  # the version has a calibration of its own: its temperature is applied, its threshold used
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 or float pixels (n, 28, 28) on the 0-255 scale -> softmax probabilities (n, 10)."""
+        """uint8 or float pixels (n, 28, 28) on the 0-255 scale -> calibrated softmax probabilities (n, 10)."""
         return np.asarray(self.predictor(to_model_input(pixels)), dtype=np.float64)
 
     def answers(self, pixels: np.ndarray) -> list[dict]:
-        """One answer per image: digit, confidence, the ten probabilities, and who answered."""
+        """One answer per image: digit, confidence, whether it is unsure, the ten probabilities, and who answered."""
         return [self.answer(row) for row in self.probabilities(pixels)]
 
     def answer(self, probabilities: np.ndarray) -> dict:
@@ -63,6 +67,7 @@ class LoadedModel:
         return {
             "digit": digit,
             "confidence": round(float(probabilities[digit]), 6),
+            "unsure": bool(probabilities[digit] < self.unsure_threshold),
             "probabilities": [round(float(p), 6) for p in probabilities],
             "model_name": self.ref.model_name,
             "model_version": self.ref.version,
@@ -74,6 +79,8 @@ class LoadedModel:
             **self.ref.to_dict(),
             "uri": self.ref.uri,
             "runtime": self.runtime,
+            "unsure_threshold": self.unsure_threshold,
+            "calibrated": self.calibrated,
             "loaded_at": self.loaded_at,
             "load_seconds": round(self.load_seconds, 3),
         }
@@ -91,18 +98,21 @@ def _settle_garbage_collector() -> None:
     gc.freeze()
 
 
-def load(ref: ModelRef, runtime: str = "tflite-int8", threads: int = 1) -> LoadedModel:
+def load(ref: ModelRef, runtime: str = "tflite-int8", threads: int = 1, unsure_threshold: float = 0.9) -> LoadedModel:
     """Load one registered version (by version, not by alias) and warm it.
 
     ``runtime`` is the fastest allowed: with ``"tflite-int8"`` the version's int8 TensorFlow Lite
     export answers when its training run kept one (it gave the Keras model's digit on every test
     image), else its float32 export (the Keras model's probabilities within 1e-4), through LiteRT with
     ``threads`` threads; ``"tflite"`` starts at the float32 export. Without an export the Keras model
-    answers, through a compiled ``tf.function``. Warming runs one image and batches, so the first
-    requests after a swap are as fast as the rest.
+    answers, through a compiled ``tf.function``. The version's calibration (its run's
+    ``serving/calibration.json``) sets the temperature its probabilities are served with and the
+    threshold below which an answer is unsure; versions without one answer as they are, unsure below
+    ``unsure_threshold``. Warming runs one image and batches, so the first requests after a swap are
+    as fast as the rest.
     """
     from pipeline.export import RUNTIME_FILES, tflite_predictor
-    from pipeline.registry import load_keras, load_tflite
+    from pipeline.registry import load_calibration, load_keras, load_tflite
     from pipeline.train import compiled_predictor
 
     started = time.perf_counter()
@@ -114,11 +124,32 @@ def load(ref: ModelRef, runtime: str = "tflite-int8", threads: int = 1) -> Loade
             break
     else:
         predictor, runtime = compiled_predictor(load_keras(ref.uri)), "keras"
+    calibration = load_calibration(ref.run_id)
+    if calibration is not None:
+        predictor = _with_calibration(predictor, calibration)
+        unsure_threshold = calibration.threshold
     for n in (1, 2, 3, 32):
         out = predictor(np.zeros((n, SIDE, SIDE, 1), dtype=np.float32))
         if out.shape != (n, 10) or not np.isfinite(out).all():
             raise ValueError(f"{ref.uri} answers shape {out.shape} for {n} images; expected ({n}, 10) probabilities")
-    return LoadedModel(ref, predictor, runtime, datetime.now(UTC).isoformat(timespec="seconds"), time.perf_counter() - started)
+    return LoadedModel(
+        ref,
+        predictor,
+        runtime,
+        datetime.now(UTC).isoformat(timespec="seconds"),
+        time.perf_counter() - started,
+        unsure_threshold,
+        calibrated=calibration is not None,
+    )
+
+
+def _with_calibration(
+    predictor: Callable[[np.ndarray], np.ndarray], calibration: Calibration
+) -> Callable[[np.ndarray], np.ndarray]:
+    """``predictor`` with the version's temperature applied: the probabilities the threshold was chosen on."""
+    if calibration.temperature == 1.0:
+        return predictor
+    return lambda x: calibration.apply(predictor(x))
 
 
 def missing_store(settings: Settings) -> str | None:
@@ -144,7 +175,7 @@ def load_champion(settings: Settings) -> LoadedModel:
     ref = get_alias(store_client(settings), settings.model_name)
     if ref is None:
         raise ModelUnavailable(f"{NO_CHAMPION} (model {settings.model_name} in {settings.resolved_tracking_uri})")
-    return load(ref, settings.serve_runtime, settings.serve_tf_threads)
+    return load(ref, settings.serve_runtime, settings.serve_tf_threads, settings.unsure_threshold)
 
 
 class ChampionWatcher:
@@ -242,7 +273,7 @@ class ChampionWatcher:
         log.info("loading champion %s v%s (run %s)", ref.model_name, ref.version, ref.run_id)
         self._prepare_tensorflow()
         try:
-            loaded = load(ref, self.settings.serve_runtime, self.tf_threads or 1)
+            loaded = load(ref, self.settings.serve_runtime, self.tf_threads or 1, self.settings.unsure_threshold)
         except Exception as err:
             self._failed[ref.version] = time.monotonic()
             self._report(

@@ -90,6 +90,7 @@ class Prediction(BaseModel):
 
     digit: int = Field(description="the predicted digit 0-9")
     confidence: float = Field(description="the probability of that digit")
+    unsure: bool = Field(description="the confidence is below the version's unsure threshold: check before acting on it")
     probabilities: list[float] = Field(description="the probability of each digit 0-9")
     model_name: str
     model_version: str

@@ -97,13 +97,26 @@
     }
   }
 
+  // the two most probable digits, most probable first
+  function topTwo(probabilities) {
+    const order = probabilities.map((p, d) => [p, d]).sort((a, b) => b[0] - a[0]);
+    return order.slice(0, 2).map(([p, d]) => ({ digit: d, probability: p }));
+  }
+
   function showAnswer(answer) {
+    const percent = (p) => `${(p * 100).toFixed(1)}%`;
+    const [first, second] = topTwo(answer.probabilities);
     digitEl.textContent = String(answer.digit);
-    digitEl.dataset.state = "answered";
-    confidenceEl.textContent = `${(answer.confidence * 100).toFixed(1)}% sure`;
+    // an unsure answer is a guess between two digits, and says so: its confidence is too low to act on
+    digitEl.dataset.state = answer.unsure ? "unsure" : "answered";
+    confidenceEl.textContent = answer.unsure
+      ? `not sure: ${first.digit} (${percent(first.probability)}) or ${second.digit} (${percent(second.probability)})`
+      : `${percent(answer.confidence)} sure`;
+    confidenceEl.classList.toggle("unsure", Boolean(answer.unsure));
     answer.probabilities.forEach((p, d) => {
       const li = barsEl.children[d];
       li.classList.toggle("top", d === answer.digit);
+      li.classList.toggle("second", Boolean(answer.unsure) && d === second.digit);
       li.querySelector(".fill").style.width = `${(p * 100).toFixed(1)}%`;
       li.querySelector(".value").textContent = `${(p * 100).toFixed(1)}%`;
       li.dataset.probability = String(p);
@@ -116,8 +129,9 @@
     digitEl.textContent = "?";
     digitEl.dataset.state = "empty";
     confidenceEl.textContent = "";
+    confidenceEl.classList.remove("unsure");
     for (const li of barsEl.children) {
-      li.classList.remove("top");
+      li.classList.remove("top", "second");
       li.querySelector(".fill").style.width = "0";
       li.querySelector(".value").textContent = "–";
       delete li.dataset.probability;

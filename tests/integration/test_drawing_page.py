@@ -36,6 +36,8 @@ def _answer(browser) -> dict:
     bars = browser.find_elements(By.CSS_SELECTOR, "#bars .bar")
     return {
         "digit": browser.find_element(By.ID, "digit").text,
+        "state": browser.find_element(By.ID, "digit").get_attribute("data-state"),
+        "confidence": browser.find_element(By.ID, "confidence").text,
         "status": browser.find_element(By.ID, "status").text,
         "bars": [
             (
@@ -55,7 +57,7 @@ def _wait_for_answer(browser) -> dict:
 
     WebDriverWait(browser, 30).until(
         lambda b: (
-            b.find_element(By.ID, "digit").get_attribute("data-state") == "answered"
+            b.find_element(By.ID, "digit").get_attribute("data-state") in ("answered", "unsure")
             and not b.find_element(By.ID, "predict").get_attribute("disabled")
         )
     )
@@ -82,6 +84,13 @@ def _check_shown_answer(shown: dict, server: Server, png: bytes) -> None:
     api = httpx.post(server.url + "/predict", files={"image": ("pad.png", png, "image/png")}, timeout=60).json()
     assert api["digit"] == int(shown["digit"])
     np.testing.assert_allclose(api["probabilities"], probabilities, atol=1e-6)
+    # an unsure answer shows "not sure" and the two most probable digits; a sure one its confidence
+    assert shown["state"] == ("unsure" if api["unsure"] else "answered")
+    if api["unsure"]:
+        first, second = np.argsort(probabilities)[::-1][:2]
+        assert shown["confidence"].startswith(f"not sure: {first} (") and f" or {second} (" in shown["confidence"]
+    else:
+        assert shown["confidence"].endswith("% sure"), shown["confidence"]
 
 
 def test_draw_a_digit_with_the_mouse_and_see_the_prediction(server, browser):

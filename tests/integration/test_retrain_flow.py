@@ -57,6 +57,19 @@ def test_first_run_promotes_and_worse_runs_leave_the_champion(project):
     assert ("serving/model-int8.tflite" in exported) == int8["ok"]
     assert run.data.tags["serving_runtime"] == ("tflite-int8" if int8["ok"] else "tflite")
     assert registry.load_tflite(run.info.run_id)[4:8] == b"TFL3"  # what the service downloads
+    # the calibration fitted on the validation hold-out, kept beside the exports, and what it does on the test set
+    assert {"plots/reliability.png", "plots/reliability_validation.png"} <= plots
+    calibration = registry.load_calibration(run.info.run_id)
+    assert calibration is not None and calibration.images > 0 and calibration.temperature > 0
+    # meets its target on the hold-out, unless even the ceiling could not
+    assert 0.5 <= calibration.threshold <= 0.999
+    assert calibration.validation.confident_error_share <= 0.002 or calibration.threshold == 0.999
+    metrics = run.data.metrics
+    for name in ("val_ece", "test_ece", "test_ece_calibrated", "temperature", "unsure_threshold", "test_accuracy_sure"):
+        assert name in metrics, name
+    assert metrics["unsure_threshold"] == calibration.threshold
+    assert 0 <= metrics["test_confident_error_share"] <= 1 - metrics["test_accuracy"]
+    assert 0 <= metrics["test_unsure_share"] < 1 and metrics["test_accuracy_sure"] >= metrics["test_accuracy"] - 0.01
 
     champion = registry.get_alias(client, get_settings().model_name)
     assert champion.version == "1" and champion.data_version == first["data_version"] and champion.promoted_at

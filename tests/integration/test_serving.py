@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
+from pipeline.settings import Settings
 from tests.integration.serving_fixtures import (
     REPO,
     Server,
@@ -92,7 +93,9 @@ def confident_digits(champion, mnist_slice) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _assert_answer(answer: dict, champion: Champion) -> None:
-    assert set(answer) == {"digit", "confidence", "probabilities", "model_name", "model_version", "run_id"}
+    assert set(answer) == {"digit", "confidence", "unsure", "probabilities", "model_name", "model_version", "run_id"}
+    # the champion's run has no calibration of its own: the service's default threshold applies
+    assert answer["unsure"] is (answer["confidence"] < Settings.model_fields["unsure_threshold"].default)
     assert len(answer["probabilities"]) == 10 and abs(sum(answer["probabilities"]) - 1) < 1e-3
     assert answer["digit"] == int(np.argmax(answer["probabilities"]))
     assert answer["confidence"] == max(answer["probabilities"])

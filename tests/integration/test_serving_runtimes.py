@@ -57,3 +57,41 @@ def test_the_fastest_export_a_run_kept_answers(tmp_path, mnist_slice):
     assert clear.sum() > len(pixels) / 2, f"{clear.sum()} of {len(pixels)}"
     assert (int8_answers.argmax(axis=1)[clear] == expected.argmax(axis=1)[clear]).all()
     assert np.abs(int8_answers - expected).max() < 0.2
+    # its probabilities are not rounded to steps of 1/256 (an int8 softmax made every clear digit 255/256)
+    top = int8_answers.max(axis=1)
+    assert len(np.unique(top)) > len(pixels) / 2, f"{len(np.unique(top))} distinct top probabilities of {len(pixels)}"
+    assert (top == np.float32(255 / 256)).mean() < 0.05
+    assert (np.abs(top * 256 - np.round(top * 256)) > 1e-3).mean() > 0.5
+
+
+def test_a_version_is_served_with_the_calibration_its_run_fitted(tmp_path, mnist_slice):
+    import mlflow
+
+    from pipeline import export, registry
+    from pipeline.calibration import Calibration, with_temperature
+    from pipeline.preprocess import to_model_input
+    from pipeline.settings import get_settings
+    from pipeline.train import compiled_predictor
+    from serving.champion import load
+
+    model, accuracy = trained_model(mnist_slice, seed=42)
+    pixels = mnist_slice.x_test[:200]
+    expected = compiled_predictor(model)(to_model_input(pixels))
+    calibration = Calibration(temperature=2.0, threshold=0.7, max_confident_error=0.002, images=100)
+    with using_store(tmp_path):
+        client = registry.connect(get_settings())
+        run_id, uri = log_model(model, mnist_slice, accuracy)
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_dict(calibration.to_dict(), f"{export.TFLITE_ARTIFACT_DIR}/{export.CALIBRATION_FILE}")
+        calibrated = load(registry.get_version(client, get_settings().model_name, register_and_promote(run_id, uri)), "tflite")
+        bare_run, bare_uri = log_model(model, mnist_slice, accuracy)
+        bare = load(registry.get_version(client, get_settings().model_name, register_and_promote(bare_run, bare_uri)), "tflite")
+
+    assert (calibrated.calibrated, calibrated.unsure_threshold) == (True, 0.7)
+    assert (bare.calibrated, bare.unsure_threshold) == (False, 0.9)
+    served = calibrated.probabilities(pixels)
+    np.testing.assert_allclose(served, with_temperature(expected, 2.0), atol=1e-3)
+    np.testing.assert_allclose(bare.probabilities(pixels), expected, atol=export.MAX_PROBABILITY_DIFFERENCE)
+    answers = calibrated.answers(pixels)
+    assert [a["unsure"] for a in answers] == (served.max(axis=1) < 0.7).tolist()
+    assert any(a["unsure"] for a in answers) and not all(a["unsure"] for a in answers)

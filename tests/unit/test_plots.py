@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.plots import misclassified_grid
+from pipeline.plots import misclassified_grid, reliability_diagram
 
 
 def _probabilities(predicted: list[int], confidence: list[float]) -> np.ndarray:
@@ -45,3 +45,18 @@ def test_the_limit_keeps_the_most_confident_and_no_mistakes_draws_an_empty_grid(
 
     empty = misclassified_grid(images, y_true, _probabilities([0] * 100, [0.9] * 100))
     assert empty.get_suptitle().startswith("0 misclassified") and not empty.axes[0].texts
+
+
+def test_reliability_diagram_shows_each_panel_with_its_error():
+    from pipeline.calibration import reliability, softmax
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, size=(200, 10))
+    labels = rng.integers(0, 10, 200)
+    panels = {"before": reliability(softmax(logits * 3), labels), "after": reliability(softmax(logits), labels)}
+
+    fig = reliability_diagram(panels, "validation")
+
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == [f"before: ECE {panels['before'].ece:.4f}", f"after: ECE {panels['after'].ece:.4f}"]
+    assert fig.get_suptitle() == "validation (200 images)"
