@@ -1,0 +1,120 @@
+"""A registered version as the service runs it: its fastest allowed export, its calibration, warmed.
+
+The service, ``digits predict`` and the gate's scoring all load a version here, so that what the
+gate measures is what clients get.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline.preprocess import SIDE, to_model_input
+
+if TYPE_CHECKING:
+    from pipeline.calibration import Calibration
+    from pipeline.registry import ModelRef
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A registered version, loaded and warmed, with its compiled predictor."""
+
+    ref: ModelRef
+    predictor: Callable[[np.ndarray], np.ndarray]
+    runtime: str  # "tflite-int8" or "tflite" (the version's TensorFlow Lite exports), or "keras"
+    loaded_at: str
+    load_seconds: float
+    # answers less confident than this are marked unsure (the version's calibration, else the service's default)
+    unsure_threshold: float
+    calibrated: bool = False  # the version has a calibration of its own: its temperature is applied, its threshold used
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 or float pixels (n, 28, 28) on the 0-255 scale -> calibrated softmax probabilities (n, 10)."""
+        return np.asarray(self.predictor(to_model_input(pixels)), dtype=np.float64)
+
+    def answers(self, pixels: np.ndarray) -> list[dict]:
+        """One answer per image: digit, confidence, whether it is unsure, the ten probabilities, and who answered."""
+        return [self.answer(row) for row in self.probabilities(pixels)]
+
+    def answer(self, probabilities: np.ndarray) -> dict:
+        digit = int(np.argmax(probabilities))
+        return {
+            "digit": digit,
+            "confidence": round(float(probabilities[digit]), 6),
+            "unsure": bool(probabilities[digit] < self.unsure_threshold),
+            "probabilities": [round(float(p), 6) for p in probabilities],
+            "model_name": self.ref.model_name,
+            "model_version": self.ref.version,
+            "run_id": self.ref.run_id,
+        }
+
+    def info(self) -> dict:
+        return {
+            **self.ref.to_dict(),
+            "uri": self.ref.uri,
+            "runtime": self.runtime,
+            "unsure_threshold": self.unsure_threshold,
+            "calibrated": self.calibrated,
+            "loaded_at": self.loaded_at,
+            "load_seconds": round(self.load_seconds, 3),
+        }
+
+
+def load(ref: ModelRef, runtime: str = "tflite-int8", threads: int = 1, unsure_threshold: float = 0.9) -> LoadedModel:
+    """Load one registered version (by version, not by alias) and warm it.
+
+    ``runtime`` is the fastest allowed: with ``"tflite-int8"`` the version's int8 TensorFlow Lite
+    export answers when its training run kept one (it gave the Keras model's digit on every test
+    image), else its float32 export (the Keras model's probabilities within 1e-4), through LiteRT with
+    ``threads`` threads; ``"tflite"`` starts at the float32 export. Without an export the Keras model
+    answers, through a compiled ``tf.function``. The version's calibration (its run's
+    ``serving/calibration.json``) sets the temperature its probabilities are served with and the
+    threshold below which an answer is unsure; versions without one answer as they are, unsure below
+    ``unsure_threshold``. Warming runs one image and batches, so the first requests after a swap are
+    as fast as the rest.
+    """
+    from pipeline.export import RUNTIME_FILES, tflite_predictor
+    from pipeline.registry import load_calibration, load_keras, load_tflite
+    from pipeline.train import compiled_predictor
+
+    started = time.perf_counter()
+    runtimes = list(RUNTIME_FILES)  # fastest first
+    allowed = runtimes[runtimes.index(runtime) :] if runtime in runtimes else []
+    for candidate in allowed:
+        if (content := load_tflite(ref.run_id, RUNTIME_FILES[candidate])) is not None:
+            predictor, runtime = tflite_predictor(content, threads), candidate
+            break
+    else:
+        predictor, runtime = compiled_predictor(load_keras(ref.uri)), "keras"
+    calibration = load_calibration(ref.run_id)
+    if calibration is not None:
+        predictor = _with_calibration(predictor, calibration)
+        unsure_threshold = calibration.threshold
+    for n in (1, 2, 3, 32):
+        out = predictor(np.zeros((n, SIDE, SIDE, 1), dtype=np.float32))
+        if out.shape != (n, 10) or not np.isfinite(out).all():
+            raise ValueError(f"{ref.uri} answers shape {out.shape} for {n} images; expected ({n}, 10) probabilities")
+    return LoadedModel(
+        ref,
+        predictor,
+        runtime,
+        datetime.now(UTC).isoformat(timespec="seconds"),
+        time.perf_counter() - started,
+        unsure_threshold,
+        calibrated=calibration is not None,
+    )
+
+
+def _with_calibration(
+    predictor: Callable[[np.ndarray], np.ndarray], calibration: Calibration
+) -> Callable[[np.ndarray], np.ndarray]:
+    """``predictor`` with the version's temperature applied: the probabilities the threshold was chosen on."""
+    if calibration.temperature == 1.0:
+        return predictor
+    return lambda x: calibration.apply(predictor(x))
