@@ -31,7 +31,7 @@ DEFAULT_SEED = 0
 Renderer = Callable[[np.ndarray, np.random.Generator], bytes]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays have no single truth value, so families compare by identity
 class Family:
     """One family of the suite: encoded images, their labels and the test images they came from."""
 
@@ -531,6 +531,8 @@ def build_family(name: str, x_test: np.ndarray, y_test: np.ndarray, size: int = 
     key = _stable_key(name)
     images = tuple(spec.render(x_test[i], np.random.default_rng([seed, key, int(i)])) for i in indices)
     labels = np.asarray(y_test)[indices].astype(np.int64)
+    labels.setflags(write=False)
+    indices.setflags(write=False)
     return Family(name, spec.description, spec.image_format, images, labels, indices)
 
 

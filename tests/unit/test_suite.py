@@ -16,6 +16,23 @@ from pipeline.preprocess import ImageError, image_bytes_to_mnist, to_mnist
 SIZE = 20
 ALL_NAMES = (suite.CONTROL_NAME, *suite.FAMILY_NAMES)
 MAGIC = {"PNG": b"\x89PNG\r\n\x1a\n", "JPEG": b"\xff\xd8\xff"}
+# sha256 (first 16 hex digits) of each family built from the test slice with SIZE and seed 0: the same on every machine
+EXPECTED_DIGESTS = {
+    "clean": "fb6ec317ecbe6a84",
+    "shifted": "fd1e62b537be1242",
+    "rotated": "36c16815c220bfb2",
+    "scaled": "ee250b8d9d0835cd",
+    "sheared": "8e85f8bfe2742e75",
+    "thin": "3c7e1464532d39f7",
+    "thick": "30707341d058ea8b",
+    "blurred": "da5162fbcdbcd939",
+    "noisy": "4a4d112480c9e16d",
+    "low_contrast": "dad84b798bf66c5c",
+    "inverted": "74a27a8a23177872",
+    "jpeg": "4a1e937ef369721f",
+    "elastic": "ce743c1fe19be056",
+    "photographed": "5b6aaec64bd6e2c9",
+}
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +108,16 @@ def test_a_build_is_deterministic_and_a_seed_changes_it(test_split, families, na
     assert np.array_equal(again.labels, families[name].labels)
     other = suite.build_family(name, *test_split, size=SIZE, seed=1)
     assert _digest(other) != _digest(families[name])
+
+
+def test_a_build_gives_the_same_bytes_as_on_the_machine_that_wrote_this_test(families):
+    digests = {name: _digest(family)[:16] for name, family in families.items()}
+    changed = sorted(name for name in ALL_NAMES if digests[name] != EXPECTED_DIGESTS[name])
+    assert not changed, (
+        f"the suite's bytes changed for {changed}: a renderer changed, or a numpy, Pillow or scipy upgrade changed "
+        "their arithmetic, so suite figures are no longer comparable with earlier runs. If that is intended, "
+        f"update EXPECTED_DIGESTS to {digests}"
+    )
 
 
 def test_an_image_depends_on_its_test_index_not_on_the_family_size(test_split, families):
