@@ -74,9 +74,9 @@ def _to_uint8(pixels: np.ndarray) -> np.ndarray:
     return np.clip(pixels + 0.5, 0, 255).astype(np.uint8)  # rounds half up, in one pass fewer than rint
 
 
-def _pad(digit: np.ndarray, side: int, value: int = 0) -> np.ndarray:
+def _pad(digit: np.ndarray, side: int) -> np.ndarray:
     """The digit centred in a square canvas of ``side`` pixels, so that a transform does not cut it."""
-    canvas = np.full((side, side), value, np.uint8)
+    canvas = np.zeros((side, side), np.uint8)
     offset = (side - digit.shape[0]) // 2
     canvas[offset : offset + digit.shape[0], offset : offset + digit.shape[1]] = digit
     return canvas
