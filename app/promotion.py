@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from app import evaluation
 from app.training import SMOKE_IMAGES, Candidate, score
 from pipeline import registry
 from pipeline.data import load_dataset
@@ -40,18 +41,26 @@ class Outcome:
 
 
 def gate(settings: Settings, params: Params, candidate: Candidate) -> GateDecision:
-    """Floors, then both models' answers on the same test images in this run: McNemar's test, and whether anything changed."""
+    """The candidate as it would be served, on the test set and the suite: floors, then the champion on the same images.
+
+    Both models run their served form (export and calibration); the comparison is McNemar's test on
+    the test images, the photographed family's drop, and whether anything changed at all.
+    """
     client = registry.connect(settings)
     champion = registry.get_alias(client, settings.model_name)
-    if champion is None:
-        return decide(candidate.metrics, params.gate)
     dataset = load_dataset(settings.data_dir)
-    metrics, answers = score(candidate.model_uri, dataset)
-    champion_metrics, champion_answers = score(champion.uri, dataset)
-    paired = Paired.compare(dataset.y_test, answers, champion_answers)
-    log.info("champion v%s re-scored: accuracy %.4f; %s", champion.version, champion_metrics.accuracy, paired.describe())
+    suite = evaluation.suite_images(settings, params, dataset)
+    scores = evaluation.score(candidate.run_id, candidate.model_uri, dataset, suite, settings.serve_runtime)
+    log.info("candidate as served (%s): accuracy %.4f; suite %s", scores.runtime, scores.metrics.accuracy, _families(scores))
+    if champion is None:
+        evaluation.log_scores(client, candidate.run_id, scores)
+        return decide(scores.metrics, params.gate, families=scores.families)
+    theirs = evaluation.score(champion.run_id, champion.uri, dataset, suite, settings.serve_runtime)
+    evaluation.log_scores(client, candidate.run_id, scores, theirs, champion.version)
+    paired = Paired.compare(dataset.y_test, scores.digits, theirs.digits)
+    log.info("champion v%s as served: accuracy %.4f; %s", champion.version, theirs.metrics.accuracy, paired.describe())
     figures = {
-        "champion_test_accuracy": champion_metrics.accuracy,
+        "champion_test_accuracy": theirs.metrics.accuracy,
         "gate_only_candidate_right": paired.only_candidate,
         "gate_only_champion_right": paired.only_champion,
         "gate_mcnemar_p": paired.p_value,
@@ -59,7 +68,20 @@ def gate(settings: Settings, params: Params, candidate: Candidate) -> GateDecisi
     for key, value in figures.items():
         client.log_metric(candidate.run_id, key, value)
     same_setup = champion.run_id is not None and _setup(client, candidate.run_id) == _setup(client, champion.run_id)
-    return decide(metrics, params.gate, champion_metrics, champion.version, paired=paired, same_setup=same_setup)
+    return decide(
+        scores.metrics,
+        params.gate,
+        theirs.metrics,
+        champion.version,
+        paired=paired,
+        families=scores.families,
+        champion_families=theirs.families,
+        same_setup=same_setup,
+    )
+
+
+def _families(scores: evaluation.Scores) -> str:
+    return ", ".join(f"{name} {accuracy:.3f}" for name, accuracy in scores.families.items())
 
 
 def _setup(client: MlflowClient, run_id: str) -> tuple[dict[str, str], str | None]:

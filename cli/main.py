@@ -36,6 +36,7 @@ for command in (
     training.retrain,
     training.sweep,
     models.status,
+    models.evaluate,
     models.promote,
     models.rollback,
     operations.ui,

@@ -69,3 +69,35 @@ def _report(outcome) -> None:
     if not outcome.decision.promote:
         fail("the champion did not move", 1)
     typer.echo(f"champion is now v{outcome.champion.version}")
+
+
+def evaluate(
+    version: Annotated[str | None, typer.Argument(help="Registered version number (default: the champion).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Score a registered version as the service runs it, on MNIST's test set and the out-of-distribution suite.
+
+    The suite's families (README, "Beyond MNIST") are rendered from MNIST's test images: shifted,
+    rotated, thick strokes, noisy, photographed on paper... Each image goes through the service's
+    photo path; one the path refuses counts as wrong. Prints accuracy per family, and how far the
+    answers' confidence can be trusted on MNIST and on the photographed family.
+    """
+    from app import evaluation
+
+    settings, params = load(progress=not as_json)
+    with reported_errors():
+        report = evaluation.evaluate_version(settings, params, version)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"{report['model_name']} v{report['version']} as served ({report['runtime']})")
+    typer.echo(f"  {'mnist (test set)':<18} {report['mnist']:.4f}")
+    for name, accuracy in report["families"].items():
+        refused = report["refused"][name]
+        note = f"  ({refused} of {report['images_per_family']} refused)" if refused else ""
+        typer.echo(f"  {name:<18} {accuracy:.4f}{note}")
+    for name, figures in report["confidence"].items():
+        typer.echo(
+            f"  confidence on {name}: {figures['unsure_share']:.1%} marked unsure, accuracy {figures['accuracy_sure']:.4f} "
+            f"on the others, {figures['confident_error_share']:.2%} wrong without 'unsure', ECE {report['ece'][name]:.4f}"
+        )

@@ -109,6 +109,12 @@ class ConfidenceParams(_Strict):
         return self
 
 
+class SuiteParams(_Strict):
+    # the out-of-distribution suite rendered from the test images: how many per family, from which seed
+    size: int = Field(1000, ge=10)
+    seed: int = 0
+
+
 class SweepParams(_Strict):
     # dotted params key (model.* or train.*) -> the values to try; every combination is one candidate
     grid: dict[str, list[Any]] = Field(default_factory=dict)
@@ -121,12 +127,13 @@ class Params(_Strict):
     train: TrainParams = TrainParams()
     gate: GateParams = GateParams()
     confidence: ConfidenceParams = ConfidenceParams()
+    suite: SuiteParams = SuiteParams()
     sweep: SweepParams = SweepParams()
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys for ``mlflow.log_params`` (``train.epochs`` ...), data sources left out."""
         out: dict[str, Any] = {"data.source": self.data.source}
-        for section in ("validation", "model", "train", "gate", "confidence"):
+        for section in ("validation", "model", "train", "gate", "confidence", "suite"):
             for key, value in getattr(self, section).model_dump().items():
                 out[f"{section}.{key}"] = value
         return out

@@ -122,3 +122,25 @@ def reliability_diagram(panels: dict[str, Reliability], title: str = "reliabilit
         ax.legend(loc="upper left", fontsize=8)
     fig.suptitle(f"{title} ({sum(next(iter(panels.values())).counts):,} images)")
     return fig
+
+
+def suite_accuracy(
+    mnist: float, families: dict[str, float], champion: dict[str, float] | None = None, champion_version: str | None = None
+) -> Figure:
+    """Accuracy on MNIST's test set and on each family of the out-of-distribution suite, beside the champion's."""
+    names = ["mnist", *families]
+    values = [mnist, *families.values()]
+    fig = _figure(max(8, 0.8 * len(names)), 4.5)
+    ax = fig.subplots()
+    x = np.arange(len(names))
+    width = 0.4 if champion else 0.7
+    bars = ax.bar(x - (width / 2 if champion else 0), values, width=width, label="this model")
+    ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    if champion:
+        theirs = [np.nan, *(champion.get(name, np.nan) for name in families)]
+        ax.bar(x + width / 2, theirs, width=width, label=f"champion v{champion_version}", alpha=0.6)
+        ax.legend(loc="lower left")
+    ax.set(xticks=x, ylim=(0, 1.05), ylabel="accuracy", title="MNIST's test set and the out-of-distribution suite")
+    ax.set_xticklabels(names, rotation=35, ha="right")
+    ax.grid(axis="y", alpha=0.3)
+    return fig

@@ -79,22 +79,9 @@ def load(ref: ModelRef, runtime: str = "tflite-int8", threads: int = 1, unsure_t
     ``unsure_threshold``. Warming runs one image and batches, so the first requests after a swap are
     as fast as the rest.
     """
-    from pipeline.export import RUNTIME_FILES, tflite_predictor
-    from pipeline.registry import load_calibration, load_keras, load_tflite
-    from pipeline.train import compiled_predictor
-
     started = time.perf_counter()
-    runtimes = list(RUNTIME_FILES)  # fastest first
-    allowed = runtimes[runtimes.index(runtime) :] if runtime in runtimes else []
-    for candidate in allowed:
-        if (content := load_tflite(ref.run_id, RUNTIME_FILES[candidate])) is not None:
-            predictor, runtime = tflite_predictor(content, threads), candidate
-            break
-    else:
-        predictor, runtime = compiled_predictor(load_keras(ref.uri)), "keras"
-    calibration = load_calibration(ref.run_id)
+    predictor, runtime, calibration = run_predictor(ref.run_id, ref.uri, runtime, threads)
     if calibration is not None:
-        predictor = _with_calibration(predictor, calibration)
         unsure_threshold = calibration.threshold
     for n in (1, 2, 3, 32):
         out = predictor(np.zeros((n, SIDE, SIDE, 1), dtype=np.float32))
@@ -109,6 +96,31 @@ def load(ref: ModelRef, runtime: str = "tflite-int8", threads: int = 1, unsure_t
         unsure_threshold,
         calibrated=calibration is not None,
     )
+
+
+def run_predictor(
+    run_id: str | None, model_uri: str, runtime: str = "tflite-int8", threads: int = 1
+) -> tuple[Callable[[np.ndarray], np.ndarray], str, Calibration | None]:
+    """A training run's model as served: (predictor of calibrated probabilities, runtime, calibration).
+
+    The fastest export the run kept that ``runtime`` allows, else the Keras model at ``model_uri``.
+    """
+    from pipeline.export import RUNTIME_FILES, tflite_predictor
+    from pipeline.registry import load_calibration, load_keras, load_tflite
+    from pipeline.train import compiled_predictor
+
+    runtimes = list(RUNTIME_FILES)  # fastest first
+    allowed = runtimes[runtimes.index(runtime) :] if runtime in runtimes else []
+    for candidate in allowed:
+        if (content := load_tflite(run_id, RUNTIME_FILES[candidate])) is not None:
+            predictor, runtime = tflite_predictor(content, threads), candidate
+            break
+    else:
+        predictor, runtime = compiled_predictor(load_keras(model_uri)), "keras"
+    calibration = load_calibration(run_id)
+    if calibration is not None:
+        predictor = _with_calibration(predictor, calibration)
+    return predictor, runtime, calibration
 
 
 def _with_calibration(

@@ -59,6 +59,7 @@ def project_params(source: Path, **sections) -> dict:
     # the slice's few hundred steps average the weights over the last ten or so, not a hundred
     params["train"].update(epochs=3, batch_size=32, validation_split=0.1, ema_momentum=0.9)
     params["gate"].update(min_accuracy=0.8, min_class_recall=0.5)
+    params["suite"].update(size=20)  # every family, briefly
     for section, values in sections.items():
         params[section].update(values)
     return params

@@ -74,6 +74,27 @@ def test_first_run_promotes_and_worse_runs_leave_the_champion(project):
     champion = registry.get_alias(client, get_settings().model_name)
     assert champion.version == "1" and champion.data_version == first["data_version"] and champion.promoted_at
 
+    # the gate scored the served form on the out-of-distribution suite: every family, a table and a chart
+    from pipeline.suite import FAMILY_NAMES
+
+    assert "plots/suite.png" in plots
+    suite = json.loads(Path(client.download_artifacts(run.info.run_id, "evaluation/suite.json")).read_text())
+    assert set(suite["families"]) == set(FAMILY_NAMES) and suite["runtime"] == run.data.tags["serving_runtime"]
+    assert all(0 <= metrics[f"suite_{name}_accuracy"] <= 1 for name in FAMILY_NAMES)
+    assert {"mnist", "photographed"} <= set(suite["confidence"])
+    # `digits evaluate` scores the champion the same way, from the cached suite
+    from typer.testing import CliRunner
+
+    from cli.main import digits
+
+    result = CliRunner().invoke(digits, ["evaluate", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["version"] == "1" and report["families"] == suite["families"] and report["mnist"] == suite["mnist"]
+    assert report["mnist"] == pytest.approx(metrics["served_test_accuracy"], abs=1e-5)
+    missing = CliRunner().invoke(digits, ["evaluate", "7"])
+    assert missing.exit_code == 1 and "has no version 7" in missing.output
+
     # an impossible floor: nothing is promoted, the reason names the floor
     strict = _retrain(**{"gate.min_accuracy": 1.0})
     assert not strict["promoted"] and strict["registered_version"] is None

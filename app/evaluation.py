@@ -1,0 +1,165 @@
+"""Evaluation use cases: a model as it is served, on MNIST's test set and on the out-of-distribution suite.
+
+The suite's images go through the photo path once (cached under reports/suite/ for as long as the
+test set, the suite's params and the preprocessing code stay the same); every model a run compares
+is then scored on the same pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from pipeline import registry
+from pipeline.calibration import ConfidenceFigures, confidence_figures, reliability
+from pipeline.data import Dataset, load_dataset
+from pipeline.evaluate import Metrics, compute_metrics
+from pipeline.params import Params
+from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
+
+# the family whose confidence is reported beside MNIST's: the one closest to what users send
+PHOTOGRAPHED = "photographed"
+
+
+class SuiteImages(NamedTuple):
+    """One family as the model sees it: normalised pixels, labels, and the images the photo path refused."""
+
+    pixels: np.ndarray  # uint8 (n, 28, 28)
+    labels: np.ndarray  # int64 (n,)
+    refused: np.ndarray  # bool (n,): the service would answer these with an error, so they count as wrong
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One model, as served, on the test set and on every family of the suite."""
+
+    runtime: str
+    metrics: Metrics  # on MNIST's test set
+    digits: np.ndarray  # its digit for every test image, for the paired comparison with another model
+    families: dict[str, float]  # accuracy per family
+    refused: dict[str, int]
+    confidence: dict[str, ConfidenceFigures] = field(default_factory=dict)  # on "mnist" and the photographed family
+    ece: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "runtime": self.runtime,
+            "mnist": round(self.metrics.accuracy, 5),
+            "families": {name: round(value, 5) for name, value in self.families.items()},
+            "refused": self.refused,
+            "confidence": {name: figures.to_dict() for name, figures in self.confidence.items()},
+            "ece": {name: round(value, 5) for name, value in self.ece.items()},
+        }
+
+
+def suite_images(settings: Settings, params: Params, dataset: Dataset) -> dict[str, SuiteImages]:
+    """Every family of the suite through the service's photo path, from the cache when it is current."""
+    from pipeline import preprocess, suite
+
+    key = hashlib.sha256(dataset.x_test.tobytes() + dataset.y_test.tobytes())
+    key.update(f"{params.suite.size}:{params.suite.seed}".encode())
+    for module in (preprocess, suite):
+        key.update(Path(module.__file__).read_bytes())
+    cache = settings.reports_dir / "suite" / f"{key.hexdigest()[:16]}.npz"
+    if cache.exists():
+        with np.load(cache) as stored:
+            return {name: SuiteImages(*(stored[f"{name}/{part}"] for part in SuiteImages._fields)) for name in suite.FAMILY_NAMES}
+    images: dict[str, SuiteImages] = {}
+    for name, family in suite.build_suite(dataset.x_test, dataset.y_test, params.suite.size, params.suite.seed).items():
+        normalised = suite.to_pixels(family)
+        images[name] = SuiteImages(normalised.pixels, family.labels, normalised.refused)
+        log.info("suite: %-13s %d images through the photo path, %d refused", name, len(family), int(normalised.refused.sum()))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        cache, **{f"{name}/{part}": getattr(i, part) for name, i in images.items() for part in SuiteImages._fields}
+    )
+    return images
+
+
+def score(
+    run_id: str | None, model_uri: str, dataset: Dataset, suite: dict[str, SuiteImages], runtime: str = "tflite-int8"
+) -> Scores:
+    """A training run's model as the service would run it (its export and calibration) on the test set and the suite."""
+    from pipeline.preprocess import to_model_input
+    from pipeline.served import run_predictor
+
+    predictor, runtime, calibration = run_predictor(run_id, model_uri, runtime)
+
+    def probabilities(pixels: np.ndarray) -> np.ndarray:
+        return np.concatenate(
+            [predictor(to_model_input(pixels[i : i + 1000])) for i in range(0, len(pixels), 1000)] or [np.zeros((0, 10))]
+        )
+
+    mnist = probabilities(dataset.x_test)
+    digits = mnist.argmax(axis=1)
+    families, refused, by_family = {}, {}, {}
+    for name, images in suite.items():
+        answers = probabilities(images.pixels)
+        by_family[name] = answers
+        families[name] = float(np.mean((answers.argmax(axis=1) == images.labels) & ~images.refused))
+        refused[name] = int(images.refused.sum())
+    scores = Scores(runtime, compute_metrics(dataset.y_test, digits), digits, families, refused)
+    if calibration is not None:
+        shown = {"mnist": (mnist, dataset.y_test)}
+        if PHOTOGRAPHED in suite:
+            kept = ~suite[PHOTOGRAPHED].refused
+            shown[PHOTOGRAPHED] = (by_family[PHOTOGRAPHED][kept], suite[PHOTOGRAPHED].labels[kept])
+        for name, (answers, labels) in shown.items():
+            scores.confidence[name] = confidence_figures(answers, labels, calibration.threshold)
+            scores.ece[name] = reliability(answers, labels).ece
+    return scores
+
+
+def log_scores(
+    client: MlflowClient, run_id: str, scores: Scores, champion: Scores | None = None, champion_version: str | None = None
+) -> None:
+    """The suite's table, its bar chart (beside the champion's, when there is one) and its figures, into the run."""
+    from pipeline import plots
+
+    for name, accuracy in scores.families.items():
+        client.log_metric(run_id, f"suite_{name}_accuracy", accuracy)
+    for name, figures in scores.confidence.items():
+        for key, value in figures.to_dict().items():
+            if key != "images":
+                client.log_metric(run_id, f"served_{name}_{key}", value)
+    for name, value in scores.ece.items():
+        client.log_metric(run_id, f"served_{name}_ece", value)
+    client.log_metric(run_id, "served_test_accuracy", scores.metrics.accuracy)
+    client.log_dict(run_id, scores.to_dict(), "evaluation/suite.json")
+    client.log_table(
+        run_id,
+        {
+            "family": list(scores.families),
+            "accuracy": list(scores.families.values()),
+            "refused": [scores.refused[name] for name in scores.families],
+            **({"champion_accuracy": [champion.families.get(name) for name in scores.families]} if champion else {}),
+        },
+        "evaluation/suite_table.json",
+    )
+    figure = plots.suite_accuracy(
+        scores.metrics.accuracy, scores.families, champion.families if champion else None, champion_version
+    )
+    client.log_figure(run_id, figure, "plots/suite.png")
+
+
+def evaluate_version(settings: Settings, params: Params, version: str | None = None) -> dict[str, Any]:
+    """``digits evaluate``: a registered version (default: the champion) as served, on the test set and the suite."""
+    client = registry.connect(settings)
+    ref = (
+        registry.get_version(client, settings.model_name, version) if version else registry.get_alias(client, settings.model_name)
+    )
+    if ref is None:
+        raise registry.PromotionError("there is no champion to evaluate: run `digits retrain`, or name a version")
+    dataset = load_dataset(settings.data_dir)
+    scores = score(ref.run_id, ref.uri, dataset, suite_images(settings, params, dataset), settings.serve_runtime)
+    return {"model_name": ref.model_name, "version": ref.version, "images_per_family": params.suite.size, **scores.to_dict()}
