@@ -142,6 +142,9 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
         raise ImageError(f"expected a 2-D grayscale image, got shape {gray.shape}")
     if gray.dtype != np.uint8:
         gray = np.clip(np.rint(np.asarray(gray, dtype=np.float32)), 0, 255).astype(np.uint8)
+    drawing = _clean_drawing_ink(gray)
+    if drawing is not None:
+        return _simple_frame(drawing)
     work, scale = _working_copy(gray)
     dark_ink, background, ink = _read_polarity(work)
     paper = gray if dark_ink else 255 - gray
@@ -169,6 +172,81 @@ HALO = 0.2
 MIN_STROKE = 1.5
 # a "digit" whose box spans this much of both sides of the frame is ink spread all over
 MAX_DIGIT_SPAN = 0.92
+
+
+# a drawing up to this size on a flat background needs none of the photo steps (MNIST, a canvas export, a scan)
+SMALL_SIDE = 128
+# the ink of a drawing is anything further from the background than this share of the strongest ink
+CUT = 0.2
+# in a clean drawing nearly all the paper away from the strokes sits on the background's exact tone; JPEG or noise spread it
+MIN_FLAT_SHARE = 0.95
+# how far (as a share of the image's longer side) a stroke's soft edge may reach into the paper
+EDGE_REACH = 0.06
+# an isolated pixel or two of full-strength ink is salt noise, not a stroke; a clean drawing has almost none
+MAX_SPECKS = 2
+
+
+def _clean_drawing_ink(gray: np.ndarray) -> np.ndarray | None:
+    """A small drawing's ink (float, 0 on the background) when its background is one flat tone; None for anything else.
+
+    The background is the frame's median tone (as the first MNIST-style path read it) and ink is whichever
+    side of it the strokes lie on, so grey ink on grey paper reads as well as white on black.
+    """
+    import cv2
+
+    if max(gray.shape) > SMALL_SIDE:
+        return None
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    background = int(np.median(border))
+    signed = gray.astype(np.int16) - background
+    distance = np.abs(signed)
+    strongest = int(distance.max())
+    if strongest < MIN_TONE_RANGE:
+        return None
+    ink = (distance > CUT * strongest).astype(np.uint8)
+    # a stroke's soft edge (anti-aliasing, an enlarged drawing's blur) is not judged: only the paper away from it
+    reach = max(1, round(EDGE_REACH * max(gray.shape)))
+    away = cv2.dilate(ink, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1, 2 * reach + 1))) == 0
+    if np.count_nonzero(away & (distance <= 2)) < MIN_FLAT_SHARE * max(np.count_nonzero(away), 1):
+        return None
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(ink, connectivity=8)
+    peaks = np.zeros(count, dtype=np.int16)
+    np.maximum.at(peaks, labels.ravel(), distance.ravel())
+    specks = (stats[:, cv2.CC_STAT_AREA] <= 2) & (peaks >= strongest // 2)
+    if np.count_nonzero(specks[1:]) > MAX_SPECKS:
+        return None
+    dark_ink = np.count_nonzero(signed < -2) > np.count_nonzero(signed > 2)
+    # written so that white on black (background 0) and black on white (255) give the first path's values exactly
+    return np.float32(background) - gray.astype(np.float32) if dark_ink else gray.astype(np.float32) - np.float32(background)
+
+
+def _simple_frame(ink: np.ndarray) -> np.ndarray:
+    """The first MNIST-style framing of a clean drawing's ink: contrast stretch, the cut, crop, 20x20 box, centre of mass."""
+    low, high = np.percentile(ink, 5), ink.max()
+    ink = np.clip((ink - low) / (high - low), 0, 1)
+    ink[ink < CUT] = 0
+    rows, cols = np.nonzero(ink)
+    crop = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    scale = BOX / max(crop.shape)
+    height, width = max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale))
+    small = Image.fromarray((crop * 255).astype(np.uint8)).resize((width, height), Image.Resampling.LANCZOS)
+    return _centred(np.asarray(small, dtype=np.float32))
+
+
+def _centred(digit_box: np.ndarray) -> np.ndarray:
+    """The digit's box pasted into the 28x28 frame so that its centre of mass lands in the middle."""
+    height, width = digit_box.shape
+    total = digit_box.sum()
+    cy, cx = (
+        (np.arange(height) @ digit_box.sum(1) / total, np.arange(width) @ digit_box.sum(0) / total)
+        if total > 0
+        else ((height - 1) / 2, (width - 1) / 2)
+    )
+    top = int(np.clip(round(SIDE / 2 - 0.5 - cy), 0, SIDE - height))
+    left = int(np.clip(round(SIDE / 2 - 0.5 - cx), 0, SIDE - width))
+    frame = np.zeros((SIDE, SIDE), dtype=np.float32)
+    frame[top : top + height, left : left + width] = digit_box
+    return np.clip(np.rint(frame), 0, 255).astype(np.uint8)
 
 
 def _read_polarity(work: np.ndarray) -> tuple[bool, np.ndarray, np.ndarray]:
@@ -437,18 +515,7 @@ def _mnist_frame(paper: np.ndarray, background: np.ndarray, digit: np.ndarray, s
     height, width = (max(narrowest, round(side * box_scale)) for side in ink.shape)
     interpolation = cv2.INTER_AREA if box_scale < 1 else cv2.INTER_CUBIC
     digit_box = np.clip(cv2.resize(ink * 255, (width, height), interpolation=interpolation), 0, 255)
-    # paste so that the centre of mass lands in the middle of the frame
-    total = digit_box.sum()
-    cy, cx = (
-        (np.arange(height) @ digit_box.sum(1) / total, np.arange(width) @ digit_box.sum(0) / total)
-        if total > 0
-        else ((height - 1) / 2, (width - 1) / 2)
-    )
-    top = int(np.clip(round(SIDE / 2 - 0.5 - cy), 0, SIDE - height))
-    left = int(np.clip(round(SIDE / 2 - 0.5 - cx), 0, SIDE - width))
-    frame = np.zeros((SIDE, SIDE), dtype=np.float32)
-    frame[top : top + height, left : left + width] = digit_box
-    return np.clip(np.rint(frame), 0, 255).astype(np.uint8)
+    return _centred(digit_box)
 
 
 def _thickened(ink: np.ndarray, min_width: float) -> np.ndarray:
