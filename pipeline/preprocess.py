@@ -142,9 +142,10 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
         raise ImageError(f"expected a 2-D grayscale image, got shape {gray.shape}")
     if gray.dtype != np.uint8:
         gray = np.clip(np.rint(np.asarray(gray, dtype=np.float32)), 0, 255).astype(np.uint8)
-    drawing = _clean_drawing_ink(gray)
-    if drawing is not None:
-        return _simple_frame(drawing)
+    if max(gray.shape) <= SMALL_SIDE:
+        drawing, gray = _small_drawing(gray)
+        if drawing is not None:
+            return _simple_frame(drawing)
     work, scale = _working_copy(gray)
     dark_ink, background, ink = _read_polarity(work)
     paper = gray if dark_ink else 255 - gray
@@ -184,6 +185,25 @@ MIN_FLAT_SHARE = 0.95
 EDGE_REACH = 0.06
 # an isolated pixel or two of full-strength ink is salt noise, not a stroke; a clean drawing has almost none
 MAX_SPECKS = 2
+# a small image whose pixels a 3x3 median changes strongly in more than this share is noisy, not merely compressed
+NOISE_SHARE = 0.05
+
+
+def _small_drawing(gray: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """A small image's ink if it is a clean drawing, perhaps once salt noise is filtered out; else the image for the
+    photo steps, median-filtered if it is speckled (the photo steps would take the specks for ink all over)."""
+    import cv2
+
+    drawing = _clean_drawing_ink(gray)
+    if drawing is not None or min(gray.shape) < 3:
+        return drawing, gray
+    smoothed = cv2.medianBlur(gray, 3)
+    drawing = _clean_drawing_ink(smoothed)
+    if drawing is not None:
+        return drawing, smoothed
+    low, high = np.percentile(gray, [1, 99])
+    changed = np.abs(gray.astype(np.int16) - smoothed.astype(np.int16)) > 0.25 * max(float(high - low), 1.0)
+    return None, smoothed if changed.mean() > NOISE_SHARE else gray
 
 
 def _clean_drawing_ink(gray: np.ndarray) -> np.ndarray | None:
@@ -194,8 +214,6 @@ def _clean_drawing_ink(gray: np.ndarray) -> np.ndarray | None:
     """
     import cv2
 
-    if max(gray.shape) > SMALL_SIDE:
-        return None
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     background = int(np.median(border))
     signed = gray.astype(np.int16) - background
