@@ -150,7 +150,14 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     dark_ink, background, ink = _read_polarity(work)
     paper = gray if dark_ink else 255 - gray
     mask = _ink_mask(ink)
-    digit = _digit_components(mask)
+    try:
+        digit = _digit_components(mask)
+    except NotADigitError:
+        # a dark table or shadow along the edge can set the threshold above the digit's ink: find ink again without it
+        beyond = _along_the_edge(mask)
+        if not beyond.any():
+            raise
+        digit = _digit_components(_ink_mask(np.where(beyond, 0.0, ink)))
     return _mnist_frame(paper, background, digit, scale)
 
 
@@ -341,7 +348,7 @@ def _ink_mask(ink: np.ndarray) -> np.ndarray:
     otsu, _ = cv2.threshold(strength, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     strong_level = max(otsu, MIN_INK_CONTRAST * 255)
     weak = strength > max(strong_level / 2, MIN_INK_CONTRAST * 255 / 2)
-    if weak.mean() > MAX_INK_SHARE:
+    if weak.mean() > MAX_INK_SHARE and not _one_dominant_region(weak):
         raise NotADigitError(
             f"not a digit: ink-like texture covers {weak.mean():.0%} of the image (noise, a pattern or a dark "
             "photo); send a photo or drawing of one digit on plain paper"
@@ -354,6 +361,14 @@ def _ink_mask(ink: np.ndarray) -> np.ndarray:
     keep = strong_pixels >= 0.25 * np.bincount(labels.ravel(), minlength=count)
     keep[0] = False
     return keep[labels]
+
+
+def _one_dominant_region(ink: np.ndarray) -> bool:
+    """Whether most of the ink forms one connected region: a bold or tightly cropped digit, not scattered texture."""
+    import cv2
+
+    count, _, stats, _ = cv2.connectedComponentsWithStats(ink.astype(np.uint8), connectivity=8)
+    return count > 1 and stats[1:, cv2.CC_STAT_AREA].max() >= 0.5 * np.count_nonzero(ink)
 
 
 def _line_strength(ink: np.ndarray) -> np.ndarray:
@@ -408,6 +423,16 @@ def _touches_border_widely(stats_row: np.ndarray, labels: np.ndarray, label: int
         np.count_nonzero(labels[:, -1] == label) * width / height,
     )
     return contact >= 0.2 * width
+
+
+def _along_the_edge(mask: np.ndarray) -> np.ndarray:
+    """The ink regions that run along the frame's edge (the table, the sheet's edge, a shadow), slightly widened."""
+    import cv2
+
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    along = np.zeros(count, dtype=bool)
+    along[1:] = [_touches_border_widely(stats[label], labels, label) for label in range(1, count)]
+    return cv2.dilate(along[labels].astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
 
 
 def _touches_border(stats_row: np.ndarray, shape: tuple[int, int]) -> bool:
