@@ -142,11 +142,22 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
         raise ImageError(f"expected a 2-D grayscale image, got shape {gray.shape}")
     if gray.dtype != np.uint8:
         gray = np.clip(np.rint(np.asarray(gray, dtype=np.float32)), 0, 255).astype(np.uint8)
+    if max(gray.shape) <= SMALL_SIDE:
+        drawing, gray = _small_drawing(gray)
+        if drawing is not None:
+            return _simple_frame(drawing)
     work, scale = _working_copy(gray)
     dark_ink, background, ink = _read_polarity(work)
     paper = gray if dark_ink else 255 - gray
     mask = _ink_mask(ink)
-    digit = _digit_components(mask)
+    try:
+        digit = _digit_components(mask)
+    except NotADigitError:
+        # a dark table or shadow along the edge can set the threshold above the digit's ink: find ink again without it
+        beyond = _along_the_edge(mask)
+        if not beyond.any():
+            raise
+        digit = _digit_components(_ink_mask(np.where(beyond, 0.0, ink)))
     return _mnist_frame(paper, background, digit, scale)
 
 
@@ -169,6 +180,98 @@ HALO = 0.2
 MIN_STROKE = 1.5
 # a "digit" whose box spans this much of both sides of the frame is ink spread all over
 MAX_DIGIT_SPAN = 0.92
+
+
+# a drawing up to this size on a flat background needs none of the photo steps (MNIST, a canvas export, a scan)
+SMALL_SIDE = 128
+# the ink of a drawing is anything further from the background than this share of the strongest ink
+CUT = 0.2
+# in a clean drawing nearly all the paper away from the strokes sits on the background's exact tone; JPEG or noise spread it
+MIN_FLAT_SHARE = 0.95
+# how far (as a share of the image's longer side) a stroke's soft edge may reach into the paper
+EDGE_REACH = 0.06
+# an isolated pixel or two of full-strength ink is salt noise, not a stroke; a clean drawing has almost none
+MAX_SPECKS = 2
+# a small image whose pixels a 3x3 median changes strongly in more than this share is noisy, not merely compressed
+NOISE_SHARE = 0.05
+
+
+def _small_drawing(gray: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """A small image's ink if it is a clean drawing, perhaps once salt noise is filtered out; else the image for the
+    photo steps, median-filtered if it is speckled (the photo steps would take the specks for ink all over)."""
+    import cv2
+
+    drawing = _clean_drawing_ink(gray)
+    if drawing is not None or min(gray.shape) < 3:
+        return drawing, gray
+    smoothed = cv2.medianBlur(gray, 3)
+    drawing = _clean_drawing_ink(smoothed)
+    if drawing is not None:
+        return drawing, smoothed
+    low, high = np.percentile(gray, [1, 99])
+    changed = np.abs(gray.astype(np.int16) - smoothed.astype(np.int16)) > 0.25 * max(float(high - low), 1.0)
+    return None, smoothed if changed.mean() > NOISE_SHARE else gray
+
+
+def _clean_drawing_ink(gray: np.ndarray) -> np.ndarray | None:
+    """A small drawing's ink (float, 0 on the background) when its background is one flat tone; None for anything else.
+
+    The background is the frame's median tone (as the first MNIST-style path read it) and ink is whichever
+    side of it the strokes lie on, so grey ink on grey paper reads as well as white on black.
+    """
+    import cv2
+
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    background = int(np.median(border))
+    signed = gray.astype(np.int16) - background
+    distance = np.abs(signed)
+    strongest = int(distance.max())
+    if strongest < MIN_TONE_RANGE:
+        return None
+    ink = (distance > CUT * strongest).astype(np.uint8)
+    # a stroke's soft edge (anti-aliasing, an enlarged drawing's blur) is not judged: only the paper away from it
+    reach = max(1, round(EDGE_REACH * max(gray.shape)))
+    away = cv2.dilate(ink, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1, 2 * reach + 1))) == 0
+    if np.count_nonzero(away & (distance <= 2)) < MIN_FLAT_SHARE * max(np.count_nonzero(away), 1):
+        return None
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(ink, connectivity=8)
+    peaks = np.zeros(count, dtype=np.int16)
+    np.maximum.at(peaks, labels.ravel(), distance.ravel())
+    specks = (stats[:, cv2.CC_STAT_AREA] <= 2) & (peaks >= strongest // 2)
+    if np.count_nonzero(specks[1:]) > MAX_SPECKS:
+        return None
+    dark_ink = np.count_nonzero(signed < -2) > np.count_nonzero(signed > 2)
+    # written so that white on black (background 0) and black on white (255) give the first path's values exactly
+    return np.float32(background) - gray.astype(np.float32) if dark_ink else gray.astype(np.float32) - np.float32(background)
+
+
+def _simple_frame(ink: np.ndarray) -> np.ndarray:
+    """The first MNIST-style framing of a clean drawing's ink: contrast stretch, the cut, crop, 20x20 box, centre of mass."""
+    low, high = np.percentile(ink, 5), ink.max()
+    ink = np.clip((ink - low) / (high - low), 0, 1)
+    ink[ink < CUT] = 0
+    rows, cols = np.nonzero(ink)
+    crop = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    scale = BOX / max(crop.shape)
+    height, width = max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale))
+    small = Image.fromarray((crop * 255).astype(np.uint8)).resize((width, height), Image.Resampling.LANCZOS)
+    return _centred(np.asarray(small, dtype=np.float32))
+
+
+def _centred(digit_box: np.ndarray) -> np.ndarray:
+    """The digit's box pasted into the 28x28 frame so that its centre of mass lands in the middle."""
+    height, width = digit_box.shape
+    total = digit_box.sum()
+    cy, cx = (
+        (np.arange(height) @ digit_box.sum(1) / total, np.arange(width) @ digit_box.sum(0) / total)
+        if total > 0
+        else ((height - 1) / 2, (width - 1) / 2)
+    )
+    top = int(np.clip(round(SIDE / 2 - 0.5 - cy), 0, SIDE - height))
+    left = int(np.clip(round(SIDE / 2 - 0.5 - cx), 0, SIDE - width))
+    frame = np.zeros((SIDE, SIDE), dtype=np.float32)
+    frame[top : top + height, left : left + width] = digit_box
+    return np.clip(np.rint(frame), 0, 255).astype(np.uint8)
 
 
 def _read_polarity(work: np.ndarray) -> tuple[bool, np.ndarray, np.ndarray]:
@@ -245,7 +348,7 @@ def _ink_mask(ink: np.ndarray) -> np.ndarray:
     otsu, _ = cv2.threshold(strength, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     strong_level = max(otsu, MIN_INK_CONTRAST * 255)
     weak = strength > max(strong_level / 2, MIN_INK_CONTRAST * 255 / 2)
-    if weak.mean() > MAX_INK_SHARE:
+    if weak.mean() > MAX_INK_SHARE and not _one_dominant_region(weak):
         raise NotADigitError(
             f"not a digit: ink-like texture covers {weak.mean():.0%} of the image (noise, a pattern or a dark "
             "photo); send a photo or drawing of one digit on plain paper"
@@ -258,6 +361,14 @@ def _ink_mask(ink: np.ndarray) -> np.ndarray:
     keep = strong_pixels >= 0.25 * np.bincount(labels.ravel(), minlength=count)
     keep[0] = False
     return keep[labels]
+
+
+def _one_dominant_region(ink: np.ndarray) -> bool:
+    """Whether most of the ink forms one connected region: a bold or tightly cropped digit, not scattered texture."""
+    import cv2
+
+    count, _, stats, _ = cv2.connectedComponentsWithStats(ink.astype(np.uint8), connectivity=8)
+    return count > 1 and stats[1:, cv2.CC_STAT_AREA].max() >= 0.5 * np.count_nonzero(ink)
 
 
 def _line_strength(ink: np.ndarray) -> np.ndarray:
@@ -312,6 +423,16 @@ def _touches_border_widely(stats_row: np.ndarray, labels: np.ndarray, label: int
         np.count_nonzero(labels[:, -1] == label) * width / height,
     )
     return contact >= 0.2 * width
+
+
+def _along_the_edge(mask: np.ndarray) -> np.ndarray:
+    """The ink regions that run along the frame's edge (the table, the sheet's edge, a shadow), slightly widened."""
+    import cv2
+
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    along = np.zeros(count, dtype=bool)
+    along[1:] = [_touches_border_widely(stats[label], labels, label) for label in range(1, count)]
+    return cv2.dilate(along[labels].astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
 
 
 def _touches_border(stats_row: np.ndarray, shape: tuple[int, int]) -> bool:
@@ -437,18 +558,7 @@ def _mnist_frame(paper: np.ndarray, background: np.ndarray, digit: np.ndarray, s
     height, width = (max(narrowest, round(side * box_scale)) for side in ink.shape)
     interpolation = cv2.INTER_AREA if box_scale < 1 else cv2.INTER_CUBIC
     digit_box = np.clip(cv2.resize(ink * 255, (width, height), interpolation=interpolation), 0, 255)
-    # paste so that the centre of mass lands in the middle of the frame
-    total = digit_box.sum()
-    cy, cx = (
-        (np.arange(height) @ digit_box.sum(1) / total, np.arange(width) @ digit_box.sum(0) / total)
-        if total > 0
-        else ((height - 1) / 2, (width - 1) / 2)
-    )
-    top = int(np.clip(round(SIDE / 2 - 0.5 - cy), 0, SIDE - height))
-    left = int(np.clip(round(SIDE / 2 - 0.5 - cx), 0, SIDE - width))
-    frame = np.zeros((SIDE, SIDE), dtype=np.float32)
-    frame[top : top + height, left : left + width] = digit_box
-    return np.clip(np.rint(frame), 0, 255).astype(np.uint8)
+    return _centred(digit_box)
 
 
 def _thickened(ink: np.ndarray, min_width: float) -> np.ndarray:

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from pipeline.preprocess import BOX, SIDE, ImageError, NotADigitError, image_bytes_to_mnist, to_mnist
+from pipeline.suite import build_family, to_pixels
 
 BLACK_INK = (25, 25, 30)
 BLUE_INK = (30, 50, 170)
@@ -253,9 +254,18 @@ def test_white_on_black_and_black_on_white_drawings_are_read_alike(digits):
         assert _correlation(a, _old_to_mnist(white_on_black)) > 0.95  # drawings are framed as before
 
 
-def test_mnist_digit_at_its_own_size_is_framed_as_the_old_path_framed_it(digits):
-    for pixels in digits:
-        assert _correlation(to_mnist(pixels), _old_to_mnist(pixels)) > 0.95
+def test_mnist_digits_at_their_own_size_are_framed_exactly_as_the_old_path_framed_them(mnist_slice):
+    """Plain MNIST digits take the clean-drawing path: none is refused, and each comes out as it did before photos."""
+    for index, pixels in enumerate(mnist_slice.x_test):
+        assert np.array_equal(to_mnist(pixels), _old_to_mnist(pixels)), f"test digit {index} is framed differently"
+
+
+@pytest.mark.parametrize("name", ["scaled", "thick", "low_contrast", "noisy"])
+def test_suite_digits_a_user_really_sends_are_not_refused(mnist_slice, name):
+    """A tight crop, a marker, faint ink on grey paper, a noisy scan: each still shows one digit."""
+    family = build_family(name, mnist_slice.x_test, mnist_slice.y_test, size=30, seed=0)
+    refused = to_pixels(family).refused
+    assert not refused.any(), f"{name}: images {np.flatnonzero(refused).tolist()} refused"
 
 
 def test_a_large_jpeg_is_decoded_reduced_and_still_read(digits):
