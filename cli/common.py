@@ -33,6 +33,7 @@ def quiet_libraries() -> None:
         "TF_CPP_MIN_LOG_LEVEL": "3",
         "GX_ANALYTICS_ENABLED": "false",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "MLFLOW_LOGGING_LEVEL": "WARNING",  # MLflow sets its loggers' level when imported
         "DO_NOT_TRACK": "1",
         "DASK_LOGGING__DISTRIBUTED": "warning",  # a sweep's Dask cluster: problems only, not every connection
     }.items():
@@ -40,8 +41,6 @@ def quiet_libraries() -> None:
     logging.getLogger("pipeline").setLevel(logging.INFO)
     for noisy in ("alembic", "urllib3", "matplotlib", "PIL", "great_expectations", "mlflow", "dvc", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # a fresh clone has no cached data yet: pipeline.versioning says so in one line
-    logging.getLogger("dvc_data").setLevel(logging.ERROR)
 
 
 def show_progress() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def pull(root: Path, data_dir: Path) -> bool:
         return False
     repo = _repo(root)
     try:
-        repo.pull(targets=[str(pointer)])
+        with _silenced("dvc_data"):  # its missing-cache warning is the line below, in the project's words
+            repo.pull(targets=[str(pointer)])
     except Exception as err:  # the remote is empty, unreachable, or lacks this version
         log.info(
             "version %s of %s is in neither the DVC cache nor the remote (%s)",
@@ -74,6 +76,18 @@ def pull(root: Path, data_dir: Path) -> bool:
     finally:
         repo.close()
     return True
+
+
+@contextlib.contextmanager
+def _silenced(logger_name: str) -> Iterator[None]:
+    """Only errors from ``logger_name`` while the block runs (importing DVC sets its loggers' levels itself)."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def is_checked_out(root: Path, data_dir: Path) -> bool:

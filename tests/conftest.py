@@ -80,7 +80,7 @@ def project(tmp_path, slice_npz, monkeypatch) -> Path:
     home = tmp_path / "project"
     home.mkdir()
     (home / "params.yaml").write_text(yaml.safe_dump(project_params(slice_npz)))
-    (home / ".gitignore").write_text("/data/\n/mlflow/\n/reports/\n/.dvc-remote/\n")
+    (home / ".gitignore").write_text((REPO / ".gitignore").read_text())  # the project's own, as a clone has it
     _git(home, "init", "-q")
     _git(home, "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-q", "--allow-empty", "-m", "init")
     subprocess.run([shutil.which("dvc") or str(Path(os.sys.executable).parent / "dvc"), "init", "-q"], cwd=home, check=True)
