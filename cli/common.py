@@ -27,7 +27,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable
 def quiet_libraries() -> None:
     """Defaults that make the embedded set-up calm and robust; an explicit environment wins."""
     for key, value in {
-        "PREFECT_LOGGING_EXTRA_LOGGERS": "pipeline",  # our progress lines show in the Prefect run
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "pipeline,app",  # our progress lines show in the Prefect run
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "TF_CPP_MIN_LOG_LEVEL": "3",
@@ -38,7 +38,8 @@ def quiet_libraries() -> None:
         "DASK_LOGGING__DISTRIBUTED": "warning",  # a sweep's Dask cluster: problems only, not every connection
     }.items():
         os.environ.setdefault(key, value)
-    logging.getLogger("pipeline").setLevel(logging.INFO)
+    for ours in ("pipeline", "app"):
+        logging.getLogger(ours).setLevel(logging.INFO)
     for noisy in ("alembic", "urllib3", "matplotlib", "PIL", "great_expectations", "mlflow", "dvc", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -160,9 +160,12 @@ def sweep(
 
     points = grid_points(params)
     typer.echo(f"{len(points)} candidates: " + "; ".join(f"{p.name} {p.label}" for p in points), err=True)
+    from flows.temporary_server import TemporaryPrefectServer
+
+    server = TemporaryPrefectServer.start_unless_configured()  # boots while the flow's modules import
     with reported_errors(NOTHING_DONE):
         from flows.sweep import sweep as sweep_flow
 
-        summary = sweep_flow(overrides=overrides, dask_address=dask_address, params=params)
+        summary = sweep_flow(overrides=overrides, dask_address=dask_address, params=params, server=server)
     if as_json:  # the flow printed the summary already
         typer.echo(json.dumps(summary, indent=2))

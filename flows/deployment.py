@@ -59,7 +59,7 @@ def run_environment(settings: Settings) -> dict[str, str]:
         "PREFECT_RESULTS_DEFAULT_SERIALIZER": "json",
         # as `digits retrain` sets for a local run: `pipeline` records reach the run's logs, libraries keep quiet
         # (its INFO progress lines only once something sets the `pipeline` logger to INFO, as the CLI does)
-        "PREFECT_LOGGING_EXTRA_LOGGERS": "pipeline",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "pipeline,app",
         "TF_CPP_MIN_LOG_LEVEL": "3",
         "GX_ANALYTICS_ENABLED": "false",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",

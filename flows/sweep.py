@@ -21,7 +21,7 @@ from app import summaries, training
 from app import sweep as sweeps
 from app.training import Candidate, TrainedModel
 from flows.retrain import gate, promote, validate, version_data
-from flows.temporary_server import prefect_api
+from flows.temporary_server import TemporaryPrefectServer, prefect_api
 from pipeline import tracking
 from pipeline.model import limit_threads
 from pipeline.params import GridPoint, Params, grid_points, load_params
@@ -66,7 +66,8 @@ def open_point_run(settings: Settings, point: GridPoint, data_version: DataVersi
 def train_point(settings: Settings, params: Params, run_id: str, tf_threads: int | None, log_level: int) -> TrainedModel:
     """Runs in a Dask worker process: it reads data/ and the store itself, and returns a run id and two numbers."""
     # a worker has its own logging: show the per-epoch lines as the flow's process would
-    logging.getLogger("pipeline").setLevel(log_level)
+    for ours in ("pipeline", "app"):
+        logging.getLogger(ours).setLevel(log_level)
     if tf_threads:
         limit_threads(tf_threads)
     return training.train(settings, params, run_id, tags={"dask_worker": _worker_name()})
@@ -160,17 +161,20 @@ def sweep_flow(overrides: dict[str, Any] | None = None, tf_threads: int | None =
 
 
 def sweep(
-    overrides: dict[str, Any] | None = None, dask_address: str | None = None, params: Params | None = None
+    overrides: dict[str, Any] | None = None,
+    dask_address: str | None = None,
+    params: Params | None = None,
+    server: TemporaryPrefectServer | None = None,
 ) -> dict[str, Any]:
     """Run the sweep flow on a Dask cluster: ``dask_address`` (or DIGITS_DASK_ADDRESS), else a local one.
 
-    Dask workers report to the Prefect API this process uses: a temporary server unless one is
-    configured (``PREFECT_API_URL``), so that the workers do not each start their own.
+    Dask workers report to the Prefect API this process uses: a temporary server (``server``, or one
+    started here) unless one is configured (``PREFECT_API_URL``), so that the workers do not each start their own.
     """
     settings = get_settings()
     params = params or load_params(settings.params_path, overrides)  # bad params stop before any cluster
     cluster = sweeps.plan_cluster(settings, len(grid_points(params)), dask_address)
-    with prefect_api() as api_url:
+    with prefect_api(server) as api_url:
         if cluster.address and api_url and urlsplit(api_url).hostname in ("127.0.0.1", "localhost", "::1"):
             log.warning(
                 "the Prefect API at %s is on this machine only: Dask workers on other machines cannot report to it. "

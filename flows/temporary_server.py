@@ -122,23 +122,17 @@ def prefect_api(server: TemporaryPrefectServer | None = None) -> Iterator[str | 
     """Run the block on a Prefect API and yield its URL: a configured server's, else a temporary one's.
 
     ``server`` is one started ahead (so that it boots while the caller imports); without it, one is
-    started here unless a server is configured. This is the one place a temporary server stops.
+    started here unless a server is configured. A temporary server stops when this process exits,
+    after Prefect's own exit handlers have sent it their last logs.
     """
+    from prefect.settings import PREFECT_API_URL
+
     server = server or TemporaryPrefectServer.start_unless_configured()
     if server is None:
-        from prefect.settings import PREFECT_API_URL
-
         yield PREFECT_API_URL.value()
         return
-    try:
-        with server.api() as api_url:
-            if api_url is None:  # a profile names a server, which Prefect uses
-                from prefect.settings import PREFECT_API_URL
-
-                api_url = PREFECT_API_URL.value()
-            yield api_url
-    finally:
-        server.stop()
+    with server.api() as api_url:
+        yield api_url or PREFECT_API_URL.value()  # None: a profile names a server, which Prefect uses
 
 
 def _configured_api_url() -> str | None:
