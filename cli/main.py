@@ -7,8 +7,7 @@ import gc
 
 import typer
 
-from cli import data, models, operations, stages, training
-from serving import cli as serving
+from cli import data, models, operations, serving, stages, training
 
 digits = typer.Typer(
     help=(

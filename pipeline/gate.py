@@ -143,14 +143,7 @@ def decide(
         if families and champion_families and gate.max_family_drop:
             checks.append(_family_drops(families, champion_families, champion_version, gate.max_family_drop))
         if same_setup and paired is not None and paired.same_answers:
-            checks.append(
-                Check(
-                    "a change from the champion",
-                    False,
-                    f"the same data version and params as champion v{champion_version}, and the same answer on all "
-                    f"{paired.images} test images: nothing to promote",
-                )
-            )
+            checks.append(_unchanged(paired, champion_version))
         notes = ()
     return GateDecision(
         tuple(checks),
@@ -176,6 +169,15 @@ def _not_worse(
         "not worse than champion",
         drop <= gate.max_accuracy_drop + 1e-12 or not significant,
         f"{detail}, or more when not significant at {gate.significance:g}): {paired.describe()}",
+    )
+
+
+def _unchanged(paired: Paired, champion_version: str | None) -> Check:
+    return Check(
+        "a change from the champion",
+        False,
+        f"the same data version and params as champion v{champion_version}, and the same answer on all "
+        f"{paired.images} test images: nothing to promote",
     )
 
 

@@ -26,7 +26,7 @@ from conftest import free_port, stop_process_group
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = "serving.service:DigitClassifier"
 # `digits serve` as the project's CLI registers it: app.command()(serve)
-CLI_SERVE = "import typer; from serving.cli import serve; app = typer.Typer(); app.command()(serve); app()"
+CLI_SERVE = "import typer; from cli.serving import serve; app = typer.Typer(); app.command()(serve); app()"
 
 
 # ---------------------------------------------------------------- a store with champions
@@ -136,7 +136,7 @@ class Server:
     home: Path
     port: int = field(default_factory=free_port)
     poll_seconds: float = 1.0
-    via_cli: bool = False  # start it with `digits serve` (serving.cli.serve) instead of `bentoml serve`
+    via_cli: bool = False  # start it with `digits serve` (cli.serving.serve) instead of `bentoml serve`
     tracking_uri: str | None = None  # MLFLOW_TRACKING_URI for the service (a tracking server); None: home's sqlite store
     log_path: Path | None = None
     process: subprocess.Popen | None = None

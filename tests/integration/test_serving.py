@@ -474,7 +474,7 @@ def test_cli_predict_prints_digit_and_confidence(champion, mnist_slice, tmp_path
     import typer
     from typer.testing import CliRunner
 
-    from serving.cli import predict
+    from cli.serving import predict
 
     app = typer.Typer()
     app.command()(predict)

@@ -1,7 +1,4 @@
-"""``digits predict`` and ``digits serve``: plain functions with typer annotations.
-
-Register them on a Typer app with ``app.command()(predict)`` and ``app.command()(serve)``.
-"""
+"""``digits predict`` (the champion in this process) and ``digits serve`` (the BentoML service)."""
 
 from __future__ import annotations
 
@@ -14,14 +11,11 @@ from typing import Annotated
 
 import typer
 
+from cli.common import fail
+
 # the folder that holds the `serving` and `pipeline` packages (`bentoml serve --working-dir`)
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "serving.service:DigitClassifier"
-
-
-def _fail(message: str, code: int = 1) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
 
 
 def predict(
@@ -61,7 +55,7 @@ def predict(
     """
     paths = [*(images or []), *(image or [])]
     if not paths:
-        _fail("give one or more image files: digits predict digit.png [more.jpg ...]", 2)
+        fail("give one or more image files: digits predict digit.png [more.jpg ...]", 2)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np
 
@@ -80,8 +74,18 @@ def predict(
         try:
             model = load_champion(get_settings())
         except ModelUnavailable as err:
-            _fail(str(err))
+            fail(str(err))
         answers = dict(zip(digits, model.answers(np.stack(list(digits.values()))), strict=True))
+    _print_answers(paths, answers, problems, as_json)
+    if model is not None and not as_json:
+        ref = model.ref
+        typer.echo(f"answered by {ref.model_name} v{ref.version} (run {ref.run_id}, runtime {model.runtime})", err=True)
+    if problems:
+        raise typer.Exit(1)
+
+
+def _print_answers(paths: list[Path], answers: dict[Path, dict], problems: dict[Path, str], as_json: bool) -> None:
+    """Each file's answer, or why it has none, in the order given."""
     for path in paths:
         if path in problems:
             if as_json:
@@ -94,11 +98,6 @@ def predict(
             typer.echo(json.dumps({"file": str(path), **answer}))
         else:
             typer.echo(f"{path}: {answer['digit']} ({answer['confidence']:.1%})")
-    if model is not None and not as_json:
-        ref = model.ref
-        typer.echo(f"answered by {ref.model_name} v{ref.version} (run {ref.run_id}, runtime {model.runtime})", err=True)
-    if problems:
-        raise typer.Exit(1)
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -134,7 +133,7 @@ def serve(
     host = host or settings.serve_host
     port = port or settings.serve_port
     if not _port_free(host, port):
-        _fail(f"{host}:{port} is in use (another `digits serve`?): choose another with --port", 2)
+        fail(f"{host}:{port} is in use (another `digits serve`?): choose another with --port", 2)
     env = {**os.environ, "DIGITS_HOME": str(settings.home.resolve())}
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
