@@ -59,8 +59,18 @@ class ModelParams(_Strict):
     batch_norm: bool = True
     dense_units: int = Field(128, ge=0)
     dropout: float = Field(0.25, ge=0, lt=1)
-    # random shifts of up to this share of the image, in training only (0 turns it off)
+    # augmentations, in training only (0 turns each off): shifts up to this share of the image,
+    # rotations up to these degrees, zoom in or out by up to this share, shear up to this factor
     augment_shift: float = Field(0.0, ge=0, lt=0.5)
+    augment_rotation: float = Field(0.0, ge=0, le=45)
+    augment_zoom: float = Field(0.0, ge=0, lt=0.5)
+    augment_shear: float = Field(0.0, ge=0, le=1)
+    # the share of images warped elastically, blurred, or drawn a pixel thinner or thicker
+    augment_elastic: float = Field(0.0, ge=0, le=1)
+    augment_blur: float = Field(0.0, ge=0, le=1)
+    augment_stroke: float = Field(0.0, ge=0, le=1)
+    # gaussian noise of this standard deviation on the 0-1 pixel scale
+    augment_noise: float = Field(0.0, ge=0, le=0.5)
 
 
 class TrainParams(_Strict):

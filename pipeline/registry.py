@@ -157,6 +157,8 @@ def list_versions(client: MlflowClient, model_name: str) -> list[ModelRef]:
 def load_keras(uri: str) -> keras.Model:
     import mlflow.tensorflow
 
+    import pipeline.augment  # noqa: F401  (registers the project's own layers with Keras)
+
     return mlflow.tensorflow.load_model(uri)
 
 

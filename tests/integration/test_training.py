@@ -83,3 +83,51 @@ def test_weight_averaging_validates_and_returns_the_averaged_weights(mnist_slice
     _, _, x_val, y_val = split_for_validation(mnist_slice.x_train, mnist_slice.y_train, 0.2, params.train.seed)
     loss, _ = averaged.model.evaluate(batches(x_val, y_val, 128), verbose=0)
     assert loss == pytest.approx(averaged.history["val_loss"][-1], rel=1e-5)
+
+
+def test_every_augmentation_changes_training_images_only_and_is_seeded(mnist_slice):
+    from pipeline.model import build_model
+    from pipeline.preprocess import to_model_input
+
+    every = {
+        "model.augment_rotation": 15.0,
+        "model.augment_zoom": 0.1,
+        "model.augment_shear": 0.2,
+        "model.augment_elastic": 0.5,
+        "model.augment_blur": 0.5,
+        "model.augment_stroke": 0.5,
+        "model.augment_noise": 0.05,
+    }
+    params = _params(**every)
+    model = build_model(params.model, params.train, steps_per_epoch=10)
+    images = to_model_input(mnist_slice.x_test[:64])
+    augmentations = model.layers[1 : 1 + len(every)]
+    assert len({type(layer).__name__ for layer in augmentations}) == len(every)
+
+    def through(training: bool) -> np.ndarray:
+        x = images
+        for layer in augmentations:
+            x = layer(x, training=training)
+        return np.asarray(x)
+
+    assert np.array_equal(through(training=False), images)  # inference sees the images as they are
+    augmented = through(training=True)
+    assert augmented.shape == images.shape and not np.allclose(augmented, images)
+    # the same seed builds the same augmentations: the same first batch of changed images
+    again = build_model(params.model, params.train, steps_per_epoch=10).layers[1 : 1 + len(every)]
+    x = images
+    for layer in again:
+        x = layer(x, training=True)
+    assert np.allclose(np.asarray(x), augmented)
+
+
+def test_a_model_with_the_stroke_augmentation_saves_and_loads(mnist_slice, tmp_path):
+    import keras
+
+    import pipeline.augment  # noqa: F401
+    from pipeline.train import train
+
+    trained = train(mnist_slice.head(500, 100), _params(**{"model.augment_stroke": 0.5})).model
+    trained.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    assert np.array_equal(_flat_weights(loaded), _flat_weights(trained))
