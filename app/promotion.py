@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from app import evaluation
-from app.training import SMOKE_IMAGES, Candidate, score
+from app.training import SMOKE_IMAGES, Candidate
 from pipeline import registry
 from pipeline.data import load_dataset
 from pipeline.evaluate import predict_classes
@@ -126,8 +126,8 @@ def promote(settings: Settings, candidate: Candidate, decision: GateDecision) ->
 def override(settings: Settings, params: Params, version: str, allow_regression: bool = False) -> Outcome:
     """A person's promotion of a registered version (``digits promote``), through the same checks.
 
-    The version is re-scored on the test set against the floors, compared with the champion unless
-    ``allow_regression``, and loading it from the registry is the smoke check. The decision is
+    The version is re-scored as served, on the test set and the suite, against the floors, and
+    compared with the champion unless ``allow_regression``; loading it is the smoke check. The decision is
     logged as an MLflow run of its own.
     """
     import mlflow
@@ -138,16 +138,25 @@ def override(settings: Settings, params: Params, version: str, allow_regression:
     if champion is not None and champion.version == target.version:
         raise registry.PromotionError(f"v{target.version} is already the champion")
     dataset = load_dataset(settings.data_dir)
+    suite = evaluation.suite_images(settings, params, dataset)
     try:
-        metrics, answers = score(target.uri, dataset)
+        scores = evaluation.score(target.run_id, target.uri, dataset, suite, settings.serve_runtime)
     except Exception as err:  # a version that cannot load or answer is not promotable
         raise registry.PromotionError(f"v{target.version} failed the smoke check: {type(err).__name__}: {err}") from None
+    metrics = scores.metrics
     if champion is not None and not allow_regression:
-        champion_metrics, champion_answers = score(champion.uri, dataset)
-        paired = Paired.compare(dataset.y_test, answers, champion_answers)
-        decision = decide(metrics, params.gate, champion_metrics, champion.version, paired=paired)
+        theirs = evaluation.score(champion.run_id, champion.uri, dataset, suite, settings.serve_runtime)
+        decision = decide(
+            metrics,
+            params.gate,
+            theirs.metrics,
+            champion.version,
+            paired=Paired.compare(dataset.y_test, scores.digits, theirs.digits),
+            families=scores.families,
+            champion_families=theirs.families,
+        )
     else:
-        decision = decide(metrics, params.gate)
+        decision = decide(metrics, params.gate, families=scores.families)
     decision = decision.with_check(Check("smoke prediction from the registry", True, f"{target.uri} loaded and answered"))
     if allow_regression and champion is not None:
         note = f"comparison with champion v{champion.version} skipped on request (override)"

@@ -97,14 +97,6 @@ def best(trained: list[TrainedModel]) -> TrainedModel:
     return min(enumerate(trained), key=lambda item: (-item[1].val_accuracy, item[1].val_loss, item[0]))[1]
 
 
-def score(model_uri: str, dataset: Dataset) -> tuple[Metrics, np.ndarray]:
-    """Metrics of a stored model on the test split, and its digit for every test image."""
-    from pipeline.train import compiled_predictor
-
-    _, predicted = predict_classes(compiled_predictor(registry.load_keras(model_uri)), dataset.x_test)
-    return compute_metrics(dataset.y_test, predicted), predicted
-
-
 def _fit(
     settings: Settings, params: Params, run_id: str, tags: dict[str, str] | None = None
 ) -> tuple[TrainedModel, TrainResult, Dataset]:
