@@ -12,10 +12,11 @@ GET  /draw            a drawing pad: draw a digit, see the prediction and its pr
 GET  /                BentoML's API page (OpenAPI at /docs.json)
 ====================  ====================================================================
 
-Every prediction carries ``digit``, ``confidence``, the ten ``probabilities`` and the
-``model_name``, ``model_version`` and ``run_id`` that answered. Bad input is answered with a 4xx and
-a precise message (never a 500); while no model has been promoted, prediction routes answer 503
-saying so and how to train one.
+Every prediction carries ``digit``, ``confidence``, ``unsure`` (below the version's calibrated
+threshold), the ten ``probabilities`` and the ``model_name``, ``model_version`` and ``run_id`` that
+answered. Bad input is answered with a 4xx and a precise message (never a 500): 422 for a readable
+image that shows no digit; while no model has been promoted, prediction routes answer 503 saying so
+and how to train one.
 
 The champion is followed by :class:`serving.champion.ChampionWatcher`: a background thread polls
 the alias every ``DIGITS_CHAMPION_POLL_SECONDS`` (default 10) and swaps in a new version only after
