@@ -113,12 +113,6 @@ def log_epoch(run_id: str, epoch: int, values: dict[str, float]) -> None:
     MlflowClient().log_batch(run_id, metrics=[Metric(k, v, now, epoch) for k, v in values.items()])
 
 
-def metric_history(settings: Settings, run_id: str, keys: tuple[str, ...]) -> dict[str, list[float]]:
-    """Per-epoch values of ``keys`` as the run logged them, in epoch order."""
-    client = registry.connect(settings)
-    return {key: [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)] for key in keys}
-
-
 def ui_command(settings: Settings, port: int) -> list[str]:
     """``mlflow server`` on 127.0.0.1 over the embedded store: the MLflow UI."""
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
