@@ -28,6 +28,7 @@ OUTPUT = RESULTS / "augmentation_choice.json"
 CONFIGS: dict[str, dict[str, float]] = {
     "default": {},
     "geometry": {"model.augment_rotation": 15.0, "model.augment_zoom": 0.1, "model.augment_shear": 0.15},
+    "stroke": {"model.augment_stroke": 0.5},
     "pen": {"model.augment_stroke": 0.5, "model.augment_blur": 0.3, "model.augment_noise": 0.05},
     "all": {
         "model.augment_rotation": 15.0,
