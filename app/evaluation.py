@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from pipeline import registry
+from pipeline import registry, tracking
 from pipeline.calibration import ConfidenceFigures, confidence_figures, reliability
 from pipeline.data import Dataset, load_dataset
-from pipeline.evaluate import Metrics, compute_metrics
+from pipeline.evaluate import Metrics, compute_metrics, predict_classes
 from pipeline.params import Params
 from pipeline.settings import Settings
 
@@ -90,21 +90,13 @@ def score(
     run_id: str | None, model_uri: str, dataset: Dataset, suite: dict[str, SuiteImages], runtime: str = "tflite-int8"
 ) -> Scores:
     """A training run's model as the service would run it (its export and calibration) on the test set and the suite."""
-    from pipeline.preprocess import to_model_input
     from pipeline.served import run_predictor
 
     predictor, runtime, calibration = run_predictor(run_id, model_uri, runtime)
-
-    def probabilities(pixels: np.ndarray) -> np.ndarray:
-        return np.concatenate(
-            [predictor(to_model_input(pixels[i : i + 1000])) for i in range(0, len(pixels), 1000)] or [np.zeros((0, 10))]
-        )
-
-    mnist = probabilities(dataset.x_test)
-    digits = mnist.argmax(axis=1)
+    mnist, digits = predict_classes(predictor, dataset.x_test)
     families, refused, by_family = {}, {}, {}
     for name, images in suite.items():
-        answers = probabilities(images.pixels)
+        answers, _ = predict_classes(predictor, images.pixels)
         by_family[name] = answers
         families[name] = float(np.mean((answers.argmax(axis=1) == images.labels) & ~images.refused))
         refused[name] = int(images.refused.sum())
@@ -126,15 +118,11 @@ def log_scores(
     """The suite's table, its bar chart (beside the champion's, when there is one) and its figures, into the run."""
     from pipeline import plots
 
-    for name, accuracy in scores.families.items():
-        client.log_metric(run_id, f"suite_{name}_accuracy", accuracy)
-    for name, figures in scores.confidence.items():
-        for key, value in figures.to_dict().items():
-            if key != "images":
-                client.log_metric(run_id, f"served_{name}_{key}", value)
-    for name, value in scores.ece.items():
-        client.log_metric(run_id, f"served_{name}_ece", value)
-    client.log_metric(run_id, "served_test_accuracy", scores.metrics.accuracy)
+    figures = {f"suite_{name}_accuracy": accuracy for name, accuracy in scores.families.items()}
+    for name, confidence in scores.confidence.items():
+        figures |= {f"served_{name}_{key}": value for key, value in confidence.to_dict().items() if key != "images"}
+    figures |= {f"served_{name}_ece": value for name, value in scores.ece.items()}
+    tracking.log_metrics(run_id, {**figures, "served_test_accuracy": scores.metrics.accuracy})
     client.log_dict(run_id, scores.to_dict(), "evaluation/suite.json")
     client.log_table(
         run_id,

@@ -18,7 +18,7 @@ import numpy as np
 
 from app import evaluation
 from app.training import SMOKE_IMAGES, Candidate
-from pipeline import registry
+from pipeline import registry, tracking
 from pipeline.data import load_dataset
 from pipeline.evaluate import predict_classes
 from pipeline.gate import Check, GateDecision, Paired, decide
@@ -65,8 +65,7 @@ def gate(settings: Settings, params: Params, candidate: Candidate) -> GateDecisi
         "gate_only_champion_right": paired.only_champion,
         "gate_mcnemar_p": paired.p_value,
     }
-    for key, value in figures.items():
-        client.log_metric(candidate.run_id, key, value)
+    tracking.log_metrics(candidate.run_id, figures)
     same_setup = champion.run_id is not None and _setup(client, candidate.run_id) == _setup(client, champion.run_id)
     return decide(
         scores.metrics,

@@ -44,10 +44,9 @@ CONFIGS: dict[str, dict[str, float]] = {
 
 def accuracy(predict, pixels: np.ndarray, labels: np.ndarray, refused: np.ndarray | None = None) -> float:
     """The share of ``pixels`` a model's predictor gets right; refused images (the photo path's errors) count as wrong."""
-    from pipeline.preprocess import to_model_input
+    from pipeline.evaluate import predict_classes
 
-    digits = np.concatenate([predict(to_model_input(pixels[i : i + 1000])).argmax(1) for i in range(0, len(pixels), 1000)])
-    right = digits == labels
+    right = predict_classes(predict, pixels)[1] == labels
     return float(np.mean(right & ~refused) if refused is not None else np.mean(right))
 
 

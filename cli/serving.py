@@ -18,29 +18,22 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "serving.service:DigitClassifier"
 
 
+# what typer checks of every image file given to `digits predict`, as an argument or with --image
+_IMAGE_FILE = dict(exists=True, dir_okay=False, readable=True, show_default=False)
+
+
 def predict(
     images: Annotated[
         list[Path] | None,
         typer.Argument(
             help="Image files of one handwritten digit each: PNG or JPEG photos, scans or drawings, "
             "dark-on-light or light-on-dark, any size.",
-            exists=True,
-            dir_okay=False,
-            readable=True,
-            show_default=False,
+            **_IMAGE_FILE,
         ),
     ] = None,
     image: Annotated[
         list[Path] | None,
-        typer.Option(
-            "--image",
-            "-i",
-            help="An image file (repeatable); the same as giving it as an argument.",
-            exists=True,
-            dir_okay=False,
-            readable=True,
-            show_default=False,
-        ),
+        typer.Option("--image", "-i", help="An image file (repeatable); the same as giving it as an argument.", **_IMAGE_FILE),
     ] = None,
     as_json: Annotated[
         bool,

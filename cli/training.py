@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from cli.common import NOTHING_DONE, JsonOption, SetOption, fail, load, parse_sets, quiet_libraries, reported_errors
+
+if TYPE_CHECKING:
+    from pipeline.settings import Settings
 
 
 def retrain(
@@ -57,7 +60,7 @@ def retrain(
         typer.echo(json.dumps(summary, indent=2))
 
 
-def _prepare_tracking_store(settings) -> None:
+def _prepare_tracking_store(settings: Settings) -> None:
     """Create the embedded MLflow store and experiment now (a new store's migrations take seconds).
 
     Best effort: the flow's first MLflow step connects again and reports any failure. A tracking

@@ -104,13 +104,18 @@ def run_context(settings: Settings, run_id: str, stage: str) -> Iterator[Tracked
         run.close()
 
 
-def log_epoch(run_id: str, epoch: int, values: dict[str, float]) -> None:
-    """One batched call per epoch: each MLflow call costs milliseconds on sqlite."""
+def log_metrics(run_id: str, values: dict[str, float], step: int = 0) -> None:
+    """All of ``values`` in one batched call: each MLflow call costs milliseconds on sqlite."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    MlflowClient().log_batch(run_id, metrics=[Metric(k, v, now, epoch) for k, v in values.items()])
+    MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+
+def log_epoch(run_id: str, epoch: int, values: dict[str, float]) -> None:
+    """An epoch's metrics, with the epoch as their step."""
+    log_metrics(run_id, values, step=epoch)
 
 
 def ui_command(settings: Settings, port: int) -> list[str]:
