@@ -17,7 +17,9 @@ The test accuracy is measured at the end of every epoch by a callback (and ``--p
 times an epoch, if asked); the time spent measuring it is taken out of the clock, so
 ``(train seconds, test accuracy)`` pairs give "accuracy within 60 s" without a second run. Ratios
 are against the reference trained with the same seed in the same run (the machine is noisy and
-shared). Nothing here asserts: it prints a table and writes JSON.
+shared). Each final model is also scored on every family of the out-of-distribution suite
+(``pipeline.suite``, ``--suite-size`` images a family, through the service's photo path; refused
+images count as wrong). Nothing here asserts: it prints a table and writes JSON.
 
 ``--config`` adds exploration candidates defined below (see ``CANDIDATES``); ``--set`` overrides
 ``params.yaml`` keys for the ``default`` configuration (``--set train.epochs=12``).
@@ -35,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from harness import RESULTS, ROOT, command_line, say, table, write_results
+from harness import RESULTS, ROOT, command_line, say, suite_accuracies, suite_families, table, write_results
 
 from pipeline import evaluate
 from pipeline import train as train_module
@@ -65,6 +67,11 @@ class RunResult:
     curve: list[tuple[float, float]] = field(default_factory=list)  # (train seconds, test accuracy)
     points_per_epoch: int = 1
     ratio_vs_reference: float | None = None
+    families: dict[str, float] = field(default_factory=dict)  # accuracy per suite family, final model
+
+    @property
+    def suite_mean(self) -> float | None:
+        return statistics.fmean(self.families.values()) if self.families else None
 
 
 class TestCurve:
@@ -149,14 +156,22 @@ def averaged_weights(model) -> Iterator[None]:
             variable.assign(value)
 
 
-def score(model, dataset: Dataset) -> float:
+def score(model, curve: TestCurve) -> float:
     """The flow's scoring: compiled predictor, predict_classes, compute_metrics."""
-    _, predicted = evaluate.predict_classes(train_module.compiled_predictor(model), dataset.x_test)
-    return evaluate.compute_metrics(dataset.y_test, predicted).accuracy
+    _, predicted = evaluate.predict_classes(train_module.compiled_predictor(model), curve.x_test)
+    return evaluate.compute_metrics(curve.y_test, predicted).accuracy
 
 
 def summarise(
-    config: str, seed: int, epochs: int, batch: int, model, n_images: int, curve: TestCurve, train_seconds: float, accuracy: float
+    config: str,
+    seed: int,
+    epochs: int,
+    batch: int,
+    model,
+    n_images: int,
+    curve: TestCurve,
+    train_seconds: float,
+    families: dict | None = None,
 ) -> RunResult:
     def first_reaching(target: float) -> float | None:
         return next((t for t, a in curve.points if a >= target), None)
@@ -171,18 +186,21 @@ def summarise(
         parameters=int(model.count_params()),
         train_seconds=round(train_seconds, 2),
         images_per_second=round(n_images * epochs / train_seconds, 1),
-        test_accuracy=accuracy,
+        test_accuracy=score(model, curve),
         accuracy_at_60s=within[-1] if within else None,
         seconds_to_99_0=first_reaching(TARGET_SHORT),
         seconds_to_99_5=first_reaching(TARGET_LONG),
         curve=curve.points,
+        families=suite_accuracies(train_module.compiled_predictor(model), families) if families else {},
     )
 
 
 # ------------------------------------------------------------------ (a) the default, as the flow trains it
 
 
-def run_default(dataset: Dataset, params: Params, seed: int, points_per_epoch: int = 1, name: str = "default") -> RunResult:
+def run_default(
+    dataset: Dataset, params: Params, seed: int, points_per_epoch: int = 1, name: str = "default", families: dict | None = None
+) -> RunResult:
     params = params.model_copy(update={"train": params.train.model_copy(update={"seed": seed})})
     curve = TestCurve(dataset, points_per_epoch)
     result = train_module.train(dataset, params, callbacks=[curve.keras_callback()])
@@ -197,7 +215,7 @@ def run_default(dataset: Dataset, params: Params, seed: int, points_per_epoch: i
         n_fit,
         curve,
         train_seconds,
-        score(result.model, dataset),
+        families,
     )
 
 
@@ -313,7 +331,13 @@ CANDIDATES: dict[str, Candidate] = {
 
 
 def run_keras(
-    name: str, dataset: Dataset, params: Params, seed: int, epochs: int | None = None, points_per_epoch: int = 1
+    name: str,
+    dataset: Dataset,
+    params: Params,
+    seed: int,
+    epochs: int | None = None,
+    points_per_epoch: int = 1,
+    families: dict | None = None,
 ) -> RunResult:
     """Fit a model built here the way ``pipeline.train.train`` fits ours: same seeding, split, fit."""
     spec = CANDIDATES[name]
@@ -335,7 +359,7 @@ def run_keras(
         callbacks=[curve.keras_callback()],
     )
     train_seconds = time.perf_counter() - started - curve.scoring
-    return summarise(name, seed, epochs, spec.batch_size, model, len(x_fit), curve, train_seconds, score(model, dataset))
+    return summarise(name, seed, epochs, spec.batch_size, model, len(x_fit), curve, train_seconds, families)
 
 
 # ------------------------------------------------------------------ report
@@ -344,9 +368,14 @@ def run_keras(
 def runs_table(results: list[RunResult]) -> str:
     columns = [("config", "<20"), ("seed", ">4"), ("epochs", ">6"), ("params", ">8,"), ("train s", ">8.1f"), ("img/s", ">7,.0f")]
     columns += [("test acc", ">8.2%"), ("acc@60s", ">8.2%"), ("s->99.0", ">7.0f"), ("s->99.5", ">7.0f"), ("time/ref", ">8")]
+    columns += [("suite", ">6.2%")]
+    names = list(dict.fromkeys(name for r in results for name in r.families))
+    columns += [(name, f">{max(len(name), 5)}.3f") for name in names]
     rows = [
         (r.config, r.seed, r.epochs, r.parameters, r.train_seconds, r.images_per_second, r.test_accuracy, r.accuracy_at_60s)
         + (r.seconds_to_99_0, r.seconds_to_99_5, None if r.ratio_vs_reference is None else f"{r.ratio_vs_reference:.2f}x")
+        + (r.suite_mean,)
+        + tuple(r.families.get(name) for name in names)
         for r in results
     ]
     return table(columns, rows)
@@ -357,12 +386,16 @@ def aggregate(results: list[RunResult]) -> dict[str, dict]:
     for config in dict.fromkeys(r.config for r in results):
         rs = [r for r in results if r.config == config]
         at60 = [r.accuracy_at_60s or 0.0 for r in rs]
+        scored = all(r.families for r in rs)
+        families = rs[0].families if scored else {}
         out[config] = {
             "runs": len(rs),
             "mean_test_accuracy": statistics.fmean(r.test_accuracy for r in rs),
             "mean_train_seconds": statistics.fmean(r.train_seconds for r in rs),
             "mean_images_per_second": statistics.fmean(r.images_per_second for r in rs),
             "mean_accuracy_at_60s": statistics.fmean(at60),
+            "mean_suite_accuracy": statistics.fmean(r.suite_mean for r in rs) if scored else None,
+            "mean_family_accuracy": {name: statistics.fmean(r.families[name] for r in rs) for name in families},
             "mean_time_ratio_vs_reference": (
                 statistics.fmean(r.ratio_vs_reference for r in rs) if all(r.ratio_vs_reference is not None for r in rs) else None
             ),
@@ -381,20 +414,20 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
-def run_all(args, dataset: Dataset, params: Params, seeds: list[int]) -> list[RunResult]:
+def run_all(args, dataset: Dataset, params: Params, seeds: list[int], families: dict | None = None) -> list[RunResult]:
     """Every configuration for each seed, one after the other; times against the reference of the same seed."""
     results: list[RunResult] = []
     for seed in seeds:
         for config in args.config:
             if config == "default":
-                r = run_default(dataset, params, seed, args.points_per_epoch)
+                r = run_default(dataset, params, seed, args.points_per_epoch, families=families)
             else:
                 epochs = 1 if args.quick else (args.reference_epochs if config == "reference" else None)
-                r = run_keras(config, dataset, params, seed, epochs, args.points_per_epoch)
+                r = run_keras(config, dataset, params, seed, epochs, args.points_per_epoch, families)
             results.append(r)
             print(
                 f"  {r.config} seed {r.seed}: {r.test_accuracy:.2%} in {r.train_seconds:.0f} s "
-                f"({r.images_per_second:,.0f} img/s)  curve {r.curve}",
+                f"({r.images_per_second:,.0f} img/s), suite mean {r.suite_mean or 0:.2%}  curve {r.curve}",
                 flush=True,
             )
         ref = next((r for r in results if r.config == "reference" and r.seed == seed), None)
@@ -409,7 +442,8 @@ def print_summary(results: list[RunResult], summary: dict[str, dict], points_per
     for config, s in summary.items():
         print(
             f"{config:<20} mean of {s['runs']}: test {s['mean_test_accuracy']:.2%} in {s['mean_train_seconds']:.0f} s"
-            f" ({s['mean_images_per_second']:,.0f} img/s), acc@60s {s['mean_accuracy_at_60s']:.2%};"
+            f" ({s['mean_images_per_second']:,.0f} img/s), acc@60s {s['mean_accuracy_at_60s']:.2%},"
+            f" suite mean {s['mean_suite_accuracy'] or 0:.2%};"
             f" targets 99.5%/600s {'met' if s['meets_99_5_within_600s'] else 'not met'},"
             f" 99.0%/60s {'met' if s['meets_99_0_within_60s'] else 'not met'}"
         )
@@ -437,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         help="test-set scoring points per epoch (default 1: at each epoch end); 4 reads acc@60s off a finer curve",
     )
     parser.add_argument("--reference-epochs", type=int, default=None, help="epochs for the reference (the Keras example uses 15)")
+    parser.add_argument("--suite-size", type=int, default=1000, help="images per suite family (0: no suite)")
     args = parser.parse_args(argv)
 
     os.chdir(ROOT)
@@ -451,7 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         dataset = dataset.head(10_000, None)
 
-    results = run_all(args, dataset, params, seeds)
+    size = min(args.suite_size, 100) if args.quick else args.suite_size
+    families = suite_families(dataset.x_test, dataset.y_test, size) if size else None
+    results = run_all(args, dataset, params, seeds, families)
     summary = aggregate(results)
     print_summary(results, summary, args.points_per_epoch)
     write_results(

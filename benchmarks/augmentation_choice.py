@@ -14,11 +14,9 @@ trained with the same seed in the same run. Nothing here asserts: it prints a ta
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 
-import numpy as np
-from harness import RESULTS, command_line, say, table, write_results
+from harness import RESULTS, accuracy, command_line, say, suite_accuracies, suite_families, table, write_results
 
 from pipeline.data import has_dataset, ingest, load_dataset
 from pipeline.params import load_params
@@ -42,14 +40,6 @@ CONFIGS: dict[str, dict[str, float]] = {
 }
 
 
-def accuracy(predict, pixels: np.ndarray, labels: np.ndarray, refused: np.ndarray | None = None) -> float:
-    """The share of ``pixels`` a model's predictor gets right; refused images (the photo path's errors) count as wrong."""
-    from pipeline.evaluate import predict_classes
-
-    right = predict_classes(predict, pixels)[1] == labels
-    return float(np.mean(right & ~refused) if refused is not None else np.mean(right))
-
-
 def main() -> None:
     parser = command_line(__doc__, OUTPUT, "a 2-epoch run on 10,000 images with 100 per family, to check the script")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -58,7 +48,6 @@ def main() -> None:
     parser.add_argument("--suite-size", type=int, default=1000)
     args = parser.parse_args()
 
-    from pipeline import suite
     from pipeline.train import compiled_predictor, train
 
     base = load_params(Path("params.yaml"))
@@ -68,12 +57,7 @@ def main() -> None:
     size = 100 if args.quick else args.suite_size
     if args.quick:
         dataset = dataset.head(10_000, 10_000)
-    started = time.perf_counter()
-    families = {
-        name: (suite.to_pixels(family), family.labels)
-        for name, family in suite.build_suite(dataset.x_test, dataset.y_test, size).items()
-    }
-    say(f"suite: {len(families)} families of {size}, normalised in {time.perf_counter() - started:.0f} s")
+    families = suite_families(dataset.x_test, dataset.y_test, size)
 
     rows = []
     for seed in args.seeds:
@@ -86,7 +70,7 @@ def main() -> None:
             result = train(dataset, params)
             predict = compiled_predictor(result.model)
 
-            scores = {family: accuracy(predict, n.pixels, labels, n.refused) for family, (n, labels) in families.items()}
+            scores = suite_accuracies(predict, families)
             row = {
                 "config": name,
                 "seed": seed,

@@ -11,6 +11,8 @@ those libraries load.
   200, and stopped with every process it started;
 * ``LoadClient`` -- an open loop at a fixed rate and a closed loop of concurrent clients, both bounded
   in requests and time; ``latency_ms`` turns their latencies into percentiles;
+* ``suite_families`` / ``suite_accuracies`` -- the out-of-distribution suite, normalised once through
+  the service's photo path, and a model's accuracy on each family;
 * ``table`` / ``say`` -- a text table for stdout, a progress line for stderr.
 """
 
@@ -519,3 +521,27 @@ def _bounded(requests: int, seconds: float) -> int:
     if not (0 < requests <= MAX_REQUESTS and 0 <= seconds < math.inf):
         raise ValueError(f"a load loop must be bounded: {requests} requests over {seconds} s")
     return requests
+
+
+def suite_families(x_test: np.ndarray, y_test: np.ndarray, size: int) -> dict[str, tuple[object, np.ndarray]]:
+    """Every family of ``pipeline.suite``, rendered and normalised once: ``{name: (normalised, labels)}``."""
+    from pipeline import suite
+
+    started = time.perf_counter()
+    built = suite.build_suite(x_test, y_test, size)
+    families = {name: (suite.to_pixels(family), family.labels) for name, family in built.items()}
+    say(f"suite: {len(families)} families of {size}, normalised in {time.perf_counter() - started:.0f} s")
+    return families
+
+
+def accuracy(predict: Callable, pixels: np.ndarray, labels: np.ndarray, refused: np.ndarray | None = None) -> float:
+    """The share of ``pixels`` a model's predictor gets right; refused images (the photo path's errors) count as wrong."""
+    from pipeline.evaluate import predict_classes
+
+    right = predict_classes(predict, pixels)[1] == labels
+    return float(np.mean(right & ~refused) if refused is not None else np.mean(right))
+
+
+def suite_accuracies(predict: Callable, families: dict[str, tuple[object, np.ndarray]]) -> dict[str, float]:
+    """A predictor's accuracy on each family of ``suite_families``."""
+    return {name: accuracy(predict, n.pixels, labels, n.refused) for name, (n, labels) in families.items()}
