@@ -104,6 +104,7 @@ def _describe(err: Exception) -> tuple[int, str] | None:
     from flows.temporary_server import TemporaryServerError
     from pipeline.data import DataError
     from pipeline.params import ParamsError
+    from pipeline.prediction_log import PredictionLogError
     from pipeline.preprocess import ImageError
     from pipeline.registry import PromotionError
     from pipeline.validation import DataValidationError
@@ -113,6 +114,7 @@ def _describe(err: Exception) -> tuple[int, str] | None:
         return 2, str(err)
     if isinstance(err, DataValidationError):
         return 1, f"data validation failed.\n{err}"
-    if isinstance(err, (DataError, VersioningError, PromotionError, DeploymentError, TemporaryServerError, ImageError)):
+    expected = (DataError, VersioningError, PromotionError, DeploymentError, TemporaryServerError, ImageError, PredictionLogError)
+    if isinstance(err, expected):
         return 1, str(err)
     return None

@@ -7,7 +7,7 @@ import gc
 
 import typer
 
-from cli import data, models, operations, serving, stages, training
+from cli import data, feedback, models, operations, serving, stages, training
 
 digits = typer.Typer(
     help=(
@@ -38,6 +38,7 @@ for command in (
     models.evaluate,
     models.promote,
     models.rollback,
+    feedback.feedback,
     operations.ui,
     operations.deploy,
     stages.validate,
@@ -48,3 +49,4 @@ for command in (
 ):
     digits.command()(command)
 digits.add_typer(data.data, name="data")
+digits.add_typer(feedback.log, name="log")

@@ -41,6 +41,16 @@ class Settings(BaseSettings):
         le=1,
         description="answers less confident than this say unsure, for versions trained without a calibration of their own",
     )
+    # the prediction log (pipeline/prediction_log.py)
+    log_enabled: bool = Field(True, description="record every answer in the prediction log")
+    log_db_url: str | None = Field(
+        None, description="SQLAlchemy URL of the prediction log, e.g. postgresql+psycopg2://...; default: logs/predictions.db"
+    )
+    log_queue_size: int = Field(10_000, ge=1, description="answers waiting to be written; beyond it they are dropped and counted")
+    log_retention_days: float = Field(30.0, gt=0, description="`digits log prune` deletes uncorrected answers older than this")
+    log_upload_bytes: int = Field(
+        0, ge=0, description="keep original uploads up to this size with their answer; 0 (the default) keeps none"
+    )
     # scale-out on a Prefect server (`digits deploy`, `digits retrain --deployment`)
     work_pool: str = Field("digits", description="Prefect process work pool that `digits deploy` creates and workers poll")
     deployment: str = Field("digits", description="name of the Prefect deployment retrain-digits/<name>")
@@ -71,6 +81,10 @@ class Settings(BaseSettings):
     @property
     def reports_dir(self) -> Path:
         return self.home / "reports"
+
+    @property
+    def prediction_log_url(self) -> str:
+        return self.log_db_url or f"sqlite:///{(self.home / 'logs' / 'predictions.db').resolve()}"
 
     @property
     def resolved_tracking_uri(self) -> str:

@@ -5,6 +5,7 @@ Serve it with ``digits serve`` (or ``bentoml serve serving.service:DigitClassifi
 ====================  ====================================================================
 POST /predict         multipart field ``image``: a PNG/JPEG photo, scan or drawing of one digit
 POST /predict_pixels  JSON ``{"pixels": ...}``: one 28x28 array or a batch (n, 28, 28), 0-255
+POST /feedback        JSON ``{"request_id": "...", "label": 7}``: the true digit of an answer (201)
 GET  /model           the champion being served: version, run, metrics, data version, promoted-at
 GET  /livez           liveness (the process answers)
 GET  /readyz          readiness (200 once a model is loaded, 503 before)
@@ -12,9 +13,12 @@ GET  /draw            a drawing pad: draw a digit, see the prediction and its pr
 GET  /                BentoML's API page (OpenAPI at /docs.json)
 ====================  ====================================================================
 
-Every prediction carries ``digit``, ``confidence``, ``unsure`` (below the version's calibrated
-threshold), the ten ``probabilities`` and the ``model_name``, ``model_version`` and ``run_id`` that
-answered. Bad input is answered with a 4xx and a precise message (never a 500): 422 for a readable
+Every prediction carries a ``request_id``, ``digit``, ``confidence``, ``unsure`` (below the version's
+calibrated threshold), the ten ``probabilities`` and the ``model_name``, ``model_version`` and ``run_id``
+that answered. Each answer is recorded in the prediction log (:mod:`pipeline.prediction_log`) by a
+writer thread off the request path, and ``POST /feedback`` records its true digit once.
+
+Bad input is answered with a 4xx and a precise message (never a 500): 422 for a readable
 image that shows no digit; while no model has been promoted, prediction routes answer 503 saying so
 and how to train one.
 
@@ -30,21 +34,23 @@ its float32 export, else the Keras model; ``/model`` says which (``runtime``).
 import gc
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
 import bentoml
 import numpy as np
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, RedirectResponse
 from pydantic import BaseModel, BeforeValidator, Field, TypeAdapter
 from pydantic_core import PydanticCustomError
 from starlette.responses import JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
+from pipeline import prediction_log
 from pipeline.preprocess import MAX_BYTES, SIDE, ImageError, NotADigitError, image_bytes_to_mnist
-from pipeline.settings import get_settings
+from pipeline.settings import Settings, get_settings
 from serving.batching import MicroBatcher
 from serving.champion import ChampionWatcher, ModelUnavailable
 from serving.inputs import InputRefused, parse_pixels
@@ -66,6 +72,10 @@ DECODE_THREADS = 2
 FORM_FRAMING = 64 * 1024
 PIXEL_CHARACTERS = 16
 GC_THRESHOLDS = (10_000, 20, 100)
+# a correction is a few dozen bytes of JSON
+FEEDBACK_BYTES = 4096
+# the drawing page names itself so that its answers are logged as drawings, not photos
+SOURCE_HEADER = "x-digits-source"
 
 
 # ---------------------------------------------------------------- inputs and answers
@@ -89,6 +99,7 @@ Pixels = Annotated[
 class Prediction(BaseModel):
     """The answer for one image, and which model gave it."""
 
+    request_id: str = Field(description="this answer's id: send it with the true digit to POST /feedback")
     digit: int = Field(description="the predicted digit 0-9")
     confidence: float = Field(description="the probability of that digit")
     unsure: bool = Field(description="the confidence is below the version's unsure threshold: check before acting on it")
@@ -151,12 +162,14 @@ class _TooLarge(ValueError):
     pass
 
 
-def _read_upload(path: Path) -> np.ndarray:
-    """The uploaded file -> the 28x28 digit (in a worker thread); the size is checked before reading."""
+def _read_upload(path: Path, keep_bytes: int = 0) -> tuple[np.ndarray, bytes | None]:
+    """The uploaded file -> the 28x28 digit (in a worker thread), and the file itself when it is at most
+    ``keep_bytes`` long (for the log); the size is checked before reading."""
     size = path.stat().st_size
     if size > MAX_BYTES:
         raise _TooLarge(f"the image is {size:,} bytes; the limit is {MAX_BYTES:,}")
-    return image_bytes_to_mnist(path.read_bytes())
+    data = path.read_bytes()
+    return image_bytes_to_mnist(data), (data if size <= keep_bytes else None)
 
 
 def _error(status: int, message: str, **headers: str) -> JSONResponse:
@@ -255,6 +268,75 @@ def _clarify_validation_error(body: bytes) -> bytes:
         return body
 
 
+# ---------------------------------------------------------------- the prediction log
+
+
+@dataclass
+class AnswerLog:
+    """The service's side of the prediction log: the writer, the database, and the counters on /metrics.
+
+    A database that cannot be opened leaves the log off (``problem`` says why); answering goes on.
+    """
+
+    writer: prediction_log.LogWriter | None
+    problem: str | None
+    url: str
+    keep_upload_bytes: int
+
+    @classmethod
+    def open(cls, settings: Settings) -> "AnswerLog":
+        url = settings.prediction_log_url
+        if not settings.log_enabled:
+            return cls(None, "the prediction log is off (DIGITS_LOG_ENABLED=false)", url, 0)
+        try:
+            engine = prediction_log.open_log(url)
+        except prediction_log.PredictionLogError as err:  # the service answers without a log rather than not at all
+            log.error("%s; answers are not recorded", err)
+            return cls(None, str(err), url, 0)
+        writer = prediction_log.LogWriter(engine, capacity=settings.log_queue_size).start()
+        log.info("recording answers in %s", prediction_log.safe_url(url))
+        return cls(writer, None, url, settings.log_upload_bytes)
+
+    def record(self, entries: list[dict]) -> int:
+        """Queue answered images for the log (never waits); how many were dropped."""
+        return self.writer.submit(entries) if self.writer else 0
+
+    def info(self) -> dict:
+        stats = self.writer.stats() if self.writer else {}
+        return {"database": prediction_log.safe_url(self.url), "problem": self.problem, **stats}
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+class Counters:
+    """Prometheus counters (on BentoML's /metrics): answers, unsure answers and feedback per model version,
+    and log entries dropped."""
+
+    def __init__(self) -> None:
+        self.answers = bentoml.metrics.Counter(
+            name="digits_answers", documentation="answered images", labelnames=["model_version"]
+        )
+        self.unsure = bentoml.metrics.Counter(
+            name="digits_unsure_answers", documentation="answers marked unsure", labelnames=["model_version"]
+        )
+        self.feedback = bentoml.metrics.Counter(
+            name="digits_feedback", documentation="corrections, by the version that answered", labelnames=["model_version"]
+        )
+        self.dropped = bentoml.metrics.Counter(
+            name="digits_log_dropped", documentation="answers not recorded because the log's queue was full"
+        )
+
+    def count(self, answers: list[dict], dropped: int) -> None:
+        version = str(answers[0]["model_version"])  # one request is answered by one version
+        self.answers.labels(model_version=version).inc(len(answers))
+        if unsure := sum(a["unsure"] for a in answers):
+            self.unsure.labels(model_version=version).inc(unsure)
+        if dropped:
+            self.dropped.inc(dropped)
+
+
 # ---------------------------------------------------------------- the service
 
 ui = FastAPI(title="digits pages", docs_url=None, redoc_url=None, openapi_url=None)
@@ -281,6 +363,8 @@ class DigitClassifier:
         self.settings = get_settings()
         self.watcher = ChampionWatcher(self.settings, tf_threads=self.settings.serve_tf_threads).start()
         self.batcher = MicroBatcher(self._answer, max_images=BATCH_IMAGES)
+        self.answer_log = AnswerLog.open(self.settings)
+        self.counters = Counters()
         self._decoders: anyio.CapacityLimiter | None = None
         log.info("following models:/%s@champion every %.0f s", self.settings.model_name, self.watcher.poll_seconds)
 
@@ -289,22 +373,33 @@ class DigitClassifier:
         return self.watcher.current is not None
 
     @bentoml.on_shutdown
-    def stop_watching(self) -> None:
+    def stop(self) -> None:
         self.watcher.stop()
+        self.answer_log.close()  # writes what is still queued
 
     def _answer(self, images: np.ndarray) -> list[dict]:
         """One model call for a batch of images (in a worker thread): the champion of this moment answers."""
-        return self.watcher.require().answers(images)
+        model = self.watcher.require()
+        return [{**answer, "runtime": model.runtime} for answer in model.answers(images)]
 
-    async def _predict(self, images: np.ndarray) -> list[dict] | JSONResponse:
+    async def _predict(self, images: np.ndarray, route: str, upload: bytes | None = None) -> list[dict] | JSONResponse:
+        """The answers for ``images``, each with a new request id, queued for the log as they are sent."""
         try:
-            return await self.batcher.submit(images)
+            answers = await self.batcher.submit(images)
         except ModelUnavailable as err:  # only before the first load, and ServingGuard answers those
             return _error(503, str(err))
+        entries = []
+        for answer, image in zip(answers, images, strict=True):
+            answer["request_id"] = prediction_log.new_request_id()
+            entries.append(prediction_log.entry(answer["request_id"], route, answer, answer["runtime"], image, upload))
+        self.counters.count(answers, self.answer_log.record(entries))
+        return answers
 
     @bentoml.api(route="/predict")
     async def predict(
-        self, image: Annotated[Path, Field(description="a PNG or JPEG of one digit (photo, scan or drawing)")]
+        self,
+        image: Annotated[Path, Field(description="a PNG or JPEG of one digit (photo, scan or drawing)")],
+        ctx: bentoml.Context,
     ) -> Prediction:
         """Predict the digit in an uploaded image (multipart field ``image``), any size and polarity.
 
@@ -314,17 +409,25 @@ class DigitClassifier:
         run id. An unreadable file gets 400; a readable image that shows no digit (blank, noise, ink all
         over) gets 422 saying what was seen.
         """
+        route = "draw" if ctx.request.headers.get(SOURCE_HEADER) == "draw" else "photo"
+        response = await self._predict_upload(image, route)
+        ctx.response.status_code = response.status_code  # with a context, BentoML answers with its status
+        return response
+
+    async def _predict_upload(self, image: Path, route: str) -> Response:
         if self._decoders is None:
             self._decoders = anyio.CapacityLimiter(DECODE_THREADS)
         try:
-            digit = await anyio.to_thread.run_sync(_read_upload, image, limiter=self._decoders)
+            digit, upload = await anyio.to_thread.run_sync(
+                _read_upload, image, self.answer_log.keep_upload_bytes, limiter=self._decoders
+            )
         except _TooLarge as err:
             return _error(413, str(err))
         except NotADigitError as err:  # readable, but no digit in it: a guess would be worse than saying so
             return _error(422, str(err))
         except ImageError as err:
             return _error(400, str(err))
-        answers = await self._predict(digit[None])
+        answers = await self._predict(digit[None], route, upload)
         return answers if isinstance(answers, JSONResponse) else _json(Prediction(**answers[0]).model_dump_json().encode())
 
     @bentoml.api(route="/predict_pixels")
@@ -334,8 +437,40 @@ class DigitClassifier:
         Answers a list with one prediction per image. Requests that arrive while the model is busy
         share its next call (adaptive batching); a request is never split between two models.
         """
-        answers = await self._predict(pixels)
+        answers = await self._predict(pixels, "pixels")
         return answers if isinstance(answers, JSONResponse) else _json(PREDICTIONS.dump_json([Prediction(**a) for a in answers]))
+
+    # ------------------------------------------------------------ corrections (FastAPI: 201, 404, 409, 422)
+
+    @ui.post("/feedback", status_code=201)
+    async def feedback(self, request: Request):
+        """Record the true digit of an answer: JSON ``{"request_id": "...", "label": 7}``.
+
+        201 with what was answered and whether it was right; 404 for an unknown request id; 409 when
+        that answer was corrected before (the first label stands); 422 for a label that is not 0-9.
+        """
+        writer = self.answer_log.writer
+        if writer is None:
+            return _error(503, f"corrections cannot be recorded: {self.answer_log.problem}")
+        body = await request.body()
+        if len(body) > FEEDBACK_BYTES:
+            return _error(413, f"the request body is {len(body):,} bytes; /feedback takes at most {FEEDBACK_BYTES:,}")
+        try:
+            sent = json.loads(body)
+        except ValueError as err:
+            return _error(400, f'the body is not valid JSON ({err}): send {{"request_id": "...", "label": 7}}')
+        if not isinstance(sent, dict) or not {"request_id", "label"} <= sent.keys():
+            return _error(422, 'send a JSON object with "request_id" (from an answer) and "label" (the true digit 0-9)')
+        await anyio.to_thread.run_sync(writer.flush)  # the answer being corrected may still be queued
+        client = prediction_log.client_digest(request.client.host if request.client else None)
+        try:
+            recorded = await anyio.to_thread.run_sync(
+                prediction_log.record_feedback, writer.engine, sent["request_id"], sent["label"], client
+            )
+        except prediction_log.FeedbackRefused as err:
+            return _error(err.status, str(err))
+        self.counters.feedback.labels(model_version=recorded["model_version"]).inc()
+        return JSONResponse(recorded, status_code=201)
 
     # ------------------------------------------------------------ plain GET routes (FastAPI)
 
@@ -369,6 +504,7 @@ class DigitClassifier:
             "load_seconds": round(current.load_seconds, 3),
             **status,
             "batching": self.batcher.stats(),
+            "prediction_log": self.answer_log.info(),
         }
 
     @ui.get("/draw", include_in_schema=False)

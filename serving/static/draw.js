@@ -1,5 +1,6 @@
 // The drawing pad: pointer events (mouse, finger, pen) draw dark ink on a white canvas; the PNG goes
-// to POST /predict, and the answer is shown as a digit with one probability bar per class.
+// to POST /predict, and the answer is shown as a digit with one probability bar per class. Below it,
+// "Right" and "Wrong, it was [0-9]" send the true digit of that answer to POST /feedback.
 "use strict";
 
 (function () {
@@ -13,6 +14,10 @@
   const barsEl = document.getElementById("bars");
   const statusEl = document.getElementById("status");
   const modelEl = document.getElementById("model");
+  const feedbackEl = document.getElementById("feedback");
+  const rightButton = document.getElementById("right");
+  const labelsEl = document.getElementById("labels");
+  const feedbackStatusEl = document.getElementById("feedback-status");
 
   // about the stroke width of MNIST digits once the drawing is scaled into a 20x20 box
   const STROKE = Math.round(pad.width / 14);
@@ -22,6 +27,7 @@
   let pending = null; // the request in flight
   let again = false; // the drawing changed while a request was in flight
   let shownVersion = null; // the model version in the header
+  let answered = null; // the answer on show: {request_id, digit}
 
   // ------------------------------------------------------------ the pad
 
@@ -123,9 +129,75 @@
     });
     setStatus(`answered by ${answer.model_name} v${answer.model_version} (run ${(answer.run_id || "?").slice(0, 8)})`);
     if (answer.model_version !== shownVersion) loadModelInfo(); // the champion moved: refresh the header
+    offerFeedback(answer);
   }
 
+  // ------------------------------------------------------------ corrections
+
+  function buildLabels() {
+    for (let d = 0; d < 10; d++) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "secondary label-button";
+      button.textContent = String(d);
+      button.dataset.label = String(d);
+      button.setAttribute("aria-label", `wrong, it was ${d}`);
+      button.addEventListener("click", () => sendFeedback(d));
+      labelsEl.appendChild(button);
+    }
+  }
+
+  function setFeedbackButtons(enabled) {
+    rightButton.disabled = !enabled;
+    for (const button of labelsEl.children) {
+      button.disabled = !enabled || (answered && Number(button.dataset.label) === answered.digit);
+    }
+  }
+
+  function offerFeedback(answer) {
+    answered = { request_id: answer.request_id, digit: answer.digit };
+    feedbackEl.hidden = !answer.request_id;
+    feedbackStatusEl.textContent = "";
+    feedbackStatusEl.classList.remove("error");
+    setFeedbackButtons(true);
+  }
+
+  function hideFeedback() {
+    answered = null;
+    feedbackEl.hidden = true;
+  }
+
+  async function sendFeedback(label) {
+    if (!answered) return;
+    const sent = answered;
+    setFeedbackButtons(false);
+    try {
+      const response = await fetch("feedback", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ request_id: sent.request_id, label }),
+      });
+      if (!response.ok) {
+        feedbackStatusEl.textContent = `not recorded: ${await errorText(response)}`;
+        feedbackStatusEl.classList.add("error");
+        return;
+      }
+      const recorded = await response.json();
+      feedbackStatusEl.classList.remove("error");
+      feedbackStatusEl.textContent = recorded.correct
+        ? `Thank you: recorded that ${recorded.label} was right.`
+        : `Thank you: recorded that it was ${recorded.label}, not ${recorded.digit}.`;
+    } catch (err) {
+      feedbackStatusEl.textContent = `not recorded: the service did not answer (${err})`;
+      feedbackStatusEl.classList.add("error");
+      setFeedbackButtons(answered === sent);
+    }
+  }
+
+  rightButton.addEventListener("click", () => answered && sendFeedback(answered.digit));
+
   function resetAnswer() {
+    hideFeedback();
     digitEl.textContent = "?";
     digitEl.dataset.state = "empty";
     confidenceEl.textContent = "";
@@ -174,7 +246,8 @@
       try {
         const form = new FormData();
         form.append("image", await pngOfPad(), "drawing.png");
-        const response = await fetch("predict", { method: "POST", body: form });
+        // the header marks the answer as a drawing in the prediction log
+        const response = await fetch("predict", { method: "POST", body: form, headers: { "X-Digits-Source": "draw" } });
         if (!response.ok) {
           resetAnswer();
           setStatus(`${response.status}: ${await errorText(response)}`, true);
@@ -224,5 +297,6 @@
 
   clearPad();
   buildBars();
+  buildLabels();
   loadModelInfo();
 })();

@@ -93,6 +93,37 @@ def _check_shown_answer(shown: dict, server: Server, png: bytes) -> None:
         assert shown["confidence"].endswith("% sure"), shown["confidence"]
 
 
+def _logged(server: Server, status_text: str) -> dict:
+    """The prediction log's row for the answer on show (found by its feedback), with its correction."""
+    import sqlalchemy as sa
+
+    from pipeline import prediction_log
+
+    engine = prediction_log.connect(f"sqlite:///{server.home / 'logs' / 'predictions.db'}")
+    table = prediction_log.predictions.join(prediction_log.feedback)
+    query = sa.select(prediction_log.predictions.c.route, prediction_log.predictions.c.digit, prediction_log.feedback.c.label)
+    with engine.connect() as connection:
+        rows = connection.execute(query.select_from(table).order_by(prediction_log.feedback.c.id.desc())).all()
+    engine.dispose()
+    assert rows, f"no correction in the log; the page said {status_text!r}"
+    return rows[0]._asdict()
+
+
+def _send_feedback(browser, button_id: str | None = None, label: int | None = None) -> str:
+    """Press "Right" or "Wrong, it was <label>" and wait for the page to say it was recorded."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    assert browser.find_element(By.ID, "feedback").is_displayed()
+    selector = f"#{button_id}" if button_id else f'#labels button[data-label="{label}"]'
+    browser.find_element(By.CSS_SELECTOR, selector).click()
+    WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "feedback-status").text)
+    status = browser.find_element(By.ID, "feedback-status").text
+    # one correction per answer: the buttons are off once it is sent
+    assert browser.find_element(By.ID, "right").get_attribute("disabled")
+    return status
+
+
 def test_draw_a_digit_with_the_mouse_and_see_the_prediction(server, browser):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -132,6 +163,11 @@ def test_draw_a_digit_with_the_mouse_and_see_the_prediction(server, browser):
     _check_shown_answer(shown, server, _pad_png(browser))
     assert shown["digit"] == "1"
 
+    # "Right" confirms the answer: the log holds the drawing's answer with its label
+    status = _send_feedback(browser, button_id="right")
+    assert status == "Thank you: recorded that 1 was right.", status
+    assert _logged(server, status) == {"route": "draw", "digit": 1, "label": 1}
+
 
 def test_draw_with_a_finger(server, browser):
     """Touch input (pointer events of kind touch) draws too, without scrolling the page."""
@@ -154,3 +190,11 @@ def test_draw_with_a_finger(server, browser):
     finger.perform()
     shown = _wait_for_answer(browser)
     _check_shown_answer(shown, server, _pad_png(browser))
+
+    # "Wrong, it was 7" corrects it; the button of the digit it answered is not offered
+    answered = int(shown["digit"])
+    assert browser.find_element(By.CSS_SELECTOR, f'#labels button[data-label="{answered}"]').get_attribute("disabled")
+    status = _send_feedback(browser, label=7 if answered != 7 else 4)
+    label = 7 if answered != 7 else 4
+    assert status == f"Thank you: recorded that it was {label}, not {answered}.", status
+    assert _logged(server, status) == {"route": "draw", "digit": answered, "label": label}

@@ -93,7 +93,9 @@ def confident_digits(champion, mnist_slice) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _assert_answer(answer: dict, champion: Champion) -> None:
-    assert set(answer) == {"digit", "confidence", "unsure", "probabilities", "model_name", "model_version", "run_id"}
+    fields = {"request_id", "digit", "confidence", "unsure", "probabilities", "model_name", "model_version", "run_id"}
+    assert set(answer) == fields
+    assert len(answer["request_id"]) == 32
     # the champion's run has no calibration of its own: the service's default threshold applies
     assert answer["unsure"] is (answer["confidence"] < Settings.model_fields["unsure_threshold"].default)
     assert len(answer["probabilities"]) == 10 and abs(sum(answer["probabilities"]) - 1) < 1e-3
@@ -207,6 +209,112 @@ def test_photos_and_drawings_of_real_digits(champion, http, confident_digits):
             right += answer["digit"] == label
             total += 1
     assert right >= 0.9 * total, f"only {right} of {total} real digits read right through the photo path"
+
+
+# ---------------------------------------------------------------- the prediction log and corrections
+
+
+def _log_rows(champion: Champion, request_ids: list[str]) -> dict[str, dict]:
+    """The logged answers with these request ids, read from the service's own database."""
+    import sqlalchemy as sa
+
+    from pipeline import prediction_log
+
+    engine = prediction_log.connect(Settings(home=champion.server.home).prediction_log_url)
+    table = prediction_log.predictions
+    with engine.connect() as connection:
+        rows = connection.execute(sa.select(table).where(table.c.request_id.in_(request_ids))).all()
+    engine.dispose()
+    return {row.request_id: row._asdict() for row in rows}
+
+
+def test_every_answer_is_logged_with_its_input_and_can_be_corrected_once(champion, http, mnist_slice):
+    from pipeline.image_stats import image_statistics
+    from pipeline.preprocess import image_bytes_to_mnist
+
+    pixels = mnist_slice.x_test[:3]
+    batch = _pixels(http, pixels).json()
+    photo_bytes = render(mnist_slice.x_test[3], "PNG", 200)
+    photo = http.post("/predict", files={"image": ("digit.png", photo_bytes, "image/png")}).json()
+    drawing = http.post(
+        "/predict", files={"image": ("pad.png", photo_bytes, "image/png")}, headers={"X-Digits-Source": "draw"}
+    ).json()
+    answers = [*batch, photo, drawing]
+    ids = [a["request_id"] for a in answers]
+    assert len(set(ids)) == 5, "every answer, each image of a batch included, has its own request id"
+
+    # a correction is recorded once; the writer's queue is flushed first, so it may follow its answer at once
+    wrong = (batch[0]["digit"] + 1) % 10
+    first = http.post("/feedback", json={"request_id": ids[0], "label": wrong})
+    assert first.status_code == 201, first.text
+    assert first.json() == {
+        "request_id": ids[0],
+        "label": wrong,
+        "digit": batch[0]["digit"],
+        "correct": False,
+        "model_version": champion.version,
+        "status": "accepted",
+    }
+    again = http.post("/feedback", json={"request_id": ids[0], "label": batch[0]["digit"]})
+    assert again.status_code == 409 and f"already corrected to {wrong}" in again.json()["error"]
+    confirmed = http.post("/feedback", json={"request_id": ids[3], "label": str(photo["digit"])})
+    assert confirmed.status_code == 201 and confirmed.json()["correct"] is True
+    refused = {
+        "unknown request": ({"request_id": "0" * 32, "label": 3}, 404, "no answer has request_id"),
+        "label 10": ({"request_id": ids[1], "label": 10}, 422, "label must be a digit 0-9; got 10"),
+        "label a word": ({"request_id": ids[1], "label": "seven"}, 422, "label must be a digit 0-9; got 'seven'"),
+        "no label": ({"request_id": ids[1]}, 422, '"label" (the true digit 0-9)'),
+    }
+    for case, (body, status, message) in refused.items():
+        response = http.post("/feedback", json=body)
+        assert response.status_code == status and message in response.json()["error"], (case, response.text)
+    broken = http.post("/feedback", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]
+
+    rows = _log_rows(champion, ids)
+    assert [rows[i]["route"] for i in ids] == ["pixels", "pixels", "pixels", "photo", "draw"]
+    for answer in answers:
+        row = rows[answer["request_id"]]
+        assert (row["digit"], row["model_version"], row["run_id"], row["unsure"]) == (
+            answer["digit"],
+            champion.version,
+            champion.run_id,
+            answer["unsure"],
+        )
+        assert row["confidence"] == pytest.approx(answer["confidence"]) and row["probabilities"] == answer["probabilities"]
+        assert row["runtime"] == "tflite" and row["upload"] is None  # uploads are not kept by default
+    # the normalised image is what the model saw, and its statistics are the library's
+    from pipeline.prediction_log import image_of
+
+    np.testing.assert_array_equal(image_of(rows[ids[0]]["image"]), pixels[0])
+    np.testing.assert_array_equal(image_of(rows[ids[3]]["image"]), np.rint(image_bytes_to_mnist(photo_bytes)).astype(np.uint8))
+    statistics = image_statistics(pixels[:1])
+    for name, values in statistics.items():
+        assert rows[ids[0]][name] == pytest.approx(float(values[0]), abs=1e-5), name
+
+    # /metrics counts answers and corrections per model version
+    metrics = http.get("/metrics").text
+    assert f'digits_answers_total{{model_version="{champion.version}"}}' in metrics
+    assert f'digits_feedback_total{{model_version="{champion.version}"}}' in metrics
+    info = http.get("/model").json()["prediction_log"]
+    assert info["problem"] is None and info["written"] >= 5 and info["dropped"] == 0
+
+    # `digits feedback --json` reads the same log; `digits log prune --days 0` keeps the corrected answers
+    env = {**os.environ, "DIGITS_HOME": str(champion.server.home), "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+    def digits(*args: str) -> subprocess.CompletedProcess:
+        command = [os.path.join(os.path.dirname(sys.executable), "digits"), *args]
+        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+    report = digits("feedback", "--json")
+    assert report.returncode == 0, report.stderr
+    summary = json.loads(report.stdout)
+    assert summary["feedback"] == 2 and summary["ready_to_harvest"] == 2
+    assert summary["by_version"][champion.version] == {"feedback": 2, "correct": 1, "accuracy": 0.5}
+    assert summary["by_label"][str(wrong)] >= 1
+    pruned = digits("log", "prune", "--days", "0")
+    assert pruned.returncode == 0 and "deleted" in pruned.stdout, pruned.stderr
+    assert set(_log_rows(champion, ids)) == {ids[0], ids[3]}
 
 
 # ---------------------------------------------------------------- raw pixels
@@ -516,12 +624,18 @@ def test_bentoml_build_makes_a_bento(tmp_path):
         "serving/static/draw.js",
         "pipeline/preprocess.py",
         "pipeline/registry.py",
+        "pipeline/prediction_log.py",
+        "pipeline/migrations/env.py",
+        "pipeline/migrations/script.py.mako",
+        "pipeline/migrations/versions/0001_prediction_log.py",
     ):
         assert (bento / "src" / file).is_file(), file
     manifest = (bento / "bento.yaml").read_text()
     assert "service: serving.service:DigitClassifier" in manifest
     assert "route: /predict\n" in manifest and "route: /predict_pixels" in manifest
-    assert "tensorflow-cpu==" in (bento / "env" / "python" / "requirements.txt").read_text()
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text()
+    for package in ("tensorflow-cpu==", "opencv-python-headless==", "sqlalchemy==", "alembic=="):
+        assert package in requirements, package
 
 
 # ---------------------------------------------------------------- hot swap (last: it moves the champion)

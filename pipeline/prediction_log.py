@@ -1,0 +1,417 @@
+"""The prediction log: every answer the service gives, and the corrections people send back.
+
+A SQL database through SQLAlchemy: SQLite in WAL mode under ``logs/`` in the project folder by
+default, PostgreSQL (or any SQLAlchemy URL) with ``DIGITS_LOG_DB_URL``. Its schema belongs to Alembic
+(``pipeline/migrations``): opening the log brings the database to the latest revision, under a lock,
+so replicas that start together migrate once.
+
+The service never waits for the database: :class:`LogWriter` takes entries on a bounded queue and
+returns at once; a thread writes them in batches. When the queue is full, entries are dropped and
+counted, never waited for. Closing the writer drains the queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from pipeline.image_stats import STATISTICS, image_statistics
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+ROUTES = ("photo", "pixels", "draw")
+REQUEST_ID_LENGTH = 32
+# a key of our own for PostgreSQL's advisory lock around migrations
+MIGRATION_LOCK_KEY = 0x64696769
+FEEDBACK_ACCEPTED = "accepted"
+
+metadata = sa.MetaData()
+
+predictions = sa.Table(
+    "predictions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("request_id", sa.String(REQUEST_ID_LENGTH), nullable=False, unique=True),
+    sa.Column("created_at", sa.DateTime, nullable=False, index=True),  # UTC
+    sa.Column("route", sa.String(16), nullable=False),
+    sa.Column("model_name", sa.String(255), nullable=False),
+    sa.Column("model_version", sa.String(32), nullable=False, index=True),
+    sa.Column("run_id", sa.String(64)),
+    sa.Column("runtime", sa.String(16), nullable=False),
+    sa.Column("digit", sa.SmallInteger, nullable=False),
+    sa.Column("confidence", sa.Float, nullable=False),
+    sa.Column("unsure", sa.Boolean, nullable=False),
+    sa.Column("probabilities", sa.JSON, nullable=False),
+    sa.Column("ink_share", sa.Float, nullable=False),
+    sa.Column("box_top", sa.SmallInteger, nullable=False),
+    sa.Column("box_left", sa.SmallInteger, nullable=False),
+    sa.Column("box_bottom", sa.SmallInteger, nullable=False),
+    sa.Column("box_right", sa.SmallInteger, nullable=False),
+    sa.Column("centre_row", sa.Float, nullable=False),
+    sa.Column("centre_col", sa.Float, nullable=False),
+    sa.Column("stroke_width", sa.Float, nullable=False),
+    sa.Column("image", sa.LargeBinary, nullable=False),  # the normalised 28x28 digit, uint8, row by row
+    sa.Column("upload", sa.LargeBinary),  # the original upload, only when configured
+)
+
+feedback = sa.Table(
+    "feedback",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("request_id", sa.String(REQUEST_ID_LENGTH), sa.ForeignKey("predictions.request_id"), nullable=False, unique=True),
+    sa.Column("created_at", sa.DateTime, nullable=False),  # UTC
+    sa.Column("label", sa.SmallInteger, nullable=False),
+    sa.Column("client", sa.String(16)),  # a digest of the sender's address, never the address itself
+    sa.Column("status", sa.String(16), nullable=False, server_default=FEEDBACK_ACCEPTED),
+    sa.Column("harvested_at", sa.DateTime),
+    sa.Column("data_version", sa.String(64)),
+)
+
+
+class PredictionLogError(RuntimeError):
+    """The log's database cannot be opened or migrated; the message names it and the reason."""
+
+
+class FeedbackRefused(ValueError):
+    """A correction that cannot be recorded; the message says why. ``status`` is the HTTP answer."""
+
+    status = 422
+
+
+class UnknownRequest(FeedbackRefused):
+    status = 404
+
+
+class AlreadyCorrected(FeedbackRefused):
+    status = 409
+
+
+def utc_now() -> datetime:
+    """Now in UTC, without a zone (SQLite keeps none; every time in the log is UTC)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def safe_url(url: str) -> str:
+    """A database URL fit to show: without its password."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return f"{url.split('://', 1)[0]}://... (not a database URL)"
+
+
+def new_request_id() -> str:
+    import uuid
+
+    return uuid.uuid4().hex
+
+
+def client_digest(address: str | None) -> str | None:
+    """Enough to count one sender's corrections, without keeping where they came from."""
+    return hashlib.sha256(address.encode()).hexdigest()[:16] if address else None
+
+
+# ---------------------------------------------------------------- opening and migrating
+
+
+def connect(url: str) -> Engine:
+    """An engine for the log's database, SQLite in WAL mode (its folder created) when the URL is SQLite."""
+    engine_url = sa.make_url(url)
+    if engine_url.get_backend_name() != "sqlite":
+        return sa.create_engine(engine_url, pool_pre_ping=True)
+    if engine_url.database and engine_url.database != ":memory:":
+        Path(engine_url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(engine_url, connect_args={"timeout": 30})
+
+    @sa.event.listens_for(engine, "connect")
+    def _wal(connection, _record) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return engine
+
+
+def alembic_config(connection: sa.Connection | None = None):
+    """Alembic's configuration for the log's migrations, bound to ``connection`` when given."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
+@contextlib.contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """Only one process migrates at a time: a file lock beside a SQLite database (PostgreSQL locks in SQL)."""
+    database = engine.url.database
+    if engine.url.get_backend_name() == "sqlite" and database and database != ":memory:":
+        from filelock import FileLock
+
+        with FileLock(f"{database}.migrate.lock", timeout=120):
+            yield
+    else:
+        yield
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the database to the latest schema revision (nothing to do when it is there)."""
+    from alembic import command
+
+    with _migration_lock(engine), engine.begin() as connection:
+        if connection.dialect.name == "postgresql":  # held to the end of this transaction, DDL included
+            connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        command.upgrade(alembic_config(connection), "head")
+
+
+def open_log(url: str) -> Engine:
+    """Connect to the log's database and migrate it: ready to write and query (PredictionLogError if it cannot be)."""
+    try:
+        engine = connect(url)
+        migrate(engine)
+    except (sa.exc.SQLAlchemyError, OSError) as err:
+        reason = getattr(err, "orig", None) or err
+        raise PredictionLogError(
+            f"the prediction log at {safe_url(url)} cannot be opened: {str(reason).strip()} (DIGITS_LOG_DB_URL sets the database)"
+        ) from err
+    return engine
+
+
+# ---------------------------------------------------------------- entries
+
+
+def entry(
+    request_id: str, route: str, answer: dict[str, Any], runtime: str, image: np.ndarray, upload: bytes | None = None
+) -> dict[str, Any]:
+    """One answered image as the writer takes it; its input statistics are computed off the request path."""
+    return {
+        "request_id": request_id,
+        "created_at": utc_now(),
+        "route": route,
+        "model_name": answer["model_name"],
+        "model_version": str(answer["model_version"]),
+        "run_id": answer.get("run_id"),
+        "runtime": runtime,
+        "digit": int(answer["digit"]),
+        "confidence": float(answer["confidence"]),
+        "unsure": bool(answer["unsure"]),
+        "probabilities": list(answer["probabilities"]),
+        "image": image,
+        "upload": upload,
+    }
+
+
+def _with_statistics(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows ready to insert: the image as 784 bytes, and its input statistics."""
+    images = np.stack([np.asarray(e["image"], dtype=np.float32).reshape(28, 28) for e in entries])
+    statistics = image_statistics(images)
+    pixels = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+    return [
+        {
+            **e,
+            "image": pixels[i].tobytes(),
+            **{name: statistics[name][i].item() for name in STATISTICS},
+        }
+        for i, e in enumerate(entries)
+    ]
+
+
+def image_of(row_image: bytes) -> np.ndarray:
+    """A logged image back as a 28x28 uint8 array."""
+    return np.frombuffer(row_image, dtype=np.uint8).reshape(28, 28)
+
+
+class LogWriter:
+    """Writes entries to the log in batches from a thread of its own; ``submit`` never blocks.
+
+    ``dropped`` counts entries refused because the queue was full, ``failed`` those the database
+    refused (logged as warnings), ``written`` the rest.
+    """
+
+    def __init__(self, engine: Engine, capacity: int = 10_000, batch_size: int = 256) -> None:
+        self.engine = engine
+        self.batch_size = batch_size
+        self.written = 0
+        self.dropped = 0
+        self.failed = 0
+        self._queue: queue.Queue[dict[str, Any]] = queue.Queue(capacity)
+        self._accepted = 0
+        self._handled = 0
+        self._progress = threading.Condition()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prediction-log-writer", daemon=True)
+
+    def start(self) -> LogWriter:
+        self._thread.start()
+        return self
+
+    def submit(self, entries: Sequence[dict[str, Any]]) -> int:
+        """Queue entries for writing; returns how many were dropped because the queue was full."""
+        dropped = 0
+        for item in entries:
+            try:
+                self._queue.put_nowait(item)
+                self._accepted += 1
+            except queue.Full:
+                dropped += 1
+        self.dropped += dropped
+        return dropped
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every entry queued so far is written (or refused); False on timeout."""
+        target = self._accepted
+        with self._progress:
+            return self._progress.wait_for(lambda: self._handled >= target, timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write what is queued, then stop the thread."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def stats(self) -> dict[str, int]:
+        return {"written": self.written, "dropped": self.dropped, "failed": self.failed, "queued": self._queue.qsize()}
+
+    def _take(self) -> list[dict[str, Any]]:
+        try:
+            batch = [self._queue.get(timeout=0.2)]
+        except queue.Empty:
+            return []
+        while len(batch) < self.batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _run(self) -> None:
+        while not (self._stopping.is_set() and self._queue.empty()):
+            batch = self._take()
+            if not batch:
+                continue
+            try:
+                with self.engine.begin() as connection:
+                    connection.execute(sa.insert(predictions), _with_statistics(batch))
+                self.written += len(batch)
+            except Exception as err:  # the service must go on answering whatever the database does
+                self.failed += len(batch)
+                log.warning("the prediction log could not write %d entries: %s", len(batch), err)
+            with self._progress:
+                self._handled += len(batch)
+                self._progress.notify_all()
+
+
+# ---------------------------------------------------------------- corrections
+
+
+def check_label(value: Any) -> int:
+    """A digit 0-9 (an integer, or a string of one); FeedbackRefused (422) saying what was sent otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise FeedbackRefused(f"label must be a digit 0-9; got {type(value).__name__} {value!r}")
+    if isinstance(value, str):
+        if not (value.strip().isdigit() and len(value.strip()) == 1):
+            raise FeedbackRefused(f"label must be a digit 0-9; got {value!r}")
+        value = int(value)
+    if not 0 <= value <= 9:
+        raise FeedbackRefused(f"label must be a digit 0-9; got {value}")
+    return value
+
+
+def check_request_id(value: Any) -> str:
+    if not isinstance(value, str) or not value or len(value) > REQUEST_ID_LENGTH:
+        raise FeedbackRefused(f"request_id must be the request_id of an answer (1-{REQUEST_ID_LENGTH} characters); got {value!r}")
+    return value
+
+
+def record_feedback(engine: Engine, request_id: Any, label: Any, client: str | None = None) -> dict[str, Any]:
+    """Record the true digit of an answered request, once; what was answered and whether it was right.
+
+    UnknownRequest (404) when no answer has that id, AlreadyCorrected (409) when it has a label
+    already (the first one stands), FeedbackRefused (422) for a label that is not 0-9.
+    """
+    request_id, label = check_request_id(request_id), check_label(label)
+    answered = sa.select(predictions.c.digit, predictions.c.model_version).where(predictions.c.request_id == request_id)
+    try:
+        with engine.begin() as connection:
+            prediction = connection.execute(answered).first()
+            if prediction is None:
+                raise UnknownRequest(f"no answer has request_id {request_id!r} (it may be older than the log keeps)")
+            connection.execute(
+                sa.insert(feedback).values(request_id=request_id, created_at=utc_now(), label=label, client=client)
+            )
+    except sa.exc.IntegrityError:
+        with engine.connect() as connection:
+            first = connection.execute(sa.select(feedback.c.label).where(feedback.c.request_id == request_id)).scalar()
+        raise AlreadyCorrected(f"request {request_id} was already corrected to {first}; the first correction stands") from None
+    return {
+        "request_id": request_id,
+        "label": label,
+        "digit": prediction.digit,
+        "correct": prediction.digit == label,
+        "model_version": prediction.model_version,
+        "status": FEEDBACK_ACCEPTED,
+    }
+
+
+def feedback_summary(engine: Engine) -> dict[str, Any]:
+    """Corrections received: by label, by model version with its accuracy on them, and how many are ready to harvest."""
+    joined = feedback.join(predictions, feedback.c.request_id == predictions.c.request_id)
+    with engine.connect() as connection:
+        by_label = dict(connection.execute(sa.select(feedback.c.label, sa.func.count()).group_by(feedback.c.label)).all())
+        versions = connection.execute(
+            sa.select(
+                predictions.c.model_version,
+                sa.func.count(),
+                sa.func.sum(sa.case((predictions.c.digit == feedback.c.label, 1), else_=0)),
+            )
+            .select_from(joined)
+            .group_by(predictions.c.model_version)
+        ).all()
+        ready = connection.execute(
+            sa.select(sa.func.count())
+            .select_from(feedback)
+            .where(feedback.c.harvested_at.is_(None), feedback.c.status == FEEDBACK_ACCEPTED)
+        ).scalar()
+        answers = connection.execute(sa.select(sa.func.count()).select_from(predictions)).scalar()
+    return {
+        "answers": answers,
+        "feedback": sum(by_label.values()),
+        "by_label": {str(label): by_label.get(label, 0) for label in range(10)},
+        "by_version": {
+            version: {"feedback": count, "correct": int(correct or 0), "accuracy": (correct or 0) / count}
+            for version, count, correct in sorted(versions, key=lambda row: _version_key(row[0]))
+        },
+        "ready_to_harvest": ready,
+    }
+
+
+def _version_key(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (1 << 30, version)
+
+
+# ---------------------------------------------------------------- retention
+
+
+def prune(engine: Engine, days: float, now: datetime | None = None) -> int:
+    """Delete answers older than ``days`` that nobody corrected (corrected ones are training data); how many went."""
+    cutoff = (now or utc_now()) - timedelta(days=days)
+    corrected = sa.select(feedback.c.request_id)
+    with engine.begin() as connection:
+        result = connection.execute(
+            sa.delete(predictions).where(predictions.c.created_at < cutoff, predictions.c.request_id.not_in(corrected))
+        )
+    return result.rowcount

@@ -1,0 +1,208 @@
+"""The prediction log on a real SQLite database: schema, writer, corrections, retention, statistics."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from pipeline import prediction_log
+from pipeline.image_stats import image_statistics
+
+ANSWER = {
+    "digit": 3,
+    "confidence": 0.8,
+    "unsure": True,
+    "probabilities": [0.02] * 9 + [0.82],
+    "model_name": "digits-cnn",
+    "model_version": "2",
+    "run_id": "abc",
+}
+
+
+@pytest.fixture
+def engine(tmp_path):
+    engine = prediction_log.open_log(f"sqlite:///{tmp_path / 'logs' / 'predictions.db'}")
+    yield engine
+    engine.dispose()
+
+
+def _bar(top: int = 4, left: int = 12, height: int = 20, width: int = 4) -> np.ndarray:
+    image = np.zeros((28, 28), np.float32)
+    image[top : top + height, left : left + width] = 255
+    return image
+
+
+def _entries(count: int, route: str = "pixels") -> list[dict]:
+    return [prediction_log.entry(prediction_log.new_request_id(), route, ANSWER, "tflite", _bar()) for _ in range(count)]
+
+
+def _count(engine, table=prediction_log.predictions) -> int:
+    with engine.connect() as connection:
+        return connection.execute(sa.select(sa.func.count()).select_from(table)).scalar()
+
+
+def test_the_migrations_build_exactly_the_schema_the_code_queries(engine):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    with engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), prediction_log.metadata) == []
+        assert connection.execute(sa.text("PRAGMA journal_mode")).scalar() == "wal"
+    # opening again (a second replica) finds the schema at its latest revision and changes nothing
+    prediction_log.open_log(str(engine.url)).dispose()
+
+
+def test_replicas_starting_together_migrate_once(tmp_path):
+    url = f"sqlite:///{tmp_path / 'predictions.db'}"
+    errors: list[Exception] = []
+
+    def open_one() -> None:
+        try:
+            prediction_log.open_log(url).dispose()
+        except Exception as err:  # collected: the test fails below with what went wrong
+            errors.append(err)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+def test_an_unusable_database_is_named_with_the_reason(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the log's folder should be")
+    with pytest.raises(prediction_log.PredictionLogError, match="cannot be opened.*DIGITS_LOG_DB_URL"):
+        prediction_log.open_log(f"sqlite:///{blocker / 'predictions.db'}")
+    with pytest.raises(prediction_log.PredictionLogError, match="not a database URL"):
+        prediction_log.open_log("no-such-scheme:/x")
+
+
+def test_the_writer_writes_in_batches_with_the_input_statistics(engine):
+    writer = prediction_log.LogWriter(engine, batch_size=7).start()
+    entries = _entries(20)
+    assert writer.submit(entries) == 0
+    assert writer.flush(timeout=30)
+    writer.close()
+    assert writer.stats() == {"written": 20, "dropped": 0, "failed": 0, "queued": 0}
+    with engine.connect() as connection:
+        row = connection.execute(
+            sa.select(prediction_log.predictions).where(prediction_log.predictions.c.request_id == entries[0]["request_id"])
+        ).one()
+    assert (row.route, row.digit, row.model_version, row.runtime, row.unsure) == ("pixels", 3, "2", "tflite", True)
+    assert row.probabilities == ANSWER["probabilities"]
+    np.testing.assert_array_equal(prediction_log.image_of(row.image), _bar())
+    assert (row.box_top, row.box_left, row.box_bottom, row.box_right) == (4, 12, 23, 15)
+    assert row.ink_share == pytest.approx(80 / 784)
+
+
+def test_a_full_queue_drops_and_counts_without_waiting(engine):
+    writer = prediction_log.LogWriter(engine, capacity=10)  # not started: nothing drains the queue
+    started = time.perf_counter()
+    dropped = writer.submit(_entries(25))
+    assert time.perf_counter() - started < 1.0  # a bound far above a few puts, far below any wait
+    assert dropped == 15 and writer.stats()["dropped"] == 15 and writer.stats()["queued"] == 10
+    writer.start().close()  # closing drains what was queued
+    assert _count(engine) == 10 and writer.written == 10
+
+
+def test_closing_the_writer_drains_the_queue(engine):
+    writer = prediction_log.LogWriter(engine, batch_size=50).start()
+    writer.submit(_entries(500))
+    writer.close()
+    assert _count(engine) == 500 and writer.stats()["queued"] == 0
+
+
+def test_a_database_that_refuses_writes_costs_entries_not_answers(engine):
+    with engine.begin() as connection:
+        connection.execute(sa.text("DROP TABLE feedback"))
+        connection.execute(sa.text("DROP TABLE predictions"))
+    writer = prediction_log.LogWriter(engine).start()
+    assert writer.submit(_entries(3)) == 0
+    assert writer.flush(timeout=30)  # the writer goes on: the batch is counted as failed
+    assert writer.stats()["failed"] == 3
+    writer.close()
+
+
+def test_a_correction_is_recorded_once_for_a_known_answer(engine):
+    writer = prediction_log.LogWriter(engine).start()
+    entries = _entries(2)
+    writer.submit(entries)
+    writer.close()
+    first, second = (e["request_id"] for e in entries)
+
+    recorded = prediction_log.record_feedback(engine, first, 7, client=prediction_log.client_digest("10.0.0.1"))
+    assert recorded == {
+        "request_id": first,
+        "label": 7,
+        "digit": 3,
+        "correct": False,
+        "model_version": "2",
+        "status": "accepted",
+    }
+    with pytest.raises(prediction_log.AlreadyCorrected, match="already corrected to 7") as again:
+        prediction_log.record_feedback(engine, first, 3)
+    assert again.value.status == 409
+    with pytest.raises(prediction_log.UnknownRequest) as unknown:
+        prediction_log.record_feedback(engine, "f" * 32, 3)
+    assert unknown.value.status == 404
+    for label in (10, -1, "x", "12", True, None, 3.0):
+        with pytest.raises(prediction_log.FeedbackRefused, match="label must be a digit 0-9") as bad:
+            prediction_log.record_feedback(engine, second, label)
+        assert bad.value.status == 422
+    with pytest.raises(prediction_log.FeedbackRefused, match="request_id must be"):
+        prediction_log.record_feedback(engine, "", 3)
+    assert prediction_log.record_feedback(engine, second, "3")["correct"] is True
+    assert _count(engine, prediction_log.feedback) == 2  # nothing of the refused ones was stored
+
+    summary = prediction_log.feedback_summary(engine)
+    assert summary["answers"] == 2 and summary["feedback"] == 2 and summary["ready_to_harvest"] == 2
+    assert summary["by_label"]["7"] == 1 and summary["by_label"]["3"] == 1 and summary["by_label"]["0"] == 0
+    assert summary["by_version"] == {"2": {"feedback": 2, "correct": 1, "accuracy": 0.5}}
+
+
+def test_pruning_keeps_recent_and_corrected_answers(engine):
+    writer = prediction_log.LogWriter(engine).start()
+    entries = _entries(4)
+    old = prediction_log.utc_now() - timedelta(days=40)
+    for item in entries[:3]:
+        item["created_at"] = old
+    writer.submit(entries)
+    writer.close()
+    prediction_log.record_feedback(engine, entries[0]["request_id"], 5)
+
+    assert prediction_log.prune(engine, days=30) == 2  # the two old ones nobody corrected
+    with engine.connect() as connection:
+        kept = set(connection.execute(sa.select(prediction_log.predictions.c.request_id)).scalars())
+    assert kept == {entries[0]["request_id"], entries[3]["request_id"]}
+
+
+def test_image_statistics_of_constructed_digits():
+    thin, thick, empty = _bar(width=2), _bar(width=6), np.zeros((28, 28), np.float32)
+    stats = image_statistics(np.stack([thin, thick, empty]))
+    assert stats["stroke_width"][0] < stats["stroke_width"][1]
+    # a bar of width w and height 20: area 20w over an outline of 2*20 + 2*(w-2) pixels, doubled
+    assert stats["stroke_width"][1] == pytest.approx(2 * 120 / (40 + 8))
+    assert stats["centre_row"][0] == pytest.approx(13.5) and stats["centre_col"][0] == pytest.approx(12.5)
+    assert stats["ink_share"][2] == 0 and stats["box_top"][2] == -1 and stats["stroke_width"][2] == 0
+    assert (stats["box_top"][1], stats["box_bottom"][1], stats["box_left"][1], stats["box_right"][1]) == (4, 23, 12, 17)
+
+
+def test_uploads_are_kept_only_when_configured_and_within_the_cap(tmp_path):
+    from PIL import Image
+
+    from serving.service import _read_upload
+
+    path = tmp_path / "digit.png"
+    Image.fromarray(_bar().astype(np.uint8)).resize((100, 100)).save(path)
+    size = path.stat().st_size
+    assert _read_upload(path)[1] is None  # the default keeps none
+    assert _read_upload(path, keep_bytes=size)[1] == path.read_bytes()
+    digit, kept = _read_upload(path, keep_bytes=size - 1)
+    assert kept is None and digit.shape == (28, 28)
