@@ -138,6 +138,7 @@ class Server:
     poll_seconds: float = 1.0
     via_cli: bool = False  # start it with `digits serve` (cli.serving.serve) instead of `bentoml serve`
     tracking_uri: str | None = None  # MLFLOW_TRACKING_URI for the service (a tracking server); None: home's sqlite store
+    extra_env: dict[str, str] = field(default_factory=dict)
     log_path: Path | None = None
     process: subprocess.Popen | None = None
 
@@ -155,6 +156,7 @@ class Server:
                 "DIGITS_CHAMPION_POLL_SECONDS": str(self.poll_seconds),
                 "BENTOML_HOME": str(self.home / "bentoml"),
                 "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                **self.extra_env,
             }
         )
         self.log_path = self.log_path or self.home / f"server-{self.port}.log"

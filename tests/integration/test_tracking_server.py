@@ -81,8 +81,10 @@ def test_retrain_status_and_serving_through_the_tracking_server(on_server, infra
     assert settings.tracking_server == server.url
     service_home = tmp_path / "service"  # the service needs no project folder, only the server
     service_home.mkdir()
+    # the prediction log in PostgreSQL too, in a database of its own
+    log_url = postgres.create_database("predictions")
     # the service boots (importing TensorFlow) while the flow trains, and finds the first champion on the server
-    with Server(service_home, tracking_uri=server.url) as service:
+    with Server(service_home, tracking_uri=server.url, extra_env={"DIGITS_LOG_DB_URL": log_url}) as service:
         summary = retrain()
         assert summary["promoted"], summary["reasons"]
         assert summary["registered_version"] == summary["champion_version"] == "1"
@@ -138,6 +140,15 @@ def test_retrain_status_and_serving_through_the_tracking_server(on_server, infra
         served_accuracy = float(np.mean([a["digit"] for a in answers] == mnist_slice.y_test))
         # the same model on the same test images as the flow's evaluation (batching may flip a near tie)
         assert served_accuracy == pytest.approx(summary["test_accuracy"], abs=2 / len(answers))
+
+        # every answer is in PostgreSQL's prediction log, and a correction lands beside it
+        assert httpx.get(f"{service.url}/model", timeout=30).json()["prediction_log"]["database"].startswith("postgresql")
+        corrected = httpx.post(f"{service.url}/feedback", json={"request_id": answers[0]["request_id"], "label": 3}, timeout=30)
+        assert corrected.status_code == 201, corrected.text
+        logged = postgres.query("predictions", "SELECT count(*), count(DISTINCT request_id) FROM predictions")
+        assert logged == [(len(answers), len(answers))]
+        assert postgres.query("predictions", "SELECT label FROM feedback") == [(3,)]
+        assert postgres.query("predictions", "SELECT version_num FROM alembic_version") == [("0001",)]
 
         # the compare-and-set against the server: a promotion that compared itself with no champion is refused
         source = client.get_model_version(name, "1").source
