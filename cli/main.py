@@ -38,7 +38,6 @@ for command in (
     models.evaluate,
     models.promote,
     models.rollback,
-    feedback.feedback,
     operations.ui,
     operations.deploy,
     stages.validate,
@@ -49,4 +48,5 @@ for command in (
 ):
     digits.command()(command)
 digits.add_typer(data.data, name="data")
+digits.add_typer(feedback.feedback, name="feedback")
 digits.add_typer(feedback.log, name="log")

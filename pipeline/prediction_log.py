@@ -18,6 +18,7 @@ import logging
 import queue
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ REQUEST_ID_LENGTH = 32
 # a key of our own for PostgreSQL's advisory lock around migrations
 MIGRATION_LOCK_KEY = 0x64696769
 FEEDBACK_ACCEPTED = "accepted"
+FEEDBACK_QUARANTINED = "quarantined"  # waits for `digits feedback review`
+FEEDBACK_REJECTED = "rejected"
 
 metadata = sa.MetaData()
 
@@ -75,6 +78,7 @@ feedback = sa.Table(
     sa.Column("label", sa.SmallInteger, nullable=False),
     sa.Column("client", sa.String(16)),  # a digest of the sender's address, never the address itself
     sa.Column("status", sa.String(16), nullable=False, server_default=FEEDBACK_ACCEPTED),
+    sa.Column("reason", sa.String(160)),  # why a correction waits for review
     sa.Column("harvested_at", sa.DateTime),
     sa.Column("data_version", sa.String(64)),
 )
@@ -96,6 +100,17 @@ class UnknownRequest(FeedbackRefused):
 
 class AlreadyCorrected(FeedbackRefused):
     status = 409
+
+
+@dataclass(frozen=True)
+class FeedbackPolicy:
+    """When a correction from the public waits for a person's review instead of counting at once."""
+
+    # a label that contradicts an answer at least this confident (and not unsure) is more likely a
+    # mistake or an attack than a correction
+    quarantine_confidence: float = 0.95
+    # corrections one sender may make in a day before the rest wait for review
+    client_daily_cap: int = 100
 
 
 def utc_now() -> datetime:
@@ -337,21 +352,37 @@ def check_request_id(value: Any) -> str:
     return value
 
 
-def record_feedback(engine: Engine, request_id: Any, label: Any, client: str | None = None) -> dict[str, Any]:
+def record_feedback(
+    engine: Engine, request_id: Any, label: Any, client: str | None = None, policy: FeedbackPolicy | None = None
+) -> dict[str, Any]:
     """Record the true digit of an answered request, once; what was answered and whether it was right.
 
     UnknownRequest (404) when no answer has that id, AlreadyCorrected (409) when it has a label
-    already (the first one stands), FeedbackRefused (422) for a label that is not 0-9.
+    already (the first one stands), FeedbackRefused (422) for a label that is not 0-9. Labels from the
+    public are untrusted: one that contradicts a confident answer, or one beyond its sender's daily
+    cap, is recorded as quarantined and only counts once a person approves it.
     """
     request_id, label = check_request_id(request_id), check_label(label)
-    answered = sa.select(predictions.c.digit, predictions.c.model_version).where(predictions.c.request_id == request_id)
+    policy = policy or FeedbackPolicy()
+    answered = sa.select(predictions.c.digit, predictions.c.confidence, predictions.c.unsure, predictions.c.model_version).where(
+        predictions.c.request_id == request_id
+    )
+    now = utc_now()
     try:
         with engine.begin() as connection:
             prediction = connection.execute(answered).first()
             if prediction is None:
                 raise UnknownRequest(f"no answer has request_id {request_id!r} (it may be older than the log keeps)")
+            reason = _quarantine_reason(connection, prediction, label, client, now, policy)
             connection.execute(
-                sa.insert(feedback).values(request_id=request_id, created_at=utc_now(), label=label, client=client)
+                sa.insert(feedback).values(
+                    request_id=request_id,
+                    created_at=now,
+                    label=label,
+                    client=client,
+                    status=FEEDBACK_QUARANTINED if reason else FEEDBACK_ACCEPTED,
+                    reason=reason,
+                )
             )
     except sa.exc.IntegrityError:
         with engine.connect() as connection:
@@ -363,8 +394,55 @@ def record_feedback(engine: Engine, request_id: Any, label: Any, client: str | N
         "digit": prediction.digit,
         "correct": prediction.digit == label,
         "model_version": prediction.model_version,
-        "status": FEEDBACK_ACCEPTED,
+        "status": FEEDBACK_QUARANTINED if reason else FEEDBACK_ACCEPTED,
+        **({"reason": reason} if reason else {}),
     }
+
+
+def _quarantine_reason(
+    connection: sa.Connection, prediction: sa.Row, label: int, client: str | None, now: datetime, policy: FeedbackPolicy
+) -> str | None:
+    if label != prediction.digit and not prediction.unsure and prediction.confidence >= policy.quarantine_confidence:
+        return f"contradicts an answer given with {prediction.confidence:.1%} confidence"
+    if client is not None:
+        today = sa.select(sa.func.count()).where(feedback.c.client == client, feedback.c.created_at >= now - timedelta(days=1))
+        if connection.execute(today).scalar() >= policy.client_daily_cap:
+            return f"its sender already sent {policy.client_daily_cap} corrections in the last 24 hours"
+    return None
+
+
+def quarantined(engine: Engine, limit: int = 50) -> list[dict[str, Any]]:
+    """Corrections waiting for review, oldest first, with the answer they correct and its image."""
+    query = (
+        sa.select(
+            feedback.c.id,
+            feedback.c.request_id,
+            feedback.c.created_at,
+            feedback.c.label,
+            feedback.c.client,
+            feedback.c.reason,
+            predictions.c.digit,
+            predictions.c.confidence,
+            predictions.c.model_version,
+            predictions.c.image,
+        )
+        .select_from(feedback.join(predictions))
+        .where(feedback.c.status == FEEDBACK_QUARANTINED)
+        .order_by(feedback.c.id)
+        .limit(limit)
+    )
+    with engine.connect() as connection:
+        return [row._asdict() for row in connection.execute(query)]
+
+
+def review(engine: Engine, ids: Sequence[int] | None, approve: bool) -> int:
+    """Accept (or reject) quarantined corrections by id, or all of them when ``ids`` is None; how many changed."""
+    where = [feedback.c.status == FEEDBACK_QUARANTINED]
+    if ids is not None:
+        where.append(feedback.c.id.in_(list(ids)))
+    status = FEEDBACK_ACCEPTED if approve else FEEDBACK_REJECTED
+    with engine.begin() as connection:
+        return connection.execute(sa.update(feedback).where(*where).values(status=status)).rowcount
 
 
 def feedback_summary(engine: Engine) -> dict[str, Any]:
@@ -387,6 +465,7 @@ def feedback_summary(engine: Engine) -> dict[str, Any]:
             .where(feedback.c.harvested_at.is_(None), feedback.c.status == FEEDBACK_ACCEPTED)
         ).scalar()
         answers = connection.execute(sa.select(sa.func.count()).select_from(predictions)).scalar()
+        statuses = dict(connection.execute(sa.select(feedback.c.status, sa.func.count()).group_by(feedback.c.status)).all())
     return {
         "answers": answers,
         "feedback": sum(by_label.values()),
@@ -396,6 +475,8 @@ def feedback_summary(engine: Engine) -> dict[str, Any]:
             for version, count, correct in sorted(versions, key=lambda row: _version_key(row[0]))
         },
         "ready_to_harvest": ready,
+        "quarantined": statuses.get(FEEDBACK_QUARANTINED, 0),
+        "rejected": statuses.get(FEEDBACK_REJECTED, 0),
     }
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from pipeline.prediction_log import FeedbackPolicy
 
 
 class Settings(BaseSettings):
@@ -51,6 +54,12 @@ class Settings(BaseSettings):
     log_upload_bytes: int = Field(
         0, ge=0, description="keep original uploads up to this size with their answer; 0 (the default) keeps none"
     )
+    feedback_quarantine_confidence: float = Field(
+        0.95, ge=0, le=1, description="a correction contradicting an answer this confident waits for `digits feedback review`"
+    )
+    feedback_client_daily_cap: int = Field(
+        100, ge=0, description="corrections a sender may make a day before the rest wait for review"
+    )
     # scale-out on a Prefect server (`digits deploy`, `digits retrain --deployment`)
     work_pool: str = Field("digits", description="Prefect process work pool that `digits deploy` creates and workers poll")
     deployment: str = Field("digits", description="name of the Prefect deployment retrain-digits/<name>")
@@ -85,6 +94,12 @@ class Settings(BaseSettings):
     @property
     def prediction_log_url(self) -> str:
         return self.log_db_url or f"sqlite:///{(self.home / 'logs' / 'predictions.db').resolve()}"
+
+    @property
+    def feedback_policy(self) -> FeedbackPolicy:
+        from pipeline.prediction_log import FeedbackPolicy
+
+        return FeedbackPolicy(self.feedback_quarantine_confidence, self.feedback_client_daily_cap)
 
     @property
     def resolved_tracking_uri(self) -> str:

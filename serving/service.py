@@ -463,9 +463,10 @@ class DigitClassifier:
             return _error(422, 'send a JSON object with "request_id" (from an answer) and "label" (the true digit 0-9)')
         await anyio.to_thread.run_sync(writer.flush)  # the answer being corrected may still be queued
         client = prediction_log.client_digest(request.client.host if request.client else None)
+        policy = self.settings.feedback_policy
         try:
             recorded = await anyio.to_thread.run_sync(
-                prediction_log.record_feedback, writer.engine, sent["request_id"], sent["label"], client
+                prediction_log.record_feedback, writer.engine, sent["request_id"], sent["label"], client, policy
             )
         except prediction_log.FeedbackRefused as err:
             return _error(err.status, str(err))

@@ -184,9 +184,11 @@
       }
       const recorded = await response.json();
       feedbackStatusEl.classList.remove("error");
-      feedbackStatusEl.textContent = recorded.correct
-        ? `Thank you: recorded that ${recorded.label} was right.`
-        : `Thank you: recorded that it was ${recorded.label}, not ${recorded.digit}.`;
+      feedbackStatusEl.textContent =
+        (recorded.correct
+          ? `Thank you: recorded that ${recorded.label} was right.`
+          : `Thank you: recorded that it was ${recorded.label}, not ${recorded.digit}.`) +
+        (recorded.status === "quarantined" ? " A person will review it before it counts." : "");
     } catch (err) {
       feedbackStatusEl.textContent = `not recorded: the service did not answer (${err})`;
       feedbackStatusEl.classList.add("error");

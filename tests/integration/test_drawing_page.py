@@ -8,6 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
+from pipeline.settings import Settings
 from tests.integration.serving_fixtures import Server, log_model, register_and_promote, trained_model, using_store
 
 pytestmark = pytest.mark.integration
@@ -196,5 +197,9 @@ def test_draw_with_a_finger(server, browser):
     assert browser.find_element(By.CSS_SELECTOR, f'#labels button[data-label="{answered}"]').get_attribute("disabled")
     status = _send_feedback(browser, label=7 if answered != 7 else 4)
     label = 7 if answered != 7 else 4
-    assert status == f"Thank you: recorded that it was {label}, not {answered}.", status
+    assert status.startswith(f"Thank you: recorded that it was {label}, not {answered}."), status
+    # a label against a confident answer waits for a person's review, and the page says so
+    confidence = max(probability for _, probability, _, _ in shown["bars"])
+    held = shown["state"] == "answered" and confidence >= Settings().feedback_quarantine_confidence
+    assert status.endswith("A person will review it before it counts.") == held, status
     assert _logged(server, status) == {"route": "draw", "digit": answered, "label": label}

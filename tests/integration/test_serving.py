@@ -247,13 +247,18 @@ def test_every_answer_is_logged_with_its_input_and_can_be_corrected_once(champio
     wrong = (batch[0]["digit"] + 1) % 10
     first = http.post("/feedback", json={"request_id": ids[0], "label": wrong})
     assert first.status_code == 201, first.text
-    assert first.json() == {
+    # a label against a confident answer is held for review (the service's default policy)
+    held = not batch[0]["unsure"] and batch[0]["confidence"] >= Settings().feedback_quarantine_confidence
+    recorded = first.json()
+    reason = f"contradicts an answer given with {batch[0]['confidence']:.1%} confidence"
+    assert recorded.pop("reason", None) == (reason if held else None)
+    assert recorded == {
         "request_id": ids[0],
         "label": wrong,
         "digit": batch[0]["digit"],
         "correct": False,
         "model_version": champion.version,
-        "status": "accepted",
+        "status": "quarantined" if held else "accepted",
     }
     again = http.post("/feedback", json={"request_id": ids[0], "label": batch[0]["digit"]})
     assert again.status_code == 409 and f"already corrected to {wrong}" in again.json()["error"]
@@ -309,7 +314,7 @@ def test_every_answer_is_logged_with_its_input_and_can_be_corrected_once(champio
     report = digits("feedback", "--json")
     assert report.returncode == 0, report.stderr
     summary = json.loads(report.stdout)
-    assert summary["feedback"] == 2 and summary["ready_to_harvest"] == 2
+    assert summary["feedback"] == 2 and summary["ready_to_harvest"] == 2 - held and summary["quarantined"] == held
     assert summary["by_version"][champion.version] == {"feedback": 2, "correct": 1, "accuracy": 0.5}
     assert summary["by_label"][str(wrong)] >= 1
     pruned = digits("log", "prune", "--days", "0")

@@ -206,3 +206,57 @@ def test_uploads_are_kept_only_when_configured_and_within_the_cap(tmp_path):
     assert _read_upload(path, keep_bytes=size)[1] == path.read_bytes()
     digit, kept = _read_upload(path, keep_bytes=size - 1)
     assert kept is None and digit.shape == (28, 28)
+
+
+def test_untrusted_corrections_wait_for_review(engine):
+    confident = {**ANSWER, "confidence": 0.99, "unsure": False}
+    writer = prediction_log.LogWriter(engine).start()
+    entries = [prediction_log.entry(prediction_log.new_request_id(), "pixels", confident, "tflite", _bar()) for _ in range(5)]
+    writer.submit(entries)
+    writer.close()
+    ids = [e["request_id"] for e in entries]
+    policy = prediction_log.FeedbackPolicy(quarantine_confidence=0.95, client_daily_cap=3)
+
+    # agreeing with a confident answer counts; contradicting it waits, with the reason
+    assert prediction_log.record_feedback(engine, ids[0], 3, "a", policy)["status"] == "accepted"
+    held = prediction_log.record_feedback(engine, ids[1], 8, "a", policy)
+    assert held["status"] == "quarantined" and held["reason"] == "contradicts an answer given with 99.0% confidence"
+    # a sender's corrections beyond the daily cap wait too, even when they agree; another sender's do not
+    assert prediction_log.record_feedback(engine, ids[2], 3, "a", policy)["status"] == "accepted"
+    capped = prediction_log.record_feedback(engine, ids[3], 3, "a", policy)
+    assert capped["status"] == "quarantined" and "already sent 3 corrections" in capped["reason"]
+    assert prediction_log.record_feedback(engine, ids[4], 3, "b", policy)["status"] == "accepted"
+
+    summary = prediction_log.feedback_summary(engine)
+    assert (summary["ready_to_harvest"], summary["quarantined"], summary["rejected"]) == (3, 2, 0)
+    waiting = prediction_log.quarantined(engine)
+    assert [row["request_id"] for row in waiting] == [ids[1], ids[3]]
+    assert waiting[0]["label"] == 8 and waiting[0]["digit"] == 3
+    np.testing.assert_array_equal(prediction_log.image_of(waiting[0]["image"]), _bar())
+
+    assert prediction_log.review(engine, [waiting[1]["id"]], approve=True) == 1
+    assert prediction_log.review(engine, None, approve=False) == 1  # the rest: the contradicting one
+    assert prediction_log.review(engine, None, approve=True) == 0  # nothing waits any more
+    summary = prediction_log.feedback_summary(engine)
+    assert (summary["ready_to_harvest"], summary["quarantined"], summary["rejected"]) == (4, 0, 1)
+
+
+def test_a_held_correction_is_shown_with_a_sketch_of_its_digit():
+    from app.feedback import render_held, sketch
+
+    lines = sketch(_bar(top=4, left=12, height=20, width=4).astype(np.uint8))
+    assert len(lines) == 14 and lines[1] == "" and lines[2] == "      ##" and lines[11] == "      ##" and lines[12] == ""
+    text = render_held(
+        [
+            {
+                "id": 7,
+                "label": 8,
+                "digit": 3,
+                "confidence": 0.99,
+                "model_version": "2",
+                "reason": "contradicts an answer given with 99.0% confidence",
+                "image": _bar().astype(np.uint8).tobytes(),
+            }
+        ]
+    )
+    assert text.startswith("#7  labelled 8; v2 answered 3 (99.0%)\n     held: contradicts") and "--approve ID" in text

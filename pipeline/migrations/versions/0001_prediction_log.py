@@ -54,6 +54,7 @@ def upgrade() -> None:
         sa.Column("label", sa.SmallInteger(), nullable=False),
         sa.Column("client", sa.String(length=16), nullable=True),
         sa.Column("status", sa.String(length=16), server_default="accepted", nullable=False),
+        sa.Column("reason", sa.String(length=160), nullable=True),
         sa.Column("harvested_at", sa.DateTime(), nullable=True),
         sa.Column("data_version", sa.String(length=64), nullable=True),
         sa.ForeignKeyConstraint(["request_id"], ["predictions.request_id"]),
