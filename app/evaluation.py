@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # the family whose confidence is reported beside MNIST's: the one closest to what users send
 PHOTOGRAPHED = "photographed"
+# harvested corrections' test part: scored beside the suite's families when the data version holds one
+FEEDBACK = "feedback"
 
 
 class SuiteImages(NamedTuple):
@@ -84,6 +86,15 @@ def suite_images(settings: Settings, params: Params, dataset: Dataset) -> dict[s
         cache, **{f"{name}/{part}": getattr(i, part) for name, i in images.items() for part in SuiteImages._fields}
     )
     return images
+
+
+def evaluation_sets(settings: Settings, params: Params, dataset: Dataset) -> dict[str, SuiteImages]:
+    """The suite's families, and feedback-test as one more (``feedback``) when the dataset has it."""
+    sets = suite_images(settings, params, dataset)
+    if len(dataset.x_feedback_test):
+        count = len(dataset.x_feedback_test)
+        sets[FEEDBACK] = SuiteImages(dataset.x_feedback_test, dataset.y_feedback_test.astype(np.int64), np.zeros(count, bool))
+    return sets
 
 
 def score(
@@ -149,5 +160,5 @@ def evaluate_version(settings: Settings, params: Params, version: str | None = N
     if ref is None:
         raise registry.PromotionError("there is no champion to evaluate: run `digits retrain`, or name a version")
     dataset = load_dataset(settings.data_dir)
-    scores = score(ref.run_id, ref.uri, dataset, suite_images(settings, params, dataset), settings.serve_runtime)
+    scores = score(ref.run_id, ref.uri, dataset, evaluation_sets(settings, params, dataset), settings.serve_runtime)
     return {"model_name": ref.model_name, "version": ref.version, "images_per_family": params.suite.size, **scores.to_dict()}

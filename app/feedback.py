@@ -1,13 +1,24 @@
-"""The prediction log's use cases: what people corrected, and keeping the log to its retention."""
+"""The prediction log's use cases: what people corrected, their review, their harvest into a data
+version, and keeping the log to its retention."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
+from dataclasses import replace
 from typing import Any
 
+import numpy as np
 from sqlalchemy.engine import Engine
 
-from pipeline import prediction_log
+from app import data as datasets
+from pipeline import prediction_log, versioning
+from pipeline.data import load_dataset, write_feedback
+from pipeline.params import Params
 from pipeline.settings import Settings
+from pipeline.validation import DataValidationError, validate_dataset
+
+log = logging.getLogger(__name__)
 
 
 def open_log(settings: Settings) -> Engine:
@@ -76,3 +87,98 @@ def sketch(image: Any) -> list[str]:
     blocks = image.reshape(14, 2, 14, 2).mean(axis=(1, 3))
     shades = " .:*#"
     return ["".join(shades[min(int(v) * len(shades) // 256, len(shades) - 1)] for v in row).rstrip() for row in blocks]
+
+
+# ---------------------------------------------------------------- harvest
+
+
+def part_of(image: bytes, test_share: float) -> str:
+    """``"test"`` or ``"train"``, from the image's content alone: the same pixels always land in the same part."""
+    return "test" if int.from_bytes(hashlib.sha256(image).digest()[:8], "big") / 2**64 < test_share else "train"
+
+
+def harvest(settings: Settings, params: Params) -> dict[str, Any]:
+    """Turn accepted corrections not harvested yet into a new data version under data/feedback/.
+
+    Each image goes to feedback-train or feedback-test by its content hash. An image already in its
+    part is not added twice; one that is an MNIST test image is rejected (it would leak the test
+    set). The whole dataset is validated with Great Expectations before anything is written; the
+    corrections are marked harvested with the new version after it is recorded. With nothing new,
+    no version is made.
+    """
+    engine = open_log(settings)
+    rows = prediction_log.ready_to_harvest(engine)
+    report: dict[str, Any] = {"ready": len(rows), "data_version": None, "added": {"train": 0, "test": 0}}
+    if not rows:
+        return {**report, "message": "nothing new to harvest: no accepted correction since the last harvest"}
+    datasets.prepare(settings, params)
+    dataset = load_dataset(settings.data_dir)
+    test_images = {image.tobytes() for image in dataset.x_test}
+    known = {
+        "train": {image.tobytes() for image in dataset.x_feedback_train},
+        "test": {image.tobytes() for image in dataset.x_feedback_test},
+    }
+    new: dict[str, tuple[list[bytes], list[int]]] = {"train": ([], []), "test": ([], [])}
+    leaked, repeated = [], 0
+    for row in rows:
+        if row["image"] in test_images:
+            leaked.append(row["id"])
+            continue
+        part = part_of(row["image"], params.feedback.test_share)
+        if row["image"] in known[part]:
+            repeated += 1
+            continue
+        known[part].add(row["image"])
+        new[part][0].append(row["image"])
+        new[part][1].append(row["label"])
+    report |= {"skipped_repeats": repeated, "rejected_mnist_test_images": len(leaked)}
+    if leaked:
+        prediction_log.mark_harvested(engine, leaked, None, reject_reason="the image is an MNIST test image")
+    harvested = [row["id"] for row in rows if row["id"] not in set(leaked)]
+    if not new["train"][0] and not new["test"][0]:
+        prediction_log.mark_harvested(
+            engine, harvested, versioning.pointer_md5(versioning.pointer_path(settings.home, settings.data_dir))
+        )
+        return {**report, "message": "nothing new to harvest: every accepted correction is in the data already"}
+
+    def grown(x: np.ndarray, y: np.ndarray, part: str) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = new[part]
+        added = np.frombuffer(b"".join(images), np.uint8).reshape(-1, 28, 28)
+        return np.concatenate([x, added]), np.concatenate([y, np.asarray(labels, np.uint8)])
+
+    x_train, y_train = grown(dataset.x_feedback_train, dataset.y_feedback_train, "train")
+    x_test, y_test = grown(dataset.x_feedback_test, dataset.y_feedback_test, "test")
+    checked = validate_dataset(
+        replace(dataset, x_feedback_train=x_train, y_feedback_train=y_train, x_feedback_test=x_test, y_feedback_test=y_test),
+        params.validation,
+        settings.reports_dir / "validation",
+    )
+    if not checked.success:
+        raise DataValidationError(checked)  # nothing was written, nothing marked: the next harvest tries again
+    write_feedback(settings.data_dir, x_train, y_train, x_test, y_test)
+    version = versioning.record(settings.home, settings.data_dir)
+    prediction_log.mark_harvested(engine, harvested, version.md5)
+    log.info("harvested %d corrections into data version %s", len(harvested), version.short)
+    return {
+        **report,
+        "data_version": version.md5,
+        "added": {part: len(new[part][0]) for part in new},
+        "feedback_train": len(x_train),
+        "feedback_test": len(x_test),
+        "message": f"new data version {version.md5}: commit data.dvc, then `digits retrain` trains on it",
+    }
+
+
+def render_harvest(report: dict[str, Any]) -> str:
+    if report["data_version"] is None:
+        return report["message"]
+    return "\n".join(
+        [
+            f"data version     {report['data_version']}",
+            f"added            {report['added']['train']} to feedback-train, {report['added']['test']} to feedback-test",
+            f"feedback now     {report['feedback_train']} train, {report['feedback_test']} test images",
+            f"skipped          {report['skipped_repeats']} already in the data, "
+            f"{report['rejected_mnist_test_images']} MNIST test images (rejected)",
+            "commit data.dvc (git add data.dvc && git commit), then `digits retrain` trains on it",
+        ]
+    )

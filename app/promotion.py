@@ -49,7 +49,7 @@ def gate(settings: Settings, params: Params, candidate: Candidate) -> GateDecisi
     client = registry.connect(settings)
     champion = registry.get_alias(client, settings.model_name)
     dataset = load_dataset(settings.data_dir)
-    suite = evaluation.suite_images(settings, params, dataset)
+    suite = evaluation.evaluation_sets(settings, params, dataset)
     scores = evaluation.score(candidate.run_id, candidate.model_uri, dataset, suite, settings.serve_runtime)
     log.info("candidate as served (%s): accuracy %.4f; suite %s", scores.runtime, scores.metrics.accuracy, _families(scores))
     if champion is None:
@@ -137,7 +137,7 @@ def override(settings: Settings, params: Params, version: str, allow_regression:
     if champion is not None and champion.version == target.version:
         raise registry.PromotionError(f"v{target.version} is already the champion")
     dataset = load_dataset(settings.data_dir)
-    suite = evaluation.suite_images(settings, params, dataset)
+    suite = evaluation.evaluation_sets(settings, params, dataset)
     try:
         scores = evaluation.score(target.run_id, target.uri, dataset, suite, settings.serve_runtime)
     except Exception as err:  # a version that cannot load or answer is not promotable

@@ -5,6 +5,7 @@ machine that ingests the same source)::
 
     data/mnist/{train,test}_{images,labels}.npy   uint8 images (n, 28, 28), uint8 labels
     data/added/{images,labels}.npy                labelled images added with ``digits data add``
+    data/feedback/{train,test}_{images,labels}.npy  corrections harvested from the prediction log
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import pickle
 import urllib.request
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,16 +36,39 @@ class DataError(RuntimeError):
     """The data source or the dataset on disk is missing, corrupt or inconsistent."""
 
 
+def _no_images() -> np.ndarray:
+    return np.zeros((0, 28, 28), np.uint8)
+
+
+def _no_labels() -> np.ndarray:
+    return np.zeros(0, np.uint8)
+
+
 @dataclass(frozen=True)
 class Dataset:
     x_train: np.ndarray  # uint8 (n, 28, 28)
     y_train: np.ndarray  # uint8 (n,)
     x_test: np.ndarray
     y_test: np.ndarray
+    # harvested corrections, kept apart from MNIST: trained on with a weight, scored beside the test set
+    x_feedback_train: np.ndarray = field(default_factory=_no_images)
+    y_feedback_train: np.ndarray = field(default_factory=_no_labels)
+    x_feedback_test: np.ndarray = field(default_factory=_no_images)
+    y_feedback_test: np.ndarray = field(default_factory=_no_labels)
+
+    @property
+    def has_feedback(self) -> bool:
+        return bool(len(self.x_feedback_train) or len(self.x_feedback_test))
 
     def head(self, max_train: int | None = None, max_test: int | None = None) -> Dataset:
-        """The first images of each split (MNIST is shuffled, so a head is a fair slice)."""
-        return Dataset(self.x_train[:max_train], self.y_train[:max_train], self.x_test[:max_test], self.y_test[:max_test])
+        """The first images of each MNIST split (MNIST is shuffled, so a head is a fair slice); feedback stays whole."""
+        return replace(
+            self,
+            x_train=self.x_train[:max_train],
+            y_train=self.y_train[:max_train],
+            x_test=self.x_test[:max_test],
+            y_test=self.y_test[:max_test],
+        )
 
 
 # ---------------------------------------------------------------- sources
@@ -224,7 +248,29 @@ def load_dataset(data_dir: Path) -> Dataset:
         x_train, y_train = np.concatenate([x_train, x_add]), np.concatenate([y_train, y_add])
     _check_arrays(x_train, y_train, "train")
     _check_arrays(arrays["test_images"], arrays["test_labels"], "test")
-    return Dataset(x_train, y_train, arrays["test_images"], arrays["test_labels"])
+    return Dataset(x_train, y_train, arrays["test_images"], arrays["test_labels"], *_load_feedback(data_dir))
+
+
+def _load_feedback(data_dir: Path) -> tuple[np.ndarray, ...]:
+    """Harvested corrections: (x, y) of feedback-train, then of feedback-test; empty where there are none."""
+    out: list[np.ndarray] = []
+    for part in SPLITS:
+        images = data_dir / "feedback" / f"{part}_images.npy"
+        if images.exists():
+            x, y = _load_npy(images), _load_npy(images.with_name(f"{part}_labels.npy"))
+            _check_arrays(x, y, f"feedback-{part}")
+        else:
+            x, y = _no_images(), _no_labels()
+        out += [x, y]
+    return tuple(out)
+
+
+def write_feedback(data_dir: Path, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> None:
+    """Write both feedback parts (each file atomically; labels before images, which mark a part as present)."""
+    for part, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        _check_arrays(x, y, f"feedback-{part}")
+        _save_npy(data_dir / "feedback" / f"{part}_labels.npy", y.astype(np.uint8))
+        _save_npy(data_dir / "feedback" / f"{part}_images.npy", x.astype(np.uint8))
 
 
 # ---------------------------------------------------------------- added images

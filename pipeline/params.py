@@ -125,6 +125,13 @@ class SuiteParams(_Strict):
     seed: int = 0
 
 
+class FeedbackParams(_Strict):
+    # harvested corrections (`digits data harvest`): the share that goes to feedback-test, by content hash
+    test_share: float = Field(0.2, gt=0, lt=1)
+    # each feedback-train image counts as this many MNIST images in training (0: not trained on)
+    train_weight: int = Field(10, ge=0)
+
+
 class SweepParams(_Strict):
     # dotted params key (model.* or train.*) -> the values to try; every combination is one candidate
     grid: dict[str, list[Any]] = Field(default_factory=dict)
@@ -138,12 +145,13 @@ class Params(_Strict):
     gate: GateParams = GateParams()
     confidence: ConfidenceParams = ConfidenceParams()
     suite: SuiteParams = SuiteParams()
+    feedback: FeedbackParams = FeedbackParams()
     sweep: SweepParams = SweepParams()
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys for ``mlflow.log_params`` (``train.epochs`` ...), data sources left out."""
         out: dict[str, Any] = {"data.source": self.data.source}
-        for section in ("validation", "model", "train", "gate", "confidence", "suite"):
+        for section in ("validation", "model", "train", "gate", "confidence", "suite", "feedback"):
             for key, value in getattr(self, section).model_dump().items():
                 out[f"{section}.{key}"] = value
         return out

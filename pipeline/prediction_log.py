@@ -484,6 +484,31 @@ def _version_key(version: str) -> tuple[int, str]:
     return (int(version), "") if version.isdigit() else (1 << 30, version)
 
 
+# ---------------------------------------------------------------- harvest
+
+
+def ready_to_harvest(engine: Engine) -> list[dict[str, Any]]:
+    """Accepted corrections not harvested yet, oldest first: feedback id, label and the logged image."""
+    query = (
+        sa.select(feedback.c.id, feedback.c.label, predictions.c.image)
+        .select_from(feedback.join(predictions))
+        .where(feedback.c.status == FEEDBACK_ACCEPTED, feedback.c.harvested_at.is_(None))
+        .order_by(feedback.c.id)
+    )
+    with engine.connect() as connection:
+        return [row._asdict() for row in connection.execute(query)]
+
+
+def mark_harvested(engine: Engine, ids: Sequence[int], data_version: str | None, reject_reason: str | None = None) -> None:
+    """Record that these corrections went into ``data_version`` (or, with ``reject_reason``, never will)."""
+    values: dict[str, Any] = {"harvested_at": utc_now(), "data_version": data_version}
+    if reject_reason:
+        values |= {"status": FEEDBACK_REJECTED, "reason": reject_reason}
+    with engine.begin() as connection:
+        for start in range(0, len(ids), 500):  # bounded IN lists
+            connection.execute(sa.update(feedback).where(feedback.c.id.in_(list(ids[start : start + 500]))).values(**values))
+
+
 # ---------------------------------------------------------------- retention
 
 

@@ -52,6 +52,20 @@ def split_for_validation(x: np.ndarray, y: np.ndarray, share: float, seed: int) 
     return x[n_val:], y[n_val:], x[:n_val], y[:n_val]
 
 
+def with_feedback(x: np.ndarray, y: np.ndarray, dataset: Dataset, weight: int) -> tuple[np.ndarray, np.ndarray]:
+    """The images to fit plus feedback-train repeated ``weight`` times, so a few hundred real drawings count.
+
+    Added after the validation split, so that no copy of a feedback image is validated on.
+    """
+    if not weight or not len(dataset.x_feedback_train):
+        return x, y
+    log.info("training on %d feedback images, each counted %d times", len(dataset.x_feedback_train), weight)
+    return (
+        np.concatenate([x, np.repeat(dataset.x_feedback_train, weight, axis=0)]),
+        np.concatenate([y, np.repeat(dataset.y_feedback_train, weight)]),
+    )
+
+
 def batches(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
     """(model input, label) batches of raw images, reshuffled every epoch when given a seed.
 
@@ -84,6 +98,7 @@ def train(
     x_fit, y_fit, x_val, y_val = split_for_validation(
         dataset.x_train, dataset.y_train, params.train.validation_split, params.train.seed
     )
+    x_fit, y_fit = with_feedback(x_fit, y_fit, dataset, params.feedback.train_weight)
     steps = int(np.ceil(len(x_fit) / params.train.batch_size))
     model = build_model(params.model, params.train, steps)
     log.info(

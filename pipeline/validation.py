@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 LABELS = list(range(10))
 SPLITS = ("train", "test")
+# harvested corrections (``data/feedback``), validated when a data version holds them
+FEEDBACK_SPLITS = ("feedback_train", "feedback_test")
 IMAGE_SIDE = 28
 IMAGE_COLUMNS = [
     "split", "label", "height", "width", "dtype",
@@ -101,20 +103,33 @@ def _widen(values: np.ndarray) -> np.ndarray:
 
 
 def _dataset_table(dataset: Dataset) -> pd.DataFrame:
-    """Both splits in one table, plus the two columns GX cannot compute from a single row."""
-    table = pd.concat(
-        [image_table(dataset.x_train, dataset.y_train, "train"), image_table(dataset.x_test, dataset.y_test, "test")]
-    )
+    """Every split in one table (feedback parts when there are any), plus the columns GX cannot compute from one row."""
+    parts = [image_table(dataset.x_train, dataset.y_train, "train"), image_table(dataset.x_test, dataset.y_test, "test")]
+    for split, x, y in (
+        ("feedback_train", dataset.x_feedback_train, dataset.y_feedback_train),
+        ("feedback_test", dataset.x_feedback_test, dataset.y_feedback_test),
+    ):
+        if len(x):
+            parts.append(image_table(x, y, split))
+    table = pd.concat(parts)
     split_size = table.groupby("split")["split"].transform("size")
     class_size = table.groupby(["split", "label"], dropna=False)["split"].transform("size")
     # share of this image's class among the images of its split (for the class balance expectation)
     table["class_share"] = class_size / split_size
-    train_hashes = table.loc[table["split"] == "train", "content_hash"]
-    test_hashes = table.loc[table["split"] == "test", "content_hash"]
-    is_train = (table["split"] == "train").to_numpy()
+
+    def hashes(split: str) -> pd.Series:
+        return table.loc[table["split"] == split, "content_hash"]
+
+    def where(split: str, other: str) -> np.ndarray:
+        """1 for the images of ``split`` whose pixels appear in ``other``, 0 for every other row."""
+        return ((table["split"] == split) & table["content_hash"].isin(hashes(other))).to_numpy()
+
     # 1 where the same pixels appear in the other split: a test image the model may have trained on
-    table["in_train_and_test"] = np.where(
-        is_train, table["content_hash"].isin(test_hashes), table["content_hash"].isin(train_hashes)
+    table["in_train_and_test"] = (where("train", "test") | where("test", "train")).astype(np.int64)
+    # a correction that is an MNIST test image would leak the test set into training and feedback-test
+    table["in_mnist_test"] = (where("feedback_train", "test") | where("feedback_test", "test")).astype(np.int64)
+    table["in_both_feedback_parts"] = (
+        where("feedback_train", "feedback_test") | where("feedback_test", "feedback_train")
     ).astype(np.int64)
     return table
 
@@ -174,7 +189,8 @@ def validate_dataset(dataset: Dataset, params: ValidationParams, report_dir: Pat
     shutil.rmtree(docs_dir, ignore_errors=True)
     docs_dir.mkdir(parents=True, exist_ok=True)
 
-    results, gx_stats = _run_checkpoint(table, params, docs_dir)
+    feedback_splits = [split for split in FEEDBACK_SPLITS if (table["split"] == split).any()]
+    results, gx_stats = _run_checkpoint(table, params, docs_dir, feedback_splits)
     failed = sorted((r for r in results if not r.success), key=lambda r: (r.expectation_config.meta or {}).get("order", 0))
     failures = [_describe_failure(r, table) for r in failed]
     statistics = _statistics(table, params)
@@ -192,7 +208,9 @@ def validate_dataset(dataset: Dataset, params: ValidationParams, report_dir: Pat
     return ValidationReport(success, failures, statistics, report_html)
 
 
-def _run_checkpoint(table: pd.DataFrame, params: ValidationParams, docs_dir: Path) -> tuple[list[Any], dict]:
+def _run_checkpoint(
+    table: pd.DataFrame, params: ValidationParams, docs_dir: Path, feedback_splits: list[str]
+) -> tuple[list[Any], dict]:
     """Ephemeral context -> pandas asset -> suite -> ValidationDefinition -> Checkpoint (+ Data Docs)."""
     # GX 1.24 sends no usage statistics any more; the flag keeps older 1.x releases quiet too
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -222,7 +240,7 @@ def _run_checkpoint(table: pd.DataFrame, params: ValidationParams, docs_dir: Pat
     batch = (
         context.data_sources.add_pandas("mnist").add_dataframe_asset("images").add_batch_definition_whole_dataframe("all images")
     )
-    suite = context.suites.add(gx.ExpectationSuite(name=SUITE_NAME, expectations=_expectations(params)))
+    suite = context.suites.add(gx.ExpectationSuite(name=SUITE_NAME, expectations=_expectations(params, feedback_splits)))
     validation = context.validation_definitions.add(gx.ValidationDefinition(name="mnist images", data=batch, suite=suite))
     checkpoint = context.checkpoints.add(
         gx.Checkpoint(
@@ -238,8 +256,12 @@ def _run_checkpoint(table: pd.DataFrame, params: ValidationParams, docs_dir: Pat
     return list(run.results), dict(run.statistics)
 
 
-def _expectations(params: ValidationParams) -> list[Any]:
-    """Every expectation, each with a human rule (``notes``, shown in Data Docs) and a subject for messages."""
+def _expectations(params: ValidationParams, feedback_splits: list[str] = ()) -> list[Any]:
+    """Every expectation, each with a human rule (``notes``, shown in Data Docs) and a subject for messages.
+
+    The feedback parts are few and unbalanced by nature: they get the checks of shape, labels,
+    duplicates and ink, and must not hold an MNIST test image or an image of the other part.
+    """
     import great_expectations as gx
     from great_expectations.expectations.row_conditions import Column
 
@@ -307,8 +329,31 @@ def _expectations(params: ValidationParams) -> list[Any]:
             column="in_train_and_test", max_value=params.max_train_test_overlap, row_condition=Column("split") == "test"
         ),
         "in_train_and_test (test)", f"at most {params.max_train_test_overlap} test images may also be in train",
-        "overlap", "test",
+        "overlap", "test", column="in_train_and_test",
     )  # fmt: skip
+    for split in feedback_splits:
+        only = Column("split") == split
+        add(
+            E.ExpectColumnProportionOfUniqueValuesToBeBetween(column="content_hash", min_value=1.0, row_condition=only),
+            f"content_hash ({split})", "no image twice", "duplicates", split,
+        )  # fmt: skip
+        add(
+            E.ExpectColumnValuesToBeBetween(
+                column="ink_fraction", min_value=params.min_ink_fraction, max_value=params.max_ink_fraction, row_condition=only,
+            ),
+            f"ink_fraction ({split})",
+            f"share of inked pixels between {params.min_ink_fraction:g} and {params.max_ink_fraction:g}", "", split,
+        )  # fmt: skip
+    if feedback_splits:
+        add(
+            E.ExpectColumnSumToBeBetween(column="in_mnist_test", max_value=0),
+            "in_mnist_test (feedback)", "no correction may be an MNIST test image", "overlap", "", column="in_mnist_test",
+        )  # fmt: skip
+        add(
+            E.ExpectColumnSumToBeBetween(column="in_both_feedback_parts", max_value=0),
+            "in_both_feedback_parts (feedback)", "no image in both feedback-train and feedback-test", "overlap", "",
+            column="in_both_feedback_parts",
+        )  # fmt: skip
     return out
 
 
@@ -370,12 +415,15 @@ def _found(res: dict[str, Any], meta: dict[str, Any], table: pd.DataFrame) -> st
             f"unique share {_fmt(observed)}), e.g. {examples}"
         )
     if kind == "overlap":
-        leaked = rows.index[rows["in_train_and_test"] == 1]
-        train = table[table["split"] == "train"]
-        first_train = train.reset_index().drop_duplicates("content_hash").set_index("content_hash")[INDEX_NAME]
-        examples = ", ".join(f"{i} = {first_train.get(table.at[i, 'content_hash'], '?')}" for i in leaked[:EXAMPLES])
-        return f"found {_fmt(observed)}, e.g. {examples}"
+        leaked = rows.index[rows[meta["column"]] == 1]
+        return f"found {_fmt(observed)}, e.g. {', '.join(f'{i} = {_copy_elsewhere(table, i)}' for i in leaked[:EXAMPLES])}"
     return f"observed {_fmt(observed)}"
+
+
+def _copy_elsewhere(table: pd.DataFrame, image: str) -> str:
+    """The first image of another split with the same pixels as ``image``."""
+    same = (table["content_hash"] == table.at[image, "content_hash"]) & (table["split"] != table.at[image, "split"])
+    return next(iter(table.index[same]), "?")
 
 
 def _found_rows(res: dict[str, Any]) -> str:
@@ -416,4 +464,12 @@ def _statistics(table: pd.DataFrame, params: ValidationParams) -> dict[str, floa
         stats[f"class_count_max_{split}"] = int(counts.max())
         stats[f"ink_outside_{split}"] = int(((ink < params.min_ink_fraction) | (ink > params.max_ink_fraction)).sum())
     stats["train_test_overlap"] = int(table.loc[table["split"] == "test", "in_train_and_test"].sum())
+    for split in FEEDBACK_SPLITS:
+        rows = table[table["split"] == split]
+        if len(rows):
+            stats[f"rows_{split}"] = len(rows)
+            stats[f"duplicates_{split}"] = int(len(rows) - rows["content_hash"].nunique())
+    if any(f"rows_{split}" in stats for split in FEEDBACK_SPLITS):
+        stats["feedback_in_mnist_test"] = int(table["in_mnist_test"].sum())
+        stats["feedback_in_both_parts"] = int(table["in_both_feedback_parts"].sum())
     return stats

@@ -222,3 +222,31 @@ def test_error_carries_the_report_and_survives_pickling(mnist_head: Dataset, tmp
     assert "Data validation FAILED" in str(err) and "rows (train): at least 60,000 images; found 2000" in str(err)
     clone = pickle.loads(pickle.dumps(err))
     assert clone.report == report and str(clone) == str(err)
+
+
+def _with_feedback(ds: Dataset, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> Dataset:
+    return Dataset(ds.x_train, ds.y_train, ds.x_test, ds.y_test, x_train, y_train, x_test, y_test)
+
+
+def test_harvested_feedback_is_validated_beside_mnist(mnist, mnist_head: Dataset, tmp_path: Path) -> None:
+    # corrections stand in as MNIST training images beyond the slice: real digits, new to the slice
+    extra_x, extra_y = mnist.x_train[N_TRAIN : N_TRAIN + 40].copy(), mnist.y_train[N_TRAIN : N_TRAIN + 40].copy()
+    clean = _with_feedback(mnist_head, extra_x[:30], extra_y[:30], extra_x[30:], extra_y[30:])
+    report = validate_dataset(clean, SLICE_PARAMS, tmp_path)
+    assert report.success, report.failures
+    assert report.statistics["rows_feedback_train"] == 30 and report.statistics["rows_feedback_test"] == 10
+    assert report.statistics["feedback_in_mnist_test"] == 0 and report.statistics["feedback_in_both_parts"] == 0
+
+    # an MNIST test image among the corrections, an image in both parts, a copy within a part, a bad label
+    x_train, y_train = extra_x[:30].copy(), extra_y[:30].copy()
+    x_test, y_test = extra_x[30:].copy(), extra_y[30:].copy()
+    x_train[0] = mnist_head.x_test[7]
+    x_test[0] = x_train[5]
+    x_train[2] = x_train[3]
+    y_test[1] = 12
+    report = validate_dataset(_with_feedback(mnist_head, x_train, y_train, x_test, y_test), SLICE_PARAMS, tmp_path)
+    assert not report.success
+    assert "feedback_train/0 = test/7" in only_failure_about(report, "in_mnist_test (feedback)")
+    assert "feedback_test/0 = feedback_train/5" in only_failure_about(report, "in_both_feedback_parts (feedback)")
+    assert "feedback_train/2=feedback_train/3" in only_failure_about(report, "content_hash (feedback_train)")
+    assert "12 (1 row)" in only_failure_about(report, "label")
