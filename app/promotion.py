@@ -181,15 +181,34 @@ def status(settings: Settings, show_all: bool = False) -> dict[str, Any]:
     client = registry.connect(settings)
     champion = registry.get_alias(client, settings.model_name)
     previous = registry.get_alias(client, settings.model_name, registry.PREVIOUS)
+    challenger = registry.get_alias(client, settings.model_name, registry.CHALLENGER)
     report: dict[str, Any] = {
         "model_name": settings.model_name,
         "champion": champion.to_dict() if champion else None,
         "previous_champion": previous.version if previous else None,
+        "challenger": _challenger(settings, challenger) if challenger else None,
     }
     if show_all:
         report["versions"] = [v.to_dict() for v in registry.list_versions(client, settings.model_name)]
         report["promotion_history"] = registry.promotion_history(client, settings.model_name)
     return report
+
+
+def _challenger(settings: Settings, challenger: registry.ModelRef) -> dict[str, Any]:
+    """The challenger, and how it did in the shadows: agreement with the served answers, accuracy on feedback."""
+    from app import feedback
+    from pipeline import prediction_log
+
+    try:
+        live = prediction_log.shadow_comparison(feedback.open_log(settings), challenger.version)
+    except prediction_log.PredictionLogError as err:
+        live = {"problem": str(err)}
+    return {**challenger.to_dict(), "live": live}
+
+
+def shadow(settings: Settings, version: str | None) -> registry.ModelRef | None:
+    """Run ``version`` in the shadows of the champion (``challenger`` alias), or stop with None. No gate: it answers nobody."""
+    return registry.set_challenger(registry.connect(settings), settings, version)
 
 
 def _move_champion(

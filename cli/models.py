@@ -32,6 +32,20 @@ def status(
         typer.echo(f"  {key:<17} {champion[key]}")
     for key, value in champion["metrics"].items():
         typer.echo(f"  {key:<17} {value:.4f}")
+    if challenger := report["challenger"]:
+        typer.echo(f"challenger: v{challenger['version']}, run in the shadows")
+        live = challenger["live"]
+        if "problem" in live:
+            typer.echo(f"  {live['problem']}")
+        elif live["requests"]:
+            typer.echo(f"  agrees with the served answer on {live['agreement']:.1%} of {live['requests']:,} live requests")
+            if live["feedback"]:
+                typer.echo(
+                    f"  on the {live['feedback']} of them people corrected or confirmed: served "
+                    f"{live['served_accuracy_on_feedback']:.1%}, challenger {live['challenger_accuracy_on_feedback']:.1%}"
+                )
+        else:
+            typer.echo("  no live request answered in the shadows yet")
     for version in report.get("versions", []):
         typer.echo(
             f"  v{version['version']}: accuracy {version['metrics'].get('test_accuracy', float('nan')):.4f}, "
@@ -40,17 +54,34 @@ def status(
 
 
 def promote(
-    version: Annotated[str, typer.Argument(help="Registered version number to make champion.")],
+    version: Annotated[str | None, typer.Argument(help="Registered version number to make champion (or challenger).")] = None,
     allow_regression: Annotated[bool, typer.Option(help="Promote even if less accurate than the current champion.")] = False,
+    shadow: Annotated[
+        bool,
+        typer.Option(
+            "--shadow",
+            help="Make it the challenger instead: the service also runs it on live traffic after answering, "
+            "and logs its answers; `digits status` compares the two. Without VERSION: stop the shadow run.",
+        ),
+    ] = False,
 ) -> None:
     """Make a registered version the champion, through the same checks as the flow.
 
     The version is re-scored on the test set against the floors in params.yaml, compared with the
     current champion (skip with --allow-regression), and must load from the registry and answer.
+    With --shadow it becomes the challenger instead, which answers nobody: promoting it later still
+    goes through the checks.
     """
     from app import promotion
 
     settings, params = load()
+    if shadow:
+        with reported_errors():
+            ref = promotion.shadow(settings, version)
+        typer.echo(f"challenger is now v{ref.version}: the service runs it in the shadows" if ref else "no challenger any more")
+        return
+    if version is None:
+        fail("name the version to promote (see `digits status --all`), or use --shadow without one to stop a shadow run", 2)
     with reported_errors():
         _report(promotion.override(settings, params, version, allow_regression))
 

@@ -84,6 +84,23 @@ feedback = sa.Table(
 )
 
 
+# what a challenger answered to the same requests, off the request path (`digits promote VERSION --shadow`)
+shadow_answers = sa.Table(
+    "shadow_answers",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("request_id", sa.String(REQUEST_ID_LENGTH), nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),  # UTC
+    sa.Column("model_version", sa.String(32), nullable=False, index=True),
+    sa.Column("runtime", sa.String(16), nullable=False),
+    sa.Column("digit", sa.SmallInteger, nullable=False),
+    sa.Column("confidence", sa.Float, nullable=False),
+    sa.Column("unsure", sa.Boolean, nullable=False),
+    sa.Column("probabilities", sa.JSON, nullable=False),
+    sa.UniqueConstraint("request_id", "model_version"),
+)
+
+
 class PredictionLogError(RuntimeError):
     """The log's database cannot be opened or migrated; the message names it and the reason."""
 
@@ -230,6 +247,20 @@ def entry(
     }
 
 
+def shadow_entry(request_id: str, answer: dict[str, Any], runtime: str) -> dict[str, Any]:
+    """What the challenger answered to a request the champion answered."""
+    return {
+        "request_id": request_id,
+        "created_at": utc_now(),
+        "model_version": str(answer["model_version"]),
+        "runtime": runtime,
+        "digit": int(answer["digit"]),
+        "confidence": float(answer["confidence"]),
+        "unsure": bool(answer["unsure"]),
+        "probabilities": list(answer["probabilities"]),
+    }
+
+
 def _with_statistics(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows ready to insert: the image as 784 bytes, and its input statistics."""
     images = np.stack([np.asarray(e["image"], dtype=np.float32).reshape(28, 28) for e in entries])
@@ -263,7 +294,7 @@ class LogWriter:
         self.written = 0
         self.dropped = 0
         self.failed = 0
-        self._queue: queue.Queue[dict[str, Any]] = queue.Queue(capacity)
+        self._queue: queue.Queue[tuple[sa.Table, dict[str, Any]]] = queue.Queue(capacity)
         self._accepted = 0
         self._handled = 0
         self._progress = threading.Condition()
@@ -274,12 +305,12 @@ class LogWriter:
         self._thread.start()
         return self
 
-    def submit(self, entries: Sequence[dict[str, Any]]) -> int:
-        """Queue entries for writing; returns how many were dropped because the queue was full."""
+    def submit(self, entries: Sequence[dict[str, Any]], table: sa.Table = predictions) -> int:
+        """Queue entries of ``predictions`` (or ``shadow_answers``) for writing; how many were dropped, the queue being full."""
         dropped = 0
         for item in entries:
             try:
-                self._queue.put_nowait(item)
+                self._queue.put_nowait((table, item))
                 self._accepted += 1
             except queue.Full:
                 dropped += 1
@@ -301,7 +332,7 @@ class LogWriter:
     def stats(self) -> dict[str, int]:
         return {"written": self.written, "dropped": self.dropped, "failed": self.failed, "queued": self._queue.qsize()}
 
-    def _take(self) -> list[dict[str, Any]]:
+    def _take(self) -> list[tuple[sa.Table, dict[str, Any]]]:
         try:
             batch = [self._queue.get(timeout=0.2)]
         except queue.Empty:
@@ -320,7 +351,11 @@ class LogWriter:
                 continue
             try:
                 with self.engine.begin() as connection:
-                    connection.execute(sa.insert(predictions), _with_statistics(batch))
+                    answered = [row for table, row in batch if table is predictions]
+                    if answered:  # first: a shadow answer follows its request
+                        connection.execute(sa.insert(predictions), _with_statistics(answered))
+                    if shadowed := [row for table, row in batch if table is shadow_answers]:
+                        connection.execute(sa.insert(shadow_answers), shadowed)
                 self.written += len(batch)
             except Exception as err:  # the service must go on answering whatever the database does
                 self.failed += len(batch)
@@ -482,6 +517,42 @@ def feedback_summary(engine: Engine) -> dict[str, Any]:
 
 def _version_key(version: str) -> tuple[int, str]:
     return (int(version), "") if version.isdigit() else (1 << 30, version)
+
+
+# ---------------------------------------------------------------- the challenger in the shadows
+
+
+def shadow_comparison(engine: Engine, challenger_version: str) -> dict[str, Any]:
+    """The challenger against the model that really answered, on the requests it answered in the shadows.
+
+    ``agreement`` is the share of those requests where both gave the same digit; the accuracies are
+    on the ones people corrected or confirmed (accepted corrections only).
+    """
+    pairs = predictions.join(shadow_answers, shadow_answers.c.request_id == predictions.c.request_id)
+    challenger = shadow_answers.c.model_version == challenger_version
+    same = sa.func.sum(sa.case((shadow_answers.c.digit == predictions.c.digit, 1), else_=0))
+    corrected = pairs.join(feedback, feedback.c.request_id == predictions.c.request_id)
+    right = [
+        sa.func.sum(sa.case((column == feedback.c.label, 1), else_=0)) for column in (predictions.c.digit, shadow_answers.c.digit)
+    ]
+    with engine.connect() as connection:
+        count, agreed = connection.execute(sa.select(sa.func.count(), same).select_from(pairs).where(challenger)).one()
+        labelled, served_right, challenger_right = connection.execute(
+            sa.select(sa.func.count(), *right).select_from(corrected).where(challenger, feedback.c.status == FEEDBACK_ACCEPTED)
+        ).one()
+        served = connection.execute(
+            sa.select(predictions.c.model_version).distinct().select_from(pairs).where(challenger)
+        ).scalars()
+        served_versions = sorted(served, key=_version_key)
+    return {
+        "challenger_version": challenger_version,
+        "versions_it_shadowed": served_versions,
+        "requests": count,
+        "agreement": (agreed or 0) / count if count else None,
+        "feedback": labelled,
+        "served_accuracy_on_feedback": (served_right or 0) / labelled if labelled else None,
+        "challenger_accuracy_on_feedback": (challenger_right or 0) / labelled if labelled else None,
+    }
 
 
 # ---------------------------------------------------------------- harvest

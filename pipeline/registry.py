@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 PREVIOUS = "previous-champion"
+# a version the service also runs on live traffic, after answering, without its answers being served
+CHALLENGER = "challenger"
 
 
 class PromotionError(RuntimeError):
@@ -254,6 +256,8 @@ def move_champion(
             if current_version:
                 client.set_registered_model_alias(name, PREVIOUS, current_version)
             client.set_registered_model_alias(name, CHAMPION, str(version))
+            if alias_version(client, name, CHALLENGER) == str(version):  # the challenger won: its shadow run is over
+                client.delete_registered_model_alias(name, CHALLENGER)
             history = _history(client, name)
             history.append({"version": str(version), "from": current_version, "at": now, "by": who, "run_id": run_id})
             client.set_registered_model_tag(name, "promotion_history", json.dumps(history[-40:]))
@@ -261,6 +265,22 @@ def move_champion(
         raise PromotionError(f"another promotion holds {settings.promotion_lock}; try again") from None
     log.info("champion: v%s (was %s)", version, f"v{current_version}" if current_version else "none")
     return get_version(client, settings.model_name, str(version))
+
+
+def set_challenger(client: MlflowClient, settings: Settings, version: str | None) -> ModelRef | None:
+    """Point ``challenger`` at ``version`` (the service then runs it in the shadows), or remove it with None."""
+    name = settings.model_name
+    if version is None:
+        if alias_version(client, name, CHALLENGER) is not None:
+            client.delete_registered_model_alias(name, CHALLENGER)
+        return None
+    ref = get_version(client, name, version)
+    if alias_version(client, name, CHAMPION) == ref.version:
+        raise PromotionError(f"v{ref.version} is the champion: a challenger must be another version")
+    client.set_registered_model_alias(name, CHALLENGER, ref.version)
+    client.set_model_version_tag(name, ref.version, "shadow_since", datetime.now(UTC).isoformat(timespec="seconds"))
+    log.info("challenger: v%s, run in the shadows of the champion", ref.version)
+    return ref
 
 
 def _history(client: MlflowClient, model_name: str) -> list[dict]:

@@ -17,6 +17,7 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from pipeline.registry import CHAMPION
 from pipeline.served import LoadedModel, load
 from pipeline.settings import Settings
 
@@ -80,8 +81,12 @@ class ChampionWatcher:
     loaded model keeps answering (and ``problem`` says what is wrong).
     """
 
-    def __init__(self, settings: Settings, poll_seconds: float | None = None, tf_threads: int | None = None) -> None:
+    def __init__(
+        self, settings: Settings, poll_seconds: float | None = None, tf_threads: int | None = None, alias: str = CHAMPION
+    ) -> None:
         self.settings = settings
+        # "challenger" follows the shadow alias instead: its absence is normal, and its removal unloads it
+        self.alias = alias
         self.tf_threads = tf_threads
         self._tf_configured = False
         self.poll_seconds = float(poll_seconds or settings.champion_poll_seconds)
@@ -97,7 +102,7 @@ class ChampionWatcher:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> ChampionWatcher:
-        self._thread = threading.Thread(target=self._run, name="champion-watcher", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"{self.alias}-watcher", daemon=True)
         self._thread.start()
         return self
 
@@ -143,14 +148,20 @@ class ChampionWatcher:
 
         if self._client is None:
             if reason := missing_store(self.settings):
-                self._report(NO_CHAMPION, reason)
+                self._report(NO_CHAMPION if self.alias == CHAMPION else None, reason)
                 return
             self._client = store_client(self.settings)
         current = self.current
         # the cheap question first: every poll holds the GIL while it runs, and requests wait for it
         # (reading the whole version and its run a poll showed in the service's p99)
-        version = alias_version(self._client, self.settings.model_name)
+        version = alias_version(self._client, self.settings.model_name, self.alias)
         if current is not None and current.ref.version == version:
+            self._report(None)
+            return
+        if version is None and self.alias != CHAMPION:
+            if current is not None:
+                log.info("the %s alias is gone: v%s no longer runs in the shadows", self.alias, current.ref.version)
+            self.current = None
             self._report(None)
             return
         if version is None:
@@ -164,14 +175,14 @@ class ChampionWatcher:
         if failed_at is not None and time.monotonic() - failed_at < max(RETRY_FAILED_SECONDS, self.poll_seconds):
             return
         ref = get_version(self._client, self.settings.model_name, version)
-        log.info("loading champion %s v%s (run %s)", ref.model_name, ref.version, ref.run_id)
+        log.info("loading %s %s v%s (run %s)", self.alias, ref.model_name, ref.version, ref.run_id)
         self._prepare_tensorflow()
         try:
             loaded = load(ref, self.settings.serve_runtime, self.tf_threads or 1, self.settings.unsure_threshold)
         except Exception as err:
             self._failed[ref.version] = time.monotonic()
             self._report(
-                f"champion v{ref.version} could not be loaded ({type(err).__name__}: {err})"
+                f"{self.alias} v{ref.version} could not be loaded ({type(err).__name__}: {err})"
                 + (f"; still serving v{current.ref.version}" if current else "")
             )
             return
@@ -180,7 +191,8 @@ class ChampionWatcher:
         self._report(None)
         _settle_garbage_collector()
         log.info(
-            "now serving %s v%s through %s (loaded in %.1f s; was %s)",
+            "%s: %s v%s through %s (loaded in %.1f s; was %s)",
+            "now serving" if self.alias == CHAMPION else f"in the shadows, as {self.alias}",
             ref.model_name,
             ref.version,
             loaded.runtime,

@@ -22,6 +22,10 @@ Bad input is answered with a 4xx and a precise message (never a 500): 422 for a 
 image that shows no digit; while no model has been promoted, prediction routes answer 503 saying so
 and how to train one.
 
+A version under the ``challenger`` alias (``digits promote VERSION --shadow``) runs in the shadows:
+after the champion's answer is sent, the challenger answers the same images in a batcher of its own
+and its answers go to the log beside the champion's, never to the client.
+
 The champion is followed by :class:`serving.champion.ChampionWatcher`: a background thread polls
 the alias every ``DIGITS_CHAMPION_POLL_SECONDS`` (default 10) and swaps in a new version only after
 it has loaded and answered a warm-up, so no request fails during a swap. Requests that arrive
@@ -31,6 +35,7 @@ its float32 export, else the Keras model; ``/model`` says which (``runtime``).
 ``DIGITS_SERVE_RUNTIME=tflite`` starts at the float32 export, ``keras`` forces Keras.
 """
 
+import asyncio
 import gc
 import json
 import logging
@@ -50,6 +55,7 @@ from starlette.staticfiles import StaticFiles
 
 from pipeline import prediction_log
 from pipeline.preprocess import MAX_BYTES, SIDE, ImageError, NotADigitError, image_bytes_to_mnist
+from pipeline.registry import CHALLENGER
 from pipeline.settings import Settings, get_settings
 from serving.batching import MicroBatcher
 from serving.champion import ChampionWatcher, ModelUnavailable
@@ -76,6 +82,8 @@ GC_THRESHOLDS = (10_000, 20, 100)
 FEEDBACK_BYTES = 4096
 # the drawing page names itself so that its answers are logged as drawings, not photos
 SOURCE_HEADER = "x-digits-source"
+# images waiting for the challenger; beyond it the shadow skips requests (and counts them) rather than fall behind
+SHADOW_BACKLOG = 2000
 
 
 # ---------------------------------------------------------------- inputs and answers
@@ -297,9 +305,9 @@ class AnswerLog:
         log.info("recording answers in %s", prediction_log.safe_url(url))
         return cls(writer, None, url, settings.log_upload_bytes)
 
-    def record(self, entries: list[dict]) -> int:
-        """Queue answered images for the log (never waits); how many were dropped."""
-        return self.writer.submit(entries) if self.writer else 0
+    def record(self, entries: list[dict], table=prediction_log.predictions) -> int:
+        """Queue answered images (or the challenger's answers) for the log, never waiting; how many were dropped."""
+        return self.writer.submit(entries, table) if self.writer else 0
 
     def info(self) -> dict:
         stats = self.writer.stats() if self.writer else {}
@@ -365,6 +373,11 @@ class DigitClassifier:
         self.batcher = MicroBatcher(self._answer, max_images=BATCH_IMAGES)
         self.answer_log = AnswerLog.open(self.settings)
         self.counters = Counters()
+        self.challenger = ChampionWatcher(self.settings, tf_threads=self.settings.serve_tf_threads, alias=CHALLENGER).start()
+        self.shadow = MicroBatcher(self._shadow_answer, max_images=BATCH_IMAGES)
+        self.shadow_waiting = 0
+        self.shadow_skipped = 0
+        self._shadow_tasks: set[asyncio.Task] = set()
         self._decoders: anyio.CapacityLimiter | None = None
         log.info("following models:/%s@champion every %.0f s", self.settings.model_name, self.watcher.poll_seconds)
 
@@ -375,6 +388,7 @@ class DigitClassifier:
     @bentoml.on_shutdown
     def stop(self) -> None:
         self.watcher.stop()
+        self.challenger.stop()
         self.answer_log.close()  # writes what is still queued
 
     def _answer(self, images: np.ndarray) -> list[dict]:
@@ -393,7 +407,42 @@ class DigitClassifier:
             answer["request_id"] = prediction_log.new_request_id()
             entries.append(prediction_log.entry(answer["request_id"], route, answer, answer["runtime"], image, upload))
         self.counters.count(answers, self.answer_log.record(entries))
+        challenger = self.challenger.current
+        if challenger is not None and challenger.ref.version != answers[0]["model_version"]:
+            self._run_in_the_shadows(images, [answer["request_id"] for answer in answers])
         return answers
+
+    # ------------------------------------------------------------ the challenger, after the answer is sent
+
+    def _shadow_answer(self, images: np.ndarray) -> list[dict | None]:
+        model = self.challenger.current
+        if model is None:  # its alias went away meanwhile
+            return [None] * len(images)
+        return [{**answer, "runtime": model.runtime} for answer in model.answers(images)]
+
+    def _run_in_the_shadows(self, images: np.ndarray, request_ids: list[str]) -> None:
+        """Let the challenger answer too, in a task of its own: the request does not wait for it."""
+        if self.shadow_waiting + len(images) > SHADOW_BACKLOG:
+            self.shadow_skipped += len(images)
+            return
+        self.shadow_waiting += len(images)
+        task = asyncio.ensure_future(self._shadow_run(images, request_ids))
+        self._shadow_tasks.add(task)  # a task nobody holds may be collected before it ends
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow_run(self, images: np.ndarray, request_ids: list[str]) -> None:
+        try:
+            answers = await self.shadow.submit(images)
+            entries = [
+                prediction_log.shadow_entry(request_id, answer, answer["runtime"])
+                for request_id, answer in zip(request_ids, answers, strict=True)
+                if answer is not None
+            ]
+            self.answer_log.record(entries, prediction_log.shadow_answers)
+        except Exception:  # the champion's answer is sent already; the shadow's failure is only logged
+            log.exception("the challenger could not answer %d image(s)", len(images))
+        finally:
+            self.shadow_waiting -= len(images)
 
     @bentoml.api(route="/predict")
     async def predict(
@@ -506,6 +555,20 @@ class DigitClassifier:
             **status,
             "batching": self.batcher.stats(),
             "prediction_log": self.answer_log.info(),
+            "challenger": self._challenger_info(),
+        }
+
+    def _challenger_info(self) -> dict | None:
+        model = self.challenger.current
+        if model is None:
+            return {"problem": self.challenger.problem} if self.challenger.problem else None
+        return {
+            "model_version": model.ref.version,
+            "run_id": model.ref.run_id,
+            "runtime": model.runtime,
+            "waiting": self.shadow_waiting,
+            "skipped": self.shadow_skipped,
+            "batching": self.shadow.stats(),
         }
 
     @ui.get("/draw", include_in_schema=False)

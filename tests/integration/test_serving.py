@@ -643,6 +643,92 @@ def test_bentoml_build_makes_a_bento(tmp_path):
         assert package in requirements, package
 
 
+# ---------------------------------------------------------------- a challenger in the shadows
+
+
+def _shadow_rows(champion: Champion, request_ids: list[str], timeout: float = 60) -> dict[str, dict]:
+    """The challenger's logged answers to these requests, once the writer has written them all."""
+    import sqlalchemy as sa
+
+    from pipeline import prediction_log
+
+    engine = prediction_log.connect(Settings(home=champion.server.home).prediction_log_url)
+    table = prediction_log.shadow_answers
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            with engine.connect() as connection:
+                rows = connection.execute(sa.select(table).where(table.c.request_id.in_(request_ids))).all()
+            if len(rows) >= len(request_ids) or time.monotonic() > deadline:
+                return {row.request_id: row._asdict() for row in rows}
+            time.sleep(0.2)
+    finally:
+        engine.dispose()
+
+
+def _wait_for_challenger(http: httpx.Client, version: str | None, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = http.get("/model").json()
+        found = (info.get("challenger") or {}).get("model_version")
+        if found == version or time.monotonic() > deadline:
+            assert found == version, info.get("challenger")
+            return info
+        time.sleep(0.3)
+
+
+def test_a_challenger_answers_in_the_shadows_and_never_to_the_client(champion, http, mnist_slice):
+    from app import promotion
+    from pipeline import registry
+    from pipeline.preprocess import to_model_input
+    from pipeline.settings import get_settings
+    from pipeline.train import compiled_predictor
+
+    challenger_model, accuracy = trained_model(mnist_slice, seed=7)
+    with using_store(champion.server.home):
+        run_id, uri = log_model(challenger_model, mnist_slice, accuracy)
+        client = registry.connect(get_settings())
+        version = registry.register(client, get_settings().model_name, uri, run_id, {"data_version": "test-data"}).version
+        with pytest.raises(registry.PromotionError, match="is the champion"):
+            promotion.shadow(get_settings(), champion.version)
+        assert promotion.shadow(get_settings(), version).version == version
+    info = _wait_for_challenger(http, version)
+    assert info["model_version"] == champion.version  # the champion still answers
+
+    pixels = mnist_slice.x_test[:40]
+    answers = _pixels(http, pixels).json()
+    assert {a["model_version"] for a in answers} == {champion.version}
+    np.testing.assert_allclose([a["probabilities"] for a in answers], champion.expected(pixels), atol=2e-4)
+    ids = [a["request_id"] for a in answers]
+    shadows = _shadow_rows(champion, ids)
+    assert set(shadows) == set(ids), "every image the champion answered, the challenger answered too"
+    theirs = compiled_predictor(challenger_model)(to_model_input(pixels)).argmax(axis=1)
+    assert [shadows[i]["digit"] for i in ids] == theirs.tolist()
+    assert {row["model_version"] for row in shadows.values()} == {version}
+    label = int(mnist_slice.y_test[0])
+    assert http.post("/feedback", json={"request_id": ids[0], "label": label}).status_code == 201
+
+    # `digits status` compares them on live traffic: agreement, and both on the corrections
+    env = {**os.environ, "DIGITS_HOME": str(champion.server.home), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    status = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "digits"), "status", "--json"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert status.returncode == 0, status.stderr
+    live = json.loads(status.stdout)["challenger"]["live"]
+    served = [a["digit"] for a in answers]
+    assert live["requests"] >= 40 and live["versions_it_shadowed"] == [champion.version]
+    assert live["agreement"] == pytest.approx(np.mean(np.asarray(served) == theirs), abs=0.05)
+    assert live["feedback"] >= 1
+
+    # the shadow run ends: new answers get no shadow
+    with using_store(champion.server.home):
+        assert promotion.shadow(get_settings(), None) is None
+    _wait_for_challenger(http, None)
+    later = [a["request_id"] for a in _pixels(http, pixels[:3]).json()]
+    assert _shadow_rows(champion, later, timeout=3) == {}
+
+
 # ---------------------------------------------------------------- hot swap (last: it moves the champion)
 
 

@@ -260,3 +260,30 @@ def test_a_held_correction_is_shown_with_a_sketch_of_its_digit():
         ]
     )
     assert text.startswith("#7  labelled 8; v2 answered 3 (99.0%)\n     held: contradicts") and "--approve ID" in text
+
+
+def test_the_challenger_is_compared_with_the_served_answers(engine):
+    writer = prediction_log.LogWriter(engine).start()
+    entries = _entries(4)  # the champion (v2) answered 3 to all four
+    writer.submit(entries)
+    ids = [e["request_id"] for e in entries]
+    challenger = [{**ANSWER, "model_version": "5", "digit": digit} for digit in (3, 3, 8, 8)]
+    writer.submit(
+        [prediction_log.shadow_entry(i, answer, "tflite") for i, answer in zip(ids, challenger, strict=True)],
+        prediction_log.shadow_answers,
+    )
+    writer.close()
+    prediction_log.record_feedback(engine, ids[0], 3)  # both right
+    prediction_log.record_feedback(engine, ids[2], 8)  # only the challenger right
+
+    found = prediction_log.shadow_comparison(engine, "5")
+    assert found == {
+        "challenger_version": "5",
+        "versions_it_shadowed": ["2"],
+        "requests": 4,
+        "agreement": 0.5,
+        "feedback": 2,
+        "served_accuracy_on_feedback": 0.5,
+        "challenger_accuracy_on_feedback": 1.0,
+    }
+    assert prediction_log.shadow_comparison(engine, "6")["requests"] == 0
