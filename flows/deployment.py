@@ -174,7 +174,8 @@ def deploy(
     pool = pool or settings.work_pool
     name = name or settings.deployment
     cron = (cron or "").strip() or None
-    parameters = {"overrides": overrides} if overrides else {}
+    # the defaults of a scheduled run; a run started by hand or by the monitor names its own trigger
+    parameters = {"trigger": "schedule", **({"overrides": overrides} if overrides else {})}
     env = run_environment(settings)
     with server() as client:
         created = ensure_pool(client, pool)
@@ -210,8 +211,13 @@ def deploy(
 # ---------------------------------------------------------------- digits retrain --deployment
 
 
-def trigger(settings: Settings, overrides: dict[str, Any] | None = None, name: str | None = None) -> FlowRun:
-    """Start a run of the deployment; ``overrides`` are applied on top of the deployment's default ones."""
+def trigger(
+    settings: Settings, overrides: dict[str, Any] | None = None, name: str | None = None, reason: str = "manual"
+) -> FlowRun:
+    """Start a run of the deployment; ``overrides`` are applied on top of the deployment's default ones.
+
+    ``reason`` becomes the run's trigger: manual (`digits retrain --deployment`), drift or feedback (the monitor).
+    """
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
@@ -224,9 +230,9 @@ def trigger(settings: Settings, overrides: dict[str, Any] | None = None, name: s
                 f"no deployment {full_name(name)} on the Prefect server at {api_url()}. "
                 "Create it with `digits deploy` (and start a worker), or set DIGITS_DEPLOYMENT to its name."
             ) from None
-        parameters = None
+        parameters: dict[str, Any] = {"trigger": reason}
         if overrides:
-            parameters = {"overrides": {**(deployment.parameters.get("overrides") or {}), **overrides}}
+            parameters["overrides"] = {**(deployment.parameters.get("overrides") or {}), **overrides}
         # timeout=0: return at once; follow() reports the states as they come
         return run_deployment(deployment.id, parameters=parameters, timeout=0, as_subflow=False)
 

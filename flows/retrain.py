@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
@@ -24,6 +24,8 @@ _task = dict(cache_policy=NO_CACHE)
 # `digits deploy` gives this tag a concurrency limit of 1 on the Prefect server, so that one promote task runs
 # at a time across workers; with no limit on the server (the embedded set-up) it never waits
 PROMOTION_TAG = "digits-promotion"
+# what starts a retrain: a person, the deployment's schedule, or the monitor (drift, or enough new feedback)
+Trigger = Literal["manual", "schedule", "drift", "feedback"]
 
 
 @task(name="version dataset (DVC)", retries=2, retry_delay_seconds=5, **_task)
@@ -32,8 +34,8 @@ def version_data(settings: Settings, params: Params) -> DataVersion:
 
 
 @task(name="open MLflow run", retries=2, retry_delay_seconds=2, **_task)
-def open_run(settings: Settings, params: Params, data_version: DataVersion) -> str:
-    return tracking.start_run(settings, params, data_version, run_name=f"retrain-{data_version.short}")
+def open_run(settings: Settings, params: Params, data_version: DataVersion, trigger: Trigger) -> str:
+    return tracking.start_run(settings, params, data_version, run_name=f"retrain-{data_version.short}", tags={"trigger": trigger})
 
 
 @task(name="validate dataset (Great Expectations)", **_task)
@@ -68,15 +70,16 @@ def record_stages(settings: Settings, candidate: Candidate, decision: GateDecisi
 
 
 @flow(name="retrain-digits", log_prints=True)
-def retrain(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def retrain(overrides: dict[str, Any] | None = None, trigger: Trigger = "manual") -> dict[str, Any]:
     """Retrain on the current data version and promote the result if it passes the gate.
 
-    ``overrides`` maps dotted params keys to values, e.g. ``{"train.epochs": 1}``.
+    ``overrides`` maps dotted params keys to values, e.g. ``{"train.epochs": 1}``; ``trigger`` says
+    what started the run (the run's ``trigger`` tag).
     """
     settings = get_settings()
     params = load_params(settings.params_path, overrides)
     data_version = version_data(settings, params)
-    with tracking.run_context(settings, open_run(settings, params, data_version), stage="validation") as run:
+    with tracking.run_context(settings, open_run(settings, params, data_version, trigger), stage="validation") as run:
         validate(settings, params, run.run_id)
         run.stage = "training"
         candidate = train(settings, params, run.run_id)
@@ -86,6 +89,6 @@ def retrain(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         outcome = promote(settings, candidate, decision)
     if not overrides:  # with overrides the run no longer matches params.yaml, which dvc.lock records
         record_stages(settings, candidate, outcome.decision)
-    summary = summaries.summarize(data_version, run.run_id, outcome, candidate)
+    summary = summaries.summarize(data_version, run.run_id, outcome, candidate) | {"trigger": trigger}
     print(summaries.render(summary))
     return summary

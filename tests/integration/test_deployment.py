@@ -155,7 +155,7 @@ def test_a_worker_runs_the_deployment_and_promotion_waits_for_the_limit(project,
     assert api.read_concurrency_limit_by_tag(PROMOTION_TAG).concurrency_limit == 1
     deployment = api.read_deployment_by_name("retrain-digits/digits")
     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * 1"] and deployment.paused
-    assert deployment.parameters == {"overrides": {"gate.max_accuracy_drop": 0.01}}
+    assert deployment.parameters == {"trigger": "schedule", "overrides": {"gate.max_accuracy_drop": 0.01}}
     assert deployment.job_variables["env"]["DIGITS_HOME"] == str(project)
     assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
 
@@ -209,7 +209,10 @@ def test_a_worker_runs_the_deployment_and_promotion_waits_for_the_limit(project,
     flow_run = api.read_flow_run(flow_run.id)
     assert flow_run.state.is_completed()
     # the deployment's default parameters and this run's --set both reached the worker
-    assert flow_run.parameters == {"overrides": {"gate.max_accuracy_drop": 0.01, "gate.min_accuracy": 0.7}}
+    assert flow_run.parameters == {
+        "trigger": "manual",
+        "overrides": {"gate.max_accuracy_drop": 0.01, "gate.min_accuracy": 0.7},
+    }
 
     client = registry.connect(get_settings())
     champion = registry.get_alias(client, get_settings().model_name)

@@ -41,7 +41,7 @@ def test_first_run_promotes_and_worse_runs_leave_the_champion(project):
     # the run records the data version (DVC hash in data.dvc) and the code version
     pointer = (project / "data.dvc").read_text()
     assert run.data.tags["data_version"] == first["data_version"] and first["data_version"] in pointer
-    assert run.data.tags["git_commit"]
+    assert run.data.tags["git_commit"] and run.data.tags["trigger"] == first["trigger"] == "manual"
     assert "val_accuracy" in run.data.metrics and len(client.get_metric_history(run.info.run_id, "loss")) == 3
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"plots", "validation_report", "gate", "evaluation"} <= artifacts
