@@ -261,7 +261,7 @@ def shadow_entry(request_id: str, answer: dict[str, Any], runtime: str) -> dict[
     }
 
 
-def _with_statistics(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def with_statistics(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows ready to insert: the image as 784 bytes, and its input statistics."""
     images = np.stack([np.asarray(e["image"], dtype=np.float32).reshape(28, 28) for e in entries])
     statistics = image_statistics(images)
@@ -353,7 +353,7 @@ class LogWriter:
                 with self.engine.begin() as connection:
                     answered = [row for table, row in batch if table is predictions]
                     if answered:  # first: a shadow answer follows its request
-                        connection.execute(sa.insert(predictions), _with_statistics(answered))
+                        connection.execute(sa.insert(predictions), with_statistics(answered))
                     if shadowed := [row for table, row in batch if table is shadow_answers]:
                         connection.execute(sa.insert(shadow_answers), shadowed)
                 self.written += len(batch)

@@ -1,0 +1,201 @@
+"""The loop's costs: writing the prediction log, and harvesting corrections into a data version.
+
+Run from the project folder:
+
+    .venv/bin/python benchmarks/loop_cost.py [--answers 100000] [--corrections 10000] [--quick]
+
+Everything happens in a temporary project (git, DVC with a local remote, this project's params.yaml,
+MNIST ingested from the cache) and its SQLite prediction log, in this one process:
+
+* ``write``   -- ``--answers`` answers through the service's ``LogWriter`` (a thread, batched inserts,
+                 the input statistics computed on the way), timed from the first ``submit`` to the
+                 end of ``close``. Baseline: the same rows, statistics included, inserted in one
+                 ``executemany`` per batch of the same size by this thread, into a fresh database.
+* ``harvest`` -- ``--corrections`` of those answers corrected (accepted), then ``app.feedback.harvest``:
+                 the new feedback parts, Great Expectations on the whole dataset, a DVC version.
+                 Baseline: ``app.data.validate`` on the same grown dataset, which the harvest
+                 cannot avoid. A second harvest with nothing new is timed too.
+
+The inputs are MNIST training images (the harvest rejects test images); the answers are made up,
+since no cost here depends on them. Nothing here asserts: it prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from harness import RESULTS, ROOT, command_line, say, table, write_results
+
+OUTPUT = RESULTS / "loop_cost.json"
+BATCH = 256
+
+
+def make_project(folder: Path) -> Path:
+    """A project like a fresh clone's: params.yaml, git, DVC with a local remote, MNIST from the cache."""
+    home = folder / "project"
+    home.mkdir()
+    shutil.copy(ROOT / "params.yaml", home / "params.yaml")
+    shutil.copy(ROOT / ".gitignore", home / ".gitignore")
+    (home / ".cache").symlink_to(ROOT / ".cache")
+    first_commit = ["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q", "--allow-empty", "-m", "0"]
+    for command in (["git", "init", "-q"], first_commit):
+        subprocess.run(command, cwd=home, check=True, capture_output=True)
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=home, check=True)
+    (home / ".dvc" / "config").write_text("[core]\n    remote = local\n['remote \"local\"']\n    url = ../.dvc-remote\n")
+    return home
+
+
+def answers(count: int, rng: np.random.Generator) -> list[dict]:
+    probabilities = rng.dirichlet(np.full(10, 0.3), size=count).round(6)
+    return [
+        {
+            "digit": int(p.argmax()),
+            "confidence": float(p.max()),
+            "unsure": bool(p.max() < 0.9),
+            "probabilities": p.tolist(),
+            "model_name": "digits-cnn",
+            "model_version": "1",
+            "run_id": "benchmark",
+        }
+        for p in probabilities
+    ]
+
+
+def entries(images: np.ndarray, made_up: list[dict]) -> list[dict]:
+    from pipeline import prediction_log
+
+    return [
+        prediction_log.entry(prediction_log.new_request_id(), "pixels", answer, "tflite-int8", image)
+        for answer, image in zip(made_up, images, strict=True)
+    ]
+
+
+def time_writer(url: str, rows: list[dict]) -> float:
+    from pipeline import prediction_log
+
+    writer = prediction_log.LogWriter(prediction_log.open_log(url), capacity=len(rows) + 1, batch_size=BATCH).start()
+    started = time.perf_counter()
+    for start in range(0, len(rows), 64):  # as requests would: a few at a time
+        writer.submit(rows[start : start + 64])
+    writer.close(timeout=3600)
+    seconds = time.perf_counter() - started
+    assert writer.stats()["written"] == len(rows), writer.stats()
+    return seconds
+
+
+def time_bare_inserts(url: str, rows: list[dict]) -> float:
+    import sqlalchemy as sa
+
+    from pipeline import prediction_log
+
+    engine = prediction_log.open_log(url)
+    started = time.perf_counter()
+    for start in range(0, len(rows), BATCH):
+        with engine.begin() as connection:
+            connection.execute(sa.insert(prediction_log.predictions), prediction_log.with_statistics(rows[start : start + BATCH]))
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = command_line(__doc__, OUTPUT, "2,000 answers and 500 corrections, to check the script")
+    parser.add_argument("--answers", type=int, default=100_000)
+    parser.add_argument("--corrections", type=int, default=10_000)
+    args = parser.parse_args()
+    count, corrected = (2_000, 500) if args.quick else (args.answers, args.corrections)
+
+    with tempfile.TemporaryDirectory() as folder:
+        home = make_project(Path(folder))
+        os.environ["DIGITS_HOME"] = str(home)
+        from app import data as datasets
+        from app import feedback
+        from pipeline import prediction_log
+        from pipeline.data import load_dataset
+        from pipeline.params import load_params
+        from pipeline.settings import get_settings
+
+        settings = get_settings()
+        params = load_params(settings.params_path)
+        say("ingesting MNIST into the temporary project")
+        datasets.prepare(settings, params)
+        mnist = load_dataset(settings.data_dir)
+        rng = np.random.default_rng(0)
+        images = mnist.x_train[rng.choice(len(mnist.x_train), size=count, replace=count > len(mnist.x_train))]
+        made_up = answers(count, rng)
+
+        say(f"writing {count:,} answers through the LogWriter, then the same rows inserted directly")
+        rows = entries(images, made_up)
+        writer_seconds = time_writer(settings.prediction_log_url, rows)
+        bare_seconds = time_bare_inserts(f"sqlite:///{Path(folder) / 'bare.db'}", entries(images, made_up))
+        size = Path(settings.prediction_log_url.removeprefix("sqlite:///")).stat().st_size
+
+        say(f"correcting {corrected:,} answers, then harvesting them")
+        engine = prediction_log.open_log(settings.prediction_log_url)
+        policy = prediction_log.FeedbackPolicy(quarantine_confidence=1.01, client_daily_cap=10**9)
+        unique = {row["image"].tobytes(): row for row in rows}  # one correction per distinct image
+        chosen = list(unique.values())[:corrected]
+        for row in chosen:
+            prediction_log.record_feedback(engine, row["request_id"], int(row["digit"]), "benchmark", policy)
+        started = time.perf_counter()
+        report = feedback.harvest(settings, params)
+        harvest_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        datasets.validate(settings, params)
+        validate_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        again = feedback.harvest(settings, params)
+        empty_seconds = time.perf_counter() - started
+
+    results = {
+        "answers": count,
+        "corrections": len(chosen),
+        "write": {
+            "writer_seconds": round(writer_seconds, 2),
+            "answers_per_second": round(count / writer_seconds),
+            "bare_insert_seconds": round(bare_seconds, 2),
+            "writer_over_bare": round(writer_seconds / bare_seconds, 2),
+            "database_bytes": size,
+        },
+        "harvest": {
+            "seconds": round(harvest_seconds, 2),
+            "validation_seconds": round(validate_seconds, 2),
+            "harvest_over_validation": round(harvest_seconds / validate_seconds, 2),
+            "added": report["added"],
+            "nothing_new_seconds": round(empty_seconds, 2),
+            "nothing_new_message": again["message"],
+        },
+    }
+    print(
+        table(
+            [("step", "<34"), ("seconds", ">9.2f"), ("baseline s", ">10.2f"), ("ratio", ">7.2f"), ("", "")],
+            [
+                (
+                    f"write {count:,} answers (LogWriter)",
+                    writer_seconds,
+                    bare_seconds,
+                    writer_seconds / bare_seconds,
+                    f"{count / writer_seconds:,.0f} answers/s; baseline: direct inserts",
+                ),
+                (
+                    f"harvest {len(chosen):,} corrections",
+                    harvest_seconds,
+                    validate_seconds,
+                    harvest_seconds / validate_seconds,
+                    f"added {report['added']}; baseline: validation alone",
+                ),
+                ("harvest with nothing new", empty_seconds, None, None, again["message"][:60]),
+            ],
+        )  # fmt: skip
+    )
+    print(f"log database: {size / 1e6:.1f} MB for {count:,} answers ({size / count:,.0f} bytes an answer)")
+    write_results(args.output, "loop_cost", quick=args.quick, **results)
+
+
+if __name__ == "__main__":
+    main()
