@@ -2,7 +2,7 @@
 
 Run from the project folder:
 
-    .venv/bin/python benchmarks/serving_latency.py [--quick] [--no-pin] [--home DIR]
+    .venv/bin/python benchmarks/serving_latency.py [--quick] [--no-pin] [--home DIR] [--compare-int8-softmax]
 
 The same model (the champion of the project's store, or of ``--home``; when there is none, the default
 architecture of ``params.yaml`` trained here for one epoch into a temporary store: latency does not
@@ -12,9 +12,22 @@ depend on accuracy) answers the same real MNIST test images these ways, one afte
                       exports through LiteRT (``tflite-int8``, ``tflite``), ``compiled_predictor`` and
                       Keras ``model.predict``;
 * ``ours``         -- ``bentoml serve serving.service:DigitClassifier`` as it runs by default: the int8
-                      export when the champion's run kept one, else float32, else Keras;
+                      export when the champion's run kept one, else float32, else Keras; every answer
+                      recorded in the prediction log;
+* ``ours-nolog``   -- the same service with ``DIGITS_LOG_ENABLED=false``: what the prediction log costs;
 * ``ours-float32`` / ``ours-keras`` -- the same service with ``DIGITS_SERVE_RUNTIME=tflite`` / ``keras``;
 * ``naive``        -- ``benchmarks/naive_service.py``, ``model.predict`` per request: the ratios' baseline.
+
+Each of our services writes its prediction log to a SQLite file of its own in the benchmark's temporary
+folder (``DIGITS_LOG_DB_URL``), never into a project's log; ``/model`` says afterwards how many answers
+were written, dropped (queue full) and failed.
+
+``--compare-int8-softmax`` trains a model into a temporary store (as ``--fresh-model`` does) and logs it
+twice: once with the int8 export as it was built before its softmax ran in float (every op in int8, the
+softmax too: probabilities in steps of 1/256; no calibration), served first as the champion and measured
+as ``ours-int8-softmax`` (with its export in-process as ``tflite-int8-softmax``); once as the project logs
+it now (``log_tflite_exports`` and the calibration's temperature), to which the champion then moves for
+``ours`` and the services of ``--services``.
 
 The harness's load client drives each server on 127.0.0.1: an open loop at fixed rates of single
 images (latency from each request's scheduled send, so a stalled server cannot hide; a service is not
@@ -22,14 +35,17 @@ driven above the first rate it could not keep), then a closed loop of ``--client
 single images and with batches of ``--batch``: peak throughput. Every answer is checked (status, one
 prediction per image, the in-process model's digit). By default the server's processes run on the
 first CPU and this process on the second (``--no-pin``: both share every CPU). Nothing asserts: it
-prints tables and ratios and writes JSON.
+prints tables, ratios and the same-run comparisons (``ours`` over ``ours-nolog``; ``ours`` over
+``ours-int8-softmax``) against their targets, and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
+import io
 import json
 import os
 import subprocess
@@ -37,6 +53,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,19 +72,51 @@ OUTPUT = harness.RESULTS / "serving_latency.json"
 # name -> (bentoml service target, --working-dir, extra environment)
 SERVICES = {
     "ours": ("serving.service:DigitClassifier", ROOT, {"DIGITS_SERVE_RUNTIME": "tflite-int8"}),
+    "ours-nolog": (
+        "serving.service:DigitClassifier",
+        ROOT,
+        {"DIGITS_SERVE_RUNTIME": "tflite-int8", "DIGITS_LOG_ENABLED": "false"},
+    ),
     "ours-float32": ("serving.service:DigitClassifier", ROOT, {"DIGITS_SERVE_RUNTIME": "tflite"}),
     "ours-keras": ("serving.service:DigitClassifier", ROOT, {"DIGITS_SERVE_RUNTIME": "keras"}),
     "naive": ("naive_service:NaiveDigitClassifier", ROOT / "benchmarks", {}),
+    # only with --compare-int8-softmax, whose champion is then the same model with the int8 export as it was built before
+    "ours-int8-softmax": ("serving.service:DigitClassifier", ROOT, {"DIGITS_SERVE_RUNTIME": "tflite-int8"}),
 }
+INT8_SOFTMAX = "ours-int8-softmax"
 # our services, and the in-process method each calls for a request
-OURS = {"ours": "tflite-int8", "ours-float32": "tflite", "ours-keras": "compiled_predictor"}
-METHODS = ("tflite-int8", "tflite", "compiled_predictor", "model.predict")
+OURS = {
+    "ours": "tflite-int8",
+    "ours-nolog": "tflite-int8",
+    "ours-float32": "tflite",
+    "ours-keras": "compiled_predictor",
+    INT8_SOFTMAX: "tflite-int8-softmax",
+}
+METHODS = ("tflite-int8", "tflite-int8-softmax", "tflite", "compiled_predictor", "model.predict")
 RATES = (10, 25, 50, 100, 200, 400)
 CLIENTS = 32
 BATCH = 64
 TARGET_RATE = 100
 TARGET_P99_MS = 10.0
 TARGET_THROUGHPUT_RATIO = 10.0
+# same-run comparisons: key -> (service, its baseline, the largest share slower allowed, the loads the target covers
+# among "single" and "batch" (throughput of the closed loop) and "p99" (at TARGET_RATE), what the issue asks)
+SAME_RUN = {
+    "prediction_log": (
+        "ours",
+        "ours-nolog",
+        0.05,
+        ("single", "batch", "p99"),
+        "throughput at 32 clients and p99 at 100 requests/s within 5 %",
+    ),
+    "float_probabilities": (
+        "ours",
+        INT8_SOFTMAX,
+        0.10,
+        ("single", "p99"),
+        "throughput (32 clients, single images) and p99 at 100 requests/s with float probabilities: no more than 10 % slower",
+    ),
+}
 # an open-loop rate a service did not keep: any error, fewer answers than offered, or a backlog this long
 SATURATED_P99_S = 1.0
 
@@ -185,6 +234,26 @@ def load_result(service: str, kind: str, load: Load, answers: Answers, **extra: 
 # ---------------------------------------------------------------- the model
 
 
+@dataclass
+class Models:
+    """The versions measured: the champion, and with ``--compare-int8-softmax`` the same model with the int8
+    export as it was built before (``old``), which ``ours-int8-softmax`` serves."""
+
+    ref: ModelRef
+    old: ModelRef | None
+    note: str  # where they come from
+    checks: dict = field(default_factory=dict)  # what the checks of the exports said (a model trained here)
+
+    def version_of(self, service: str) -> str:
+        return self.old.version if service == INT8_SOFTMAX and self.old else self.ref.version
+
+    def to_dict(self) -> dict:
+        found = {"uri": self.ref.uri, "version": self.ref.version, "run_id": self.ref.run_id, "source": self.note}
+        if self.old:
+            found["int8_softmax"] = {"uri": self.old.uri, "version": self.old.version, "run_id": self.old.run_id}
+        return {**found, "checks": self.checks}
+
+
 def store_env(base: dict[str, str], home: Path, keep_tracking_uri: bool) -> dict[str, str]:
     """The environment of the servers and the in-process child: ``base`` (this process's environment
     before MLflow touched it), pointed at the store of ``home``."""
@@ -216,70 +285,163 @@ def champion_of(home: Path) -> ModelRef | None:
     return get_alias(store_client(settings), settings.model_name)
 
 
-def train_temporary_champion(store: Path, dataset: Dataset) -> tuple[ModelRef, float, int]:
-    """Train the default architecture of params.yaml for 1 epoch, log, register and promote it as the
-    retraining flow does, in a throw-away store; (champion, test accuracy, training images)."""
-    import keras
+def int8_softmax_export(model, calibration: np.ndarray) -> bytes:
+    """The int8 export as the project built it before its softmax ran in float: full-integer quantisation of
+    every op, the softmax too, so that probabilities come in steps of 1/256. ``calibration``: normalised
+    images, the representative dataset ``pipeline.export.to_tflite`` uses."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([image[None]] for image in calibration)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]  # fails rather than leave an op in float
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return converter.convert()
+
+
+def log_int8_softmax_export(model, images: np.ndarray, probabilities: np.ndarray, calibration: np.ndarray) -> dict:
+    """Log the old int8 export into the active run as ``log_tflite_exports`` logs one (its file, its check, the
+    ``serving_runtime`` tag), so that the service runs it; kept whatever its check says, since only its speed
+    is measured. Returns the check."""
+    import mlflow
+
+    from pipeline import export
+    from pipeline.preprocess import to_model_input
+
+    content = int8_softmax_export(model, to_model_input(calibration))
+    answers = export.tflite_predictor(content)(to_model_input(images))
+    check = export.agreement(probabilities, answers, probability_limit=None).to_dict()
+    mlflow.log_dict(check, f"{export.TFLITE_ARTIFACT_DIR}/{export.AGREEMENT_FILES['tflite-int8']}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, export.INT8_FILE)
+        path.write_bytes(content)
+        mlflow.log_artifact(str(path), export.TFLITE_ARTIFACT_DIR)
+    mlflow.set_tag("serving_runtime", "tflite-int8")
+    return {**check, "probabilities_in_steps_of_1_256": bool(np.allclose(answers * 256, np.round(answers * 256), atol=1e-3))}
+
+
+def log_calibration(model, dataset: Dataset, params) -> float:
+    """Fit the temperature and unsure threshold on the validation hold-out training left out, and log them
+    where the service reads them, as training does; returns the temperature."""
+    import mlflow
+
+    from pipeline import export
+    from pipeline.calibration import fit_calibration
+    from pipeline.evaluate import predict_classes
+    from pipeline.train import compiled_predictor, split_for_validation
+
+    *_, x_val, y_val = split_for_validation(dataset.x_train, dataset.y_train, params.train.validation_split, params.train.seed)
+    calibration = fit_calibration(predict_classes(compiled_predictor(model), x_val)[0], y_val, params.confidence)
+    mlflow.log_dict(calibration.to_dict(), f"{export.TFLITE_ARTIFACT_DIR}/{export.CALIBRATION_FILE}")
+    return calibration.temperature
+
+
+def log_and_register(model, dataset: Dataset, probabilities: np.ndarray, accuracy: float, params, int8_softmax: bool):
+    """Log the model into a new run and register it as the retraining flow does: (the version, what its exports'
+    checks said). Its exports and calibration are the project's; with ``int8_softmax``, only the int8 export as
+    it was built before (``int8_softmax_export``), uncalibrated."""
     import mlflow
     import mlflow.tensorflow
     from mlflow.models import infer_signature
 
     from pipeline import export, registry
     from pipeline.preprocess import to_model_input
-    from pipeline.train import compiled_predictor, train
 
-    use_store(store, keep_tracking_uri=False)
     settings = get_settings()
-    keras.utils.disable_interactive_logging()
-    model = train(dataset, load_params(ROOT / "params.yaml", {"train.epochs": 1})).model
-    probabilities = compiled_predictor(model)(to_model_input(dataset.x_test))
-    accuracy = float((probabilities.argmax(1) == dataset.y_test).mean())
     client = registry.connect(settings)
     example = to_model_input(dataset.x_test[:2])
     # stated, as the flow states them: inferring them re-imports the model in a subprocess
     requirements = [f"{n}=={v}" for n, v in harness.package_versions("tensorflow-cpu", "keras", "numpy", "mlflow").items()]
-    with mlflow.start_run(run_name="serving-benchmark") as run:
+    calibration = dataset.x_train[: export.CALIBRATION_IMAGES]
+    with mlflow.start_run(run_name="serving-benchmark-int8-softmax" if int8_softmax else "serving-benchmark") as run:
         mlflow.log_metrics({"test_accuracy": accuracy})
         signature = infer_signature(example, probabilities[:2])
         info = mlflow.tensorflow.log_model(
             model, name="model", signature=signature, input_example=example, pip_requirements=requirements
         )
-        calibration = dataset.x_train[: export.CALIBRATION_IMAGES]
-        export.log_tflite_exports(model, dataset.x_test, probabilities, calibration=calibration)  # the service runs them
+        if int8_softmax:
+            checks = {"tflite-int8": log_int8_softmax_export(model, dataset.x_test, probabilities, calibration)}
+        else:  # the service runs them
+            agreements = export.log_tflite_exports(model, dataset.x_test, probabilities, calibration=calibration)
+            checks = {runtime: check.to_dict() for runtime, check in agreements.items()}
+            checks["temperature"] = log_calibration(model, dataset, params)
     run_id = run.info.run_id
     version = registry.register(client, settings.model_name, info.model_uri, run_id, {"data_version": "serving-benchmark"})
-    registry.move_champion(client, settings, version.version, None, "serving benchmark: trained for it, 1 epoch", run_id)
-    return registry.get_alias(client, settings.model_name), accuracy, len(dataset.x_train)
+    return version, checks
 
 
-def choose_model(args: argparse.Namespace, base_env: dict[str, str], dataset: Dataset, tmp: Path):
-    """(the champion, where it comes from, the servers' environment): the store's, or one trained here."""
+def promote(ref: ModelRef, previous: ModelRef | None, reason: str) -> None:
+    """Move the champion of the store this process uses from ``previous`` to ``ref``."""
+    from pipeline import registry
+
+    settings = get_settings()
+    client = registry.store_client(settings)
+    registry.move_champion(client, settings, ref.version, previous.version if previous else None, reason, ref.run_id)
+
+
+def train_temporary_champion(store: Path, dataset: Dataset, int8_softmax: bool):
+    """Train the default architecture of params.yaml for 1 epoch, log, register and promote it as the
+    retraining flow does, in a throw-away store: (champion, the old int8 version or None, test accuracy,
+    training images, what the runs' checks said). With ``int8_softmax`` the same model is first logged and
+    registered with the int8 export as it was built before, and that version is the champion until
+    ``promote`` moves the alias to the other."""
+    import keras
+
+    from pipeline.preprocess import to_model_input
+    from pipeline.train import compiled_predictor, train
+
+    use_store(store, keep_tracking_uri=False)
+    keras.utils.disable_interactive_logging()
+    params = load_params(ROOT / "params.yaml", {"train.epochs": 1})
+    model = train(dataset, params).model
+    probabilities = compiled_predictor(model)(to_model_input(dataset.x_test))
+    accuracy = float((probabilities.argmax(1) == dataset.y_test).mean())
+    checks, old = {}, None
+    if int8_softmax:
+        old, checks["int8_softmax"] = log_and_register(model, dataset, probabilities, accuracy, params, int8_softmax=True)
+    ref, checks["project"] = log_and_register(model, dataset, probabilities, accuracy, params, int8_softmax=False)
+    promote(old or ref, None, "serving benchmark: trained for it, 1 epoch")
+    return ref, old, accuracy, len(dataset.x_train), checks
+
+
+def choose_model(args: argparse.Namespace, base_env: dict[str, str], dataset: Dataset, tmp: Path) -> tuple[Models, dict]:
+    """(the versions to measure, the servers' environment): the store's champion, or a model trained here
+    (always with ``--compare-int8-softmax``)."""
     home = (args.home or Path(os.environ.get("DIGITS_HOME") or ROOT)).resolve()
     if base_env.get("MLFLOW_TRACKING_URI"):  # said without machine paths: the JSON may be committed
         where = "the tracking server in MLFLOW_TRACKING_URI"
     else:
         where = "the project's store (mlflow/)" if home == ROOT else "the store of DIGITS_HOME"
-    ref = None if args.fresh_model else champion_of(home)
+    ref = None if args.fresh_model or args.compare_int8_softmax else champion_of(home)
     if ref is not None:
-        return ref, f"the champion of {where}", store_env(base_env, home, keep_tracking_uri=True)
-    why = " (--fresh-model)" if args.fresh_model else ""
+        return Models(ref, None, f"the champion of {where}"), store_env(base_env, home, keep_tracking_uri=True)
+    why = " (--compare-int8-softmax)" if args.compare_int8_softmax else (" (--fresh-model)" if args.fresh_model else "")
     say(f"no champion in {where}{why}: training the default architecture of params.yaml for 1 epoch into a temporary store")
     (tmp / "store").mkdir()
-    ref, accuracy, n_train = train_temporary_champion(tmp / "store", dataset.head(10_000) if args.quick else dataset)
+    training = dataset.head(10_000) if args.quick else dataset
+    ref, old, accuracy, n_train, checks = train_temporary_champion(tmp / "store", training, args.compare_int8_softmax)
     note = (
         f"no champion: the default architecture of params.yaml trained for 1 epoch on {n_train:,} images "
         f"(test accuracy {accuracy:.2%}) into a temporary store; latency does not depend on accuracy"
     )
-    return ref, note, store_env(base_env, tmp / "store", keep_tracking_uri=False)
+    if old is not None:
+        note += (
+            f"; logged twice: v{old.version} with the int8 export as it was built before (softmax in int8, no "
+            f"calibration), v{ref.version} as the project logs it now (softmax in float, calibration)"
+        )
+    return Models(ref, old, note, checks), store_env(base_env, tmp / "store", keep_tracking_uri=False)
 
 
 # ---------------------------------------------------------------- in-process baseline (a child process)
 
 
-def in_process_calls(quick: bool, batch: int) -> dict[str, dict[str, int]]:
-    """Timed calls per method and images per call (fewer of ``model.predict``, much the slowest)."""
+def in_process_calls(quick: bool, batch: int, int8_softmax: bool) -> dict[str, dict[str, int]]:
+    """Timed calls per method and images per call (fewer of ``model.predict``, much the slowest); the old
+    int8 export only with ``int8_softmax``."""
     fast, slow = ((200, 50), (20, 10)) if quick else ((2000, 500), (300, 100))
-    return {m: dict(zip(("1", str(batch)), slow if m == "model.predict" else fast, strict=True)) for m in METHODS}
+    methods = [m for m in METHODS if int8_softmax or m != OURS[INT8_SOFTMAX]]
+    return {m: dict(zip(("1", str(batch)), slow if m == "model.predict" else fast, strict=True)) for m in methods}
 
 
 def time_calls(call, pool: np.ndarray, n: int, calls: int) -> dict:
@@ -299,7 +461,7 @@ def time_calls(call, pool: np.ndarray, n: int, calls: int) -> dict:
 
 def in_process_main(spec: dict) -> dict:
     """Time the model called in this process, per call, on the benchmark's images (run as a child)."""
-    from pipeline.export import RUNTIME_FILES, tflite_predictor
+    from pipeline.export import INT8_FILE, RUNTIME_FILES, tflite_predictor
     from pipeline.model import limit_threads
     from pipeline.preprocess import to_model_input
     from pipeline.registry import load_keras, load_tflite, store_client
@@ -316,6 +478,9 @@ def in_process_main(spec: dict) -> dict:
     for runtime, file in RUNTIME_FILES.items():  # what the service runs when the run has them
         if (content := load_tflite(spec["run_id"], file)) is not None:
             methods[runtime] = tflite_predictor(content, settings.serve_tf_threads)
+    if spec.get("int8_softmax_run_id"):  # --compare-int8-softmax: the same model's int8 export as it was built before
+        content = load_tflite(spec["int8_softmax_run_id"], INT8_FILE)
+        methods[OURS[INT8_SOFTMAX]] = tflite_predictor(content, settings.serve_tf_threads)
     results = []
     for method, calls_by_size in spec["calls"].items():
         if method not in methods:
@@ -358,7 +523,7 @@ def run_in_process(spec: dict, env: dict[str, str], cpus: set[int] | None) -> di
 def progress(r: LoadResult) -> None:
     what = f"{r.offered_rate:g} req/s" if r.load == "open" else f"{r.clients} clients"
     say(
-        f"  {r.service:<10} {r.load:<6} {what:>10} x{r.images_per_request:<3} {r.requests_per_second:8.1f} req/s "
+        f"  {r.service:<17} {r.load:<6} {what:>10} x{r.images_per_request:<3} {r.requests_per_second:8.1f} req/s "
         f"p50 {fmt(r.p50_ms, '.1f')} ms p99 {fmt(r.p99_ms, '.1f')} ms errors {r.error_count}"
         f"{'  (saturated)' if r.saturated else ''}"
     )
@@ -405,6 +570,16 @@ async def measure_service(name: str, server: Server, expected: np.ndarray, workl
     }
 
 
+def served_model(server: Server, timeout: float = 30.0) -> dict:
+    """What ``/model`` says once the prediction log has written what it queued (or after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while (model := harness.get_json(server.url + "/model") or {}).get("prediction_log", {}).get("queued"):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    return model
+
+
 def measure_one(name: str, args, env: dict[str, str], expected: np.ndarray, workloads: list[Workload], tmp: Path, cpus):
     """One service started, measured and stopped: (its figures, the CPUs its processes ran on or None)."""
     target, workdir, extra_env = SERVICES[name]
@@ -417,6 +592,8 @@ def measure_one(name: str, args, env: dict[str, str], expected: np.ndarray, work
 
     say(f"{name}: starting `bentoml serve {target}`")
     server_env = {**env, **extra_env, "BENTOML_HOME": str(tmp / "bentoml")}
+    if name in OURS:  # a log of its own, thrown away with the folder: benchmark traffic never lands in a real one
+        server_env["DIGITS_LOG_DB_URL"] = f"sqlite:///{tmp / f'{name}-predictions.db'}"
     label, log = f"{name}: `bentoml serve {target}`", tmp / f"{name}.log"
     try:
         with harness.serve(
@@ -428,7 +605,11 @@ def measure_one(name: str, args, env: dict[str, str], expected: np.ndarray, work
             say(f"{name}: ready in {server.ready_seconds:.1f} s on {server.url}; {processes}")
             result = asyncio.run(measure_service(name, server, expected, workloads, args))
             result["ready_seconds"] = round(server.ready_seconds, 1)
-            result["runtime"] = (harness.get_json(server.url + "/model") or {}).get("runtime")  # None: the naive service
+            model = served_model(server)  # {}: the naive service
+            result["runtime"] = model.get("runtime")
+            if written := model.get("prediction_log"):
+                result["prediction_log"] = {**written, "database": scrub(written["database"])}
+                say(log_line(name, written))
             if any(r.error_count for r in result["runs"]) or result["warm_up_errors"]:
                 result["server_log_tail"] = scrub(server.log_tail(60))
             return result, pins
@@ -440,8 +621,8 @@ def measure_one(name: str, args, env: dict[str, str], expected: np.ndarray, work
 # ---------------------------------------------------------------- ratios and report
 
 
-def ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 2) if a is not None and b else None
+def ratio(a: float | None, b: float | None, digits: int = 2) -> float | None:
+    return round(a / b, digits) if a is not None and b else None
 
 
 def find(runs: list[LoadResult], load: str, images: int, rate: float | None = None) -> LoadResult | None:
@@ -512,13 +693,50 @@ def compare(services: dict[str, dict], in_process: list[dict], batch: int) -> di
     return out
 
 
+def same_run(services: dict[str, dict], batch: int) -> dict:
+    """Each comparison of SAME_RUN whose two services were measured: both figures, their ratio, the target."""
+    out = {}
+    for key, (name, base, slower, covered, _) in SAME_RUN.items():
+        if not (services.get(name, {}).get("runs") and services.get(base, {}).get("runs")):
+            continue
+        mine, theirs = services[name]["runs"], services[base]["runs"]
+        loads = {
+            "single": ("images_per_second", lambda runs: find(runs, "closed", 1)),
+            "batch": ("images_per_second", lambda runs: find(runs, "closed", batch)),
+            "p99": ("p99_ms", lambda runs: find(runs, "open", 1, TARGET_RATE)),
+        }
+        rows, met = {}, []
+        for load, (figure, pick) in loads.items():
+            a, b = pick(mine), pick(theirs)
+            x, y = getattr(a, figure, None), getattr(b, figure, None)
+            errors = {name: getattr(a, "error_count", None), base: getattr(b, "error_count", None)}
+            rows[load] = {figure: {name: x, base: y}, f"{name}_over_{base}": ratio(x, y, 3), "errors": errors}
+            if load not in covered:
+                continue
+            if x is None or not y:  # not measured (a closed loop none of whose requests started in its window: 0)
+                met.append(None)
+            else:  # a higher throughput, a lower p99
+                within = x <= (1 + slower) * y if figure == "p99_ms" else x >= (1 - slower) * y
+                met.append(within and not any(errors.values()))
+        runtimes = {name: services[name].get("runtime"), base: services[base].get("runtime")}
+        out[key] = {
+            "service": name,
+            "baseline": base,
+            "runtimes": runtimes,
+            "loads": rows,
+            # two runtimes (an export its check did not keep): not the comparison the target is about
+            "target_met": None if None in met or len(set(runtimes.values())) > 1 else all(met),
+        }
+    return out
+
+
 def answering(service: dict) -> list[str]:
     """The model versions that answered a service's requests, warm-up included."""
     return sorted(set(service["model_versions"]).union(*(r.model_versions for r in service["runs"])))
 
 
 LOAD_COLUMNS = [
-    *[("service", "<10"), ("load", "<18"), ("img/req", ">7"), ("req/s", ">8,.1f"), ("img/s", ">8,.0f"), ("p50 ms", ">8.2f")],
+    *[("service", "<17"), ("load", "<18"), ("img/req", ">7"), ("req/s", ">8,.1f"), ("img/s", ">8,.0f"), ("p50 ms", ">8.2f")],
     *[("p99 ms", ">8.2f"), ("max ms", ">8.1f"), ("errors", ">6"), ("srv CPU", ">7.0%"), ("gen CPU", ">7.0%"), ("", "")],
 ]
 
@@ -538,7 +756,7 @@ def load_table(services: dict[str, dict]) -> str:
     lines = [table(LOAD_COLUMNS, [load_row(r) for s in services.values() for r in s["runs"]])]
     for name, s in services.items():
         if s["skipped_rates"]:
-            lines.append(f"{name:<10} open {', '.join(f'{x:g}' for x in s['skipped_rates'])}/s: not run (saturated below)")
+            lines.append(f"{name:<17} open {', '.join(f'{x:g}' for x in s['skipped_rates'])}/s: not run (saturated below)")
     return "\n".join(lines)
 
 
@@ -563,7 +781,56 @@ def print_ratios(ratios: dict, services: dict[str, dict], batch: int, clients: i
             print(f"target {key} ({name}): {'not measured' if value is None else ('met' if value else 'NOT met')}")
 
 
-def print_errors(services: dict[str, dict], version: str) -> None:
+def print_same_run(comparisons: dict, batch: int, clients: int) -> None:
+    labels = {
+        "single": f"peak throughput, {clients} clients, single images",
+        "batch": f"peak throughput, {clients} clients, batches of {batch}",
+        "p99": f"p99 at {TARGET_RATE:g} req/s",
+    }
+    for key, c in comparisons.items():
+        name, base, _, covered, issue = SAME_RUN[key]
+        for load, row in c["loads"].items():
+            figure, unit, pattern = ("p99_ms", "ms", ".2f") if load == "p99" else ("images_per_second", "img/s", ",.0f")
+            values = row[figure]
+            print(
+                f"{key}: {labels[load]}: {name} {fmt(values[name], pattern)} {unit}, {base} {fmt(values[base], pattern)} "
+                f"{unit} -> {name}/{base} {fmt(row[f'{name}_over_{base}'], '.3f')} (errors {row['errors'][name]}, "
+                f"{row['errors'][base]}){'' if load in covered else ' [not in the target]'}"
+            )
+        if len(set(c["runtimes"].values())) > 1:
+            print(f"  WARNING: {name} ran {c['runtimes'][name]} but {base} ran {c['runtimes'][base]}: the target is not judged")
+        met = "not measured" if c["target_met"] is None else ("met" if c["target_met"] else "NOT met")
+        print(f"target {key}: {issue} ({name} over {base}): {met}")
+
+
+def log_line(name: str, written: dict) -> str:
+    """What a service's prediction log did, from its ``/model``."""
+    if written.get("problem"):
+        return f"{name}: prediction log not written: {written['problem']}"
+    return (
+        f"{name}: prediction log {written['written']:,} answers written, {written['dropped']} dropped, "
+        f"{written['failed']} failed, {written['queued']} still queued"
+    )
+
+
+def print_exports(models: Models) -> None:
+    """With ``--compare-int8-softmax``: what the checks said of the two int8 exports."""
+    checks = models.checks
+    if old := checks.get("int8_softmax", {}).get("tflite-int8"):
+        print(
+            f"v{models.version_of(INT8_SOFTMAX)} int8 export, softmax in int8 (as built before): the Keras model's digit on "
+            f"{old['same_digits']:,} of {old['images']:,} test images, probabilities in steps of 1/256: "
+            f"{'yes' if old['probabilities_in_steps_of_1_256'] else 'NO'}, no calibration"
+        )
+    if old and (new := checks.get("project", {}).get("tflite-int8")):
+        print(
+            f"v{models.ref.version} int8 export, softmax in float (as built now): the Keras model's digit on "
+            f"{new['same_digits']:,} of {new['images']:,} test images ({'kept' if new['ok'] else 'NOT kept: float32 served'}), "
+            f"temperature {checks['project']['temperature']:.3f}"
+        )
+
+
+def print_errors(services: dict[str, dict], models: Models) -> None:
     """Per service: errors by kind, the model versions that answered, the digits unlike the in-process model's."""
     for name, s in services.items():
         if s.get("failed"):
@@ -577,14 +844,16 @@ def print_errors(services: dict[str, dict], version: str) -> None:
             f"{', '.join(answering(s)) or '?'}; {sum(r.differing_answers for r in s['runs'])} answers differ from the "
             "in-process model's digit"
         )
-        if answering(s) != [version]:
+        if answering(s) != [models.version_of(name)]:
             print(
-                f"  WARNING: the in-process baseline used v{version} but {name} answered with v{', v'.join(answering(s))}: "
+                f"  WARNING: {name} was to answer with v{models.version_of(name)} but answered with v{', v'.join(answering(s))}: "
                 "the champion moved during the run (differing answers and latencies around the swap come from that)"
             )
+        if s.get("prediction_log"):
+            print("  " + log_line(name, s["prediction_log"]))
 
 
-def report(args, ratios: dict, services: dict[str, dict], in_process: dict, version: str) -> None:
+def report(args, ratios: dict, comparisons: dict, services: dict[str, dict], in_process: dict, models: Models) -> None:
     columns = [("in-process", "<20"), ("img/call", ">8"), ("calls", ">6"), ("p50 ms", ">8.2f"), ("p99 ms", ">8.2f")]
     columns += [("max ms", ">8.1f"), ("img/s", ">9,.0f")]
     keys = ("method", "images_per_call", "calls", "p50_ms", "p99_ms", "max_ms", "images_per_second")
@@ -594,7 +863,9 @@ def report(args, ratios: dict, services: dict[str, dict], in_process: dict, vers
     local = {(r["method"], r["images_per_call"]): r for r in in_process["results"]}
     one_image = [f"{m} {local[m, 1]['p99_ms']:.2f} ms" for m in METHODS if (m, 1) in local]
     print(f"(in-process, one image, p99: {', '.join(one_image)})")
-    print_errors(services, version)
+    print_same_run(comparisons, args.batch, args.clients)
+    print_exports(models)
+    print_errors(services, models)
 
 
 # ---------------------------------------------------------------- main
@@ -609,12 +880,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=None, help="seconds per load (default 15, --quick 2)")
     p.add_argument("--clients", type=int, default=CLIENTS, help="concurrent clients of the closed loop")
     p.add_argument("--batch", type=int, default=BATCH, help="images per request of the batch loads")
-    p.add_argument("--services", nargs="+", default=list(SERVICES), choices=list(SERVICES))
+    selectable = [name for name in SERVICES if name != INT8_SOFTMAX]
+    p.add_argument("--services", nargs="+", default=selectable, choices=selectable)
     p.add_argument(
         "--home", type=Path, help="project folder whose store holds the champion (default: DIGITS_HOME, else this project)"
     )
     p.add_argument(
         "--fresh-model", action="store_true", help="train a model for 1 epoch into a temporary store even if there is a champion"
+    )
+    p.add_argument(
+        "--compare-int8-softmax",
+        action="store_true",
+        help=f"train a model into a temporary store, log it twice (the int8 export as built before, with its softmax "
+        f"in int8; and as the project logs it now) and measure the first as {INT8_SOFTMAX}, then ours and --services",
     )
     p.add_argument("--timeout", type=float, default=None, help="seconds before a request counts as timed out (10)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds a server may take to load the model")
@@ -627,13 +905,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def record(
-    args, cpus, pin_checks: dict, ref: ModelRef, note: str, spec: dict, in_process: dict, services: dict, ratios: dict
+    args, cpus, pin_checks: dict, models: Models, spec: dict, in_process: dict, services: dict, ratios: dict, comparisons: dict
 ) -> dict:
     """The JSON's figures, beside the machine."""
     return {
         "quick": args.quick,
         "pinning": {"used": cpus is not None, "description": pinning_note(cpus), "servers": pin_checks},
-        "model": {"uri": ref.uri, "version": ref.version, "run_id": ref.run_id, "source": note},
+        "model": models.to_dict(),
         "settings": {
             "rates": args.rates,
             "seconds": args.seconds,
@@ -647,6 +925,10 @@ def record(
         "targets": {
             "p99_ms_at_rate": {"rate": TARGET_RATE, "p99_ms": TARGET_P99_MS},
             "throughput_ratio_vs_naive": TARGET_THROUGHPUT_RATIO,
+            "same_run": {
+                key: {"service": name, "baseline": base, "largest_share_slower": slower, "covers": list(covered), "issue": issue}
+                for key, (name, base, slower, covered, issue) in SAME_RUN.items()
+            },
         },
         "in_process": in_process["results"],
         "in_process_tf_threads": in_process["tf_threads"],
@@ -655,6 +937,7 @@ def record(
             for n, s in services.items()
         },
         "ratios": ratios,
+        "same_run": comparisons,
         "versions_answering": {name: answering(s) for name, s in services.items()},
     }
 
@@ -680,25 +963,33 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="serving-benchmark-") as tmp_name:
         tmp = Path(tmp_name)
-        ref, note, env = choose_model(args, base_env, dataset, tmp)
-        say(f"model: {ref.uri} (run {ref.run_id}), {note}")
+        models, env = choose_model(args, base_env, dataset, tmp)
+        ref, old = models.ref, models.old
+        say(f"model: {ref.uri} (run {ref.run_id}), {models.note}")
         say(f"pinning: {pinning_note(cpus)}")
         pool_size = args.batch * (8 if args.quick else 32)  # the test images the requests cycle through
         workloads = [Workload.of(dataset.x_test[:pool_size], n) for n in (1, args.batch)]
         if cpus:
             harness.pin_this_process(cpus[1])
-        spec = {"uri": ref.uri, "run_id": ref.run_id, "pool": pool_size, "calls": in_process_calls(args.quick, args.batch)}
+        calls = in_process_calls(args.quick, args.batch, old is not None)
+        spec = {"uri": ref.uri, "run_id": ref.run_id, "pool": pool_size, "calls": calls}
+        spec["int8_softmax_run_id"] = old.run_id if old else None
         in_process = run_in_process(spec, env, server_cpus)
         gc.collect()
         gc.freeze()  # the pre-encoded bodies and the rest of this process stay out of collections under load
         services, pin_checks = {}, {}
-        for name in args.services:
+        # the old int8 version answers first, as the champion; then the project's, right after it
+        names = [INT8_SOFTMAX, "ours", *(n for n in args.services if n != "ours")] if old else args.services
+        for name in names:
             services[name], pins = measure_one(name, args, env, np.asarray(in_process["digits"]), workloads, tmp, server_cpus)
             if pins:
                 pin_checks[name] = pins
+            if name == INT8_SOFTMAX:  # each server loads the champion as it starts: the next ones get the project's
+                promote(ref, old, "serving benchmark: the same model, its int8 export with the softmax in float, calibrated")
 
     ratios = compare(services, in_process["results"], args.batch)
-    report(args, ratios, services, in_process, ref.version)
+    comparisons = same_run(services, args.batch)
+    report(args, ratios, comparisons, services, in_process, models)
     print(
         f"({os.cpu_count()} CPUs shared by server and load generator; {pinning_note(cpus)}; niceness {os.nice(0)}; "
         f"load average before {load_before[0]:.2f}; TensorFlow threads in-process {in_process['tf_threads']}; "
@@ -708,7 +999,7 @@ def main(argv: list[str] | None = None) -> int:
         print("(--quick: smoke run, the figures mean nothing)")
     machine = {"niceness": os.nice(0), "load_average_before": [round(x, 2) for x in load_before]}
     versions = harness.package_versions("bentoml", "keras", "aiohttp", "ai-edge-litert", "uvloop")
-    figures = record(args, cpus, pin_checks, ref, note, spec, in_process, services, ratios)
+    figures = record(args, cpus, pin_checks, models, spec, in_process, services, ratios, comparisons)
     harness.write_results(args.output, "serving_latency", machine_extra={**versions, **machine}, **figures)
     return 0
 
