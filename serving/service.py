@@ -50,6 +50,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, RedirectResponse
 from pydantic import BaseModel, BeforeValidator, Field, TypeAdapter
 from pydantic_core import PydanticCustomError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.responses import JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
@@ -519,6 +520,9 @@ class DigitClassifier:
             )
         except prediction_log.FeedbackRefused as err:
             return _error(err.status, str(err))
+        except SQLAlchemyError as err:  # the database is down or locked: nothing was stored, the sender may retry
+            log.error("a correction could not be recorded: %s", err)
+            return _error(503, f"the prediction log cannot record corrections right now ({type(err).__name__}); retry later")
         self.counters.feedback.labels(model_version=recorded["model_version"]).inc()
         return JSONResponse(recorded, status_code=201)
 
