@@ -1,4 +1,4 @@
-"""``digits``: retrain, inspect and override the champion, manage data, open the UIs, predict."""
+"""``digits``: retrain, inspect and override the champion, manage data, open the UIs, predict, monitor."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import gc
 
 import typer
 
-from cli import data, feedback, models, operations, serving, stages, training
+from cli import data, feedback, models, monitoring, operations, serving, stages, training
 
 digits = typer.Typer(
     help=(
@@ -45,6 +45,7 @@ for command in (
     stages.gate,
     serving.predict,
     serving.serve,
+    monitoring.monitor,
 ):
     digits.command()(command)
 digits.add_typer(data.data, name="data")

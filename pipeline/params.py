@@ -132,6 +132,49 @@ class FeedbackParams(_Strict):
     train_weight: int = Field(10, ge=0)
 
 
+# Evidently's drift tests by name (README, "Monitoring"). p-value tests (ks, anderson, cramer_von_mises, mannw, t_test,
+# es; chi2_contingency, TVD) see drift below their threshold, distances (wasserstein, psi, jensenshannon, hellinger,
+# kl_div, ed, empirical_mmd) above it. chi2_contingency is the project's own (pipeline/monitoring.py).
+NumericalStattest = Literal[
+    "ks",
+    "wasserstein",
+    "psi",
+    "jensenshannon",
+    "hellinger",
+    "kl_div",
+    "anderson",
+    "cramer_von_mises",
+    "mannw",
+    "t_test",
+    "ed",
+    "es",
+    "empirical_mmd",
+]
+CategoricalStattest = Literal["chi2_contingency", "jensenshannon", "psi", "hellinger", "kl_div", "TVD"]
+
+
+class MonitorParams(_Strict):
+    # a window with fewer answers gets no verdict: too few to tell drift from chance
+    min_predictions: int = Field(200, ge=1)
+    # the reference: the champion's answers on at most this many of its validation hold-out images (a seeded sample)
+    reference_images: int = Field(3000, ge=10)
+    seed: int = 0
+    # the test on each numerical column (input statistics, confidence) and on the predicted digit, and their thresholds
+    num_stattest: NumericalStattest = "ks"
+    num_threshold: float = Field(0.01, gt=0)
+    cat_stattest: CategoricalStattest = "chi2_contingency"
+    cat_threshold: float = Field(0.01, gt=0)
+    # the input statistics drift when at least this share of them do
+    drift_share: float = Field(0.5, gt=0, le=1)
+    # the share of unsure answers may exceed the reference's by this much
+    max_unsure_increase: float = Field(0.1, ge=0, le=1)
+    # a version's accuracy on the window's accepted corrections is judged from this many on, against this floor
+    min_feedback: int = Field(50, ge=1)
+    min_feedback_accuracy: float = Field(0.9, ge=0, le=1)
+    # accepted corrections waiting for the harvest from which a retrain is worth starting (a later step)
+    min_feedback_to_retrain: int = Field(500, ge=1)
+
+
 class SweepParams(_Strict):
     # dotted params key (model.* or train.*) -> the values to try; every combination is one candidate
     grid: dict[str, list[Any]] = Field(default_factory=dict)
@@ -146,6 +189,7 @@ class Params(_Strict):
     confidence: ConfidenceParams = ConfidenceParams()
     suite: SuiteParams = SuiteParams()
     feedback: FeedbackParams = FeedbackParams()
+    monitor: MonitorParams = MonitorParams()
     sweep: SweepParams = SweepParams()
 
     def flat(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import numpy as np
 from pipeline.evaluate import Metrics
 
 if TYPE_CHECKING:
+    import pandas as pd
     from matplotlib.figure import Figure
 
     from pipeline.calibration import Reliability
@@ -143,4 +144,49 @@ def suite_accuracy(
     ax.set(xticks=x, ylim=(0, 1.05), ylabel="accuracy", title="MNIST's test set and the out-of-distribution suite")
     ax.set_xticklabels(names, rotation=35, ha="right")
     ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def monitoring_outputs(reference: pd.DataFrame, window: pd.DataFrame, title: str = "") -> Figure:
+    """What the model said in the window beside what it said on the reference: digits, confidence, unsure answers."""
+    fig = _figure(15, 4)
+    digits, confidence, unsure = fig.subplots(1, 3, width_ratios=[2, 2, 1])
+    x = np.arange(10)
+    for offset, (name, frame) in zip((-0.2, 0.2), (("reference", reference), ("window", window)), strict=True):
+        counts = np.bincount(frame["digit"].to_numpy(), minlength=10)[:10]
+        digits.bar(x + offset, counts / max(len(frame), 1), width=0.4, label=f"{name} ({len(frame):,})")
+    digits.set(xticks=x, xlabel="predicted digit", ylabel="share of answers", title="predicted digits")
+    digits.legend()
+    # confidence piles up near 1: a log scale keeps the tail of doubtful answers visible
+    bins = np.linspace(0, 1, 41)
+    for name, frame in (("reference", reference), ("window", window)):
+        confidence.hist(frame["confidence"], bins=bins, density=True, histtype="step", linewidth=2, label=name)
+    confidence.set(xlabel="confidence", yscale="log", title="confidence")
+    confidence.legend(loc="upper left")
+    shares = [float(reference["unsure"].mean()), float(window["unsure"].mean())]
+    bars = unsure.bar(["reference", "window"], shares, color=["tab:blue", "tab:orange"])
+    unsure.bar_label(bars, labels=[f"{share:.1%}" for share in shares], fontsize=8)
+    unsure.set(ylim=(0, max(1e-3, *shares) * 1.25), title="share of unsure answers")
+    for ax in (digits, confidence, unsure):
+        ax.grid(axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def monitoring_inputs(reference: pd.DataFrame, window: pd.DataFrame, drifted: dict[str, bool] | None = None) -> Figure:
+    """The input statistics in the window beside the reference's, one panel each; drifted ones are titled so."""
+    from pipeline.image_stats import STATISTICS
+
+    fig = _figure(16, 7)
+    for ax, name in zip(fig.subplots(2, 4).ravel(), STATISTICS, strict=True):
+        values = np.concatenate([reference[name].to_numpy(), window[name].to_numpy()])
+        bins = np.histogram_bin_edges(values, bins=30) if np.ptp(values) > 0 else 10
+        for label, frame in (("reference", reference), ("window", window)):
+            ax.hist(frame[name], bins=bins, density=True, histtype="step", linewidth=2, label=label)
+        moved = (drifted or {}).get(name)
+        ax.set_title(f"{name}{' - DRIFT' if moved else ''}", color="tab:red" if moved else "black")
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend()
+    fig.suptitle("input statistics of the normalised digits (pipeline/image_stats.py)")
     return fig

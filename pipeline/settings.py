@@ -25,6 +25,7 @@ class Settings(BaseSettings):
         description="MLflow tracking/registry URI; default: the sqlite store under mlflow/",
     )
     experiment: str = "digits"
+    monitoring_experiment: str = Field("digits-monitoring", description="MLflow experiment of `digits monitor`: a run a call")
     model_name: str = "digits-cnn"
     promoted_by: str | None = Field(default=None, description="who promotes; default: the OS user")
     serve_host: str = "127.0.0.1"
