@@ -13,6 +13,14 @@ from cli.common import JsonOption, fail, load, reported_errors
 def monitor(
     window: Annotated[str, typer.Option(help="How far back to look: a number and m, h, d or w (30m, 24h, 7d).")] = "24h",
     as_json: JsonOption = False,
+    retrain_when_needed: Annotated[
+        bool,
+        typer.Option(
+            "--retrain-when-needed",
+            help="When drift is found or monitor.min_feedback_to_retrain accepted corrections are ready: harvest them, "
+            "then run the retraining flow (its run's tag trigger says drift or feedback).",
+        ),
+    ] = False,
 ) -> None:
     """Compare the answers of the last WINDOW in the prediction log with the champion's reference (a Prefect flow).
 
@@ -36,10 +44,12 @@ def monitor(
     from flows.monitor import monitor as monitor_flow
 
     with reported_errors("Nothing was monitored."), prefect_api(server):
-        report = monitor_flow(window=window)
+        report = monitor_flow(window=window, retrain_when_needed=retrain_when_needed)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
         from app.monitoring import render
 
         typer.echo(render(report))
+        if retrain_when_needed and report["retrain"] is None:
+            typer.echo("no retrain needed")

@@ -53,11 +53,13 @@ def deploy(
     paused: Annotated[bool, typer.Option(help="Create the schedule paused; resume it in the Prefect UI.")] = False,
     sets: SetOption = None,
 ) -> None:
-    """Deploy the retraining flow to the Prefect server in PREFECT_API_URL, to run on workers.
+    """Deploy the retraining flow and the monitor to the Prefect server in PREFECT_API_URL, to run on workers.
 
     Creates (or updates) a process work pool, a concurrency limit of one on promotion across all
     workers, and the deployment retrain-digits/<name>: the flow from this code folder, run for the
-    project in DIGITS_HOME, on a schedule, with --set values as default parameters. Then start a
+    project in DIGITS_HOME, on a schedule, with --set values as default parameters. Beside it,
+    monitor-digits/<name> runs `digits monitor --retrain-when-needed` every DIGITS_MONITOR_CRON (hourly)
+    and starts the retraining deployment on drift or when enough corrections are ready. Then start a
     worker (`prefect worker start --pool digits`) and trigger runs with `digits retrain --deployment`,
     the Prefect UI or its API.
     """
@@ -87,6 +89,9 @@ def deploy(
     typer.echo(f"  project        {done.env['DIGITS_HOME']}")
     typer.echo(f"  schedule       {schedule}")
     typer.echo(f"  parameters     {json.dumps(done.parameters) if done.parameters else 'params.yaml as it is'}")
+    monitor_schedule = f"{done.monitor_cron} (UTC){', paused' if done.paused else ''}" if done.monitor_cron else "none"
+    typer.echo(f"monitor          {done.monitor_name}: {monitor_schedule}, {json.dumps(done.monitor_parameters)}")
+    typer.echo(f"  starts         {done.name} on drift or when monitor.min_feedback_to_retrain corrections are ready")
     typer.echo(
         f"\nStart a worker (keep it running; workers on more machines can share the pool):\n"
         f"    {deployment.worker_command(done.pool)}\n"

@@ -1,4 +1,5 @@
-"""Scale-out glue: a Prefect process work pool, the promotion limit and a deployment of the retraining flow.
+"""Scale-out glue: a Prefect process work pool, the promotion limit, and deployments of the retraining flow and
+of the monitor, which starts the retraining deployment when production drifts or corrections pile up.
 
 `digits deploy` calls :func:`deploy`; `digits retrain --deployment` calls :func:`trigger` and :func:`follow`.
 Both talk to the Prefect server that ``PREFECT_API_URL`` (or the active Prefect profile) names; the flow
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 
 FLOW_NAME = "retrain-digits"
 ENTRYPOINT = "flows/retrain.py:retrain"
+MONITOR_FLOW_NAME = "monitor-digits"
+MONITOR_ENTRYPOINT = "flows/monitor.py:monitor"
 HOW_TO_START = (
     "Start one with `prefect server start` and `export PREFECT_API_URL=http://127.0.0.1:4200/api`, "
     "or point PREFECT_API_URL at your shared Prefect server."
@@ -116,6 +119,9 @@ class Deployed:
     parameters: dict[str, Any]
     env: dict[str, str]
     url: str | None
+    monitor_name: str
+    monitor_cron: str | None
+    monitor_parameters: dict[str, Any]
 
 
 def ensure_pool(client: SyncPrefectClient, pool: str) -> bool:
@@ -169,31 +175,28 @@ def deploy(
     the code can serve any project. ``cron`` None or empty: no schedule. Running it again updates
     everything in place.
     """
+    from flows.monitor import monitor
     from flows.retrain import retrain
 
     pool = pool or settings.work_pool
     name = name or settings.deployment
     cron = (cron or "").strip() or None
+    monitor_cron = settings.monitor_cron.strip() or None
     # the defaults of a scheduled run; a run started by hand or by the monitor names its own trigger
     parameters = {"trigger": "schedule", **({"overrides": overrides} if overrides else {})}
+    monitor_parameters = {"window": settings.monitor_window, "retrain_when_needed": True, "via_deployment": True}
     env = run_environment(settings)
     with server() as client:
         created = ensure_pool(client, pool)
         ensure_promotion_limit(client)
-        deployment = retrain.from_source(source=str(code_root()), entrypoint=ENTRYPOINT).to_deployment(
-            name=name,
-            work_pool_name=pool,
-            cron=cron,
-            paused=paused,
-            parameters=parameters,
-            job_variables={"env": env},
-            description="Retrain, gate and promote the digit CNN (see README, Scaling out).",
-            tags=["digits"],
-        )
-        deployment_id = deployment.apply()
-        if cron is None:  # an update keeps old schedules unless they are removed
-            for schedule in client.read_deployment_schedules(deployment_id):
-                client.delete_deployment_schedule(deployment_id, schedule.id)
+        deployment_id = _apply(
+            client, retrain, ENTRYPOINT, name, pool, cron, paused, parameters, env,
+            "Retrain, gate and promote the digit CNN (see README, Scaling out).",
+        )  # fmt: skip
+        _apply(
+            client, monitor, MONITOR_ENTRYPOINT, name, pool, monitor_cron, paused, monitor_parameters, env,
+            f"Watch the prediction log for drift; start {full_name(name)} when needed (see README).",
+        )  # fmt: skip
     return Deployed(
         str(deployment_id),
         full_name(name),
@@ -205,7 +208,40 @@ def deploy(
         parameters,
         env,
         ui_url(f"deployments/deployment/{deployment_id}"),
+        f"{MONITOR_FLOW_NAME}/{name}",
+        monitor_cron,
+        monitor_parameters,
     )
+
+
+def _apply(
+    client: SyncPrefectClient,
+    flow: Any,
+    entrypoint: str,
+    name: str,
+    pool: str,
+    cron: str | None,
+    paused: bool,
+    parameters: dict[str, Any],
+    env: dict[str, str],
+    description: str,
+) -> Any:
+    """Create or update one deployment of ``flow``; ``cron`` None removes its schedules. Returns its id."""
+    deployment = flow.from_source(source=str(code_root()), entrypoint=entrypoint).to_deployment(
+        name=name,
+        work_pool_name=pool,
+        cron=cron,
+        paused=paused,
+        parameters=parameters,
+        job_variables={"env": env},
+        description=description,
+        tags=["digits"],
+    )
+    deployment_id = deployment.apply()
+    if cron is None:  # an update keeps old schedules unless they are removed
+        for schedule in client.read_deployment_schedules(deployment_id):
+            client.delete_deployment_schedule(deployment_id, schedule.id)
+    return deployment_id
 
 
 # ---------------------------------------------------------------- digits retrain --deployment

@@ -323,6 +323,15 @@ def verdict(checks: dict[str, dict[str, Any]], predictions: int, min_predictions
     return False, "no drift"
 
 
+def retrain_reason(drift: bool, feedback_ready: int, min_feedback_to_retrain: int) -> str | None:
+    """What should start a retrain now: ``"drift"``, ``"feedback"`` (enough accepted corrections wait), or None."""
+    if drift:
+        return "drift"
+    if feedback_ready >= min_feedback_to_retrain:
+        return "feedback"
+    return None
+
+
 def figures(report: dict[str, Any]) -> dict[str, float]:
     """The report's numbers as flat metric names (MLflow): verdict, counts, and each check's figures."""
     out = {"drift": float(report["drift"]), "predictions": report["predictions"], "feedback_ready": report["feedback_ready"]}

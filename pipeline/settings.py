@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     work_pool: str = Field("digits", description="Prefect process work pool that `digits deploy` creates and workers poll")
     deployment: str = Field("digits", description="name of the Prefect deployment retrain-digits/<name>")
     retrain_cron: str = Field("0 3 * * 1", description="the deployment's schedule (cron, UTC); empty: no schedule")
+    monitor_cron: str = Field("0 * * * *", description="the monitor deployment's schedule (cron, UTC); empty: no schedule")
+    monitor_window: str = Field("24h", description="how far back the monitor deployment looks each time it runs")
     # the sweep's Dask cluster (`digits sweep`): a local one sized for this machine unless an address is given
     dask_address: str | None = Field(None, description="Dask scheduler for sweeps (tcp://host:8786); default: a local cluster")
     dask_workers: int | None = Field(None, ge=1, description="local cluster size; default: one a core, at most one a candidate")

@@ -158,6 +158,11 @@ def test_a_worker_runs_the_deployment_and_promotion_waits_for_the_limit(project,
     assert deployment.parameters == {"trigger": "schedule", "overrides": {"gate.max_accuracy_drop": 0.01}}
     assert deployment.job_variables["env"]["DIGITS_HOME"] == str(project)
     assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+    # beside it, the monitor: hourly, and it starts the retraining deployment when production needs it
+    monitor = api.read_deployment_by_name("monitor-digits/digits")
+    assert [s.schedule.cron for s in monitor.schedules] == ["0 * * * *"] and monitor.paused
+    assert monitor.parameters == {"window": "24h", "retrain_when_needed": True, "via_deployment": True}
+    assert monitor.job_variables["env"]["DIGITS_HOME"] == str(project) and monitor.work_pool_name == POOL
 
     lease = None
     retrain = None

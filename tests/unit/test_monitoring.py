@@ -228,3 +228,12 @@ def test_the_monitor_section_is_strict():
         parse_params(raw(), {"monitor.num_stattest": "chi2_contingency"})  # a test for categories, not numbers
     with pytest.raises(ParamsError, match=r"monitor\.drift_share"):
         parse_params(raw(), {"monitor.drift_share": 0})
+
+
+def test_a_retrain_starts_on_drift_or_on_enough_corrections():
+    from pipeline.monitoring import retrain_reason
+
+    assert retrain_reason(True, 0, 500) == "drift"
+    assert retrain_reason(True, 900, 500) == "drift"  # drift names the run even when corrections are ready too
+    assert retrain_reason(False, 500, 500) == "feedback"
+    assert retrain_reason(False, 499, 500) is None
