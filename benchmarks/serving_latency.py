@@ -15,6 +15,9 @@ depend on accuracy) answers the same real MNIST test images these ways, one afte
                       export when the champion's run kept one, else float32, else Keras; every answer
                       recorded in the prediction log;
 * ``ours-nolog``   -- the same service with ``DIGITS_LOG_ENABLED=false``: what the prediction log costs;
+* ``ours-shadow``  -- the same service with a challenger in the shadows (a copy of the champion registered as
+                      another version, under the ``challenger`` alias): what running it after each answer
+                      costs the champion's answers; only with a model trained here (``--fresh-model``);
 * ``ours-float32`` / ``ours-keras`` -- the same service with ``DIGITS_SERVE_RUNTIME=tflite`` / ``keras``;
 * ``naive``        -- ``benchmarks/naive_service.py``, ``model.predict`` per request: the ratios' baseline.
 
@@ -80,10 +83,13 @@ SERVICES = {
     "ours-float32": ("serving.service:DigitClassifier", ROOT, {"DIGITS_SERVE_RUNTIME": "tflite"}),
     "ours-keras": ("serving.service:DigitClassifier", ROOT, {"DIGITS_SERVE_RUNTIME": "keras"}),
     "naive": ("naive_service:NaiveDigitClassifier", ROOT / "benchmarks", {}),
+    # the same service with a challenger in the shadows (a copy of the champion, registered as another version)
+    "ours-shadow": ("serving.service:DigitClassifier", ROOT, {"DIGITS_SERVE_RUNTIME": "tflite-int8"}),
     # only with --compare-int8-softmax, whose champion is then the same model with the int8 export as it was built before
     "ours-int8-softmax": ("serving.service:DigitClassifier", ROOT, {"DIGITS_SERVE_RUNTIME": "tflite-int8"}),
 }
 INT8_SOFTMAX = "ours-int8-softmax"
+SHADOW = "ours-shadow"
 # our services, and the in-process method each calls for a request
 OURS = {
     "ours": "tflite-int8",
@@ -91,6 +97,7 @@ OURS = {
     "ours-float32": "tflite",
     "ours-keras": "compiled_predictor",
     INT8_SOFTMAX: "tflite-int8-softmax",
+    SHADOW: "tflite-int8",
 }
 METHODS = ("tflite-int8", "tflite-int8-softmax", "tflite", "compiled_predictor", "model.predict")
 RATES = (10, 25, 50, 100, 200, 400)
@@ -108,6 +115,13 @@ SAME_RUN = {
         0.05,
         ("single", "batch", "p99"),
         "throughput at 32 clients and p99 at 100 requests/s within 5 %",
+    ),
+    "shadow_challenger": (
+        SHADOW,
+        "ours",
+        None,
+        ("single", "batch", "p99"),
+        "what a challenger in the shadows costs the champion's answers (no target: the figures are reported)",
     ),
     "float_probabilities": (
         "ours",
@@ -243,6 +257,7 @@ class Models:
     old: ModelRef | None
     note: str  # where they come from
     checks: dict = field(default_factory=dict)  # what the checks of the exports said (a model trained here)
+    trained_here: bool = False  # in a temporary store, which the benchmark may change
 
     def version_of(self, service: str) -> str:
         return self.old.version if service == INT8_SOFTMAX and self.old else self.ref.version
@@ -388,6 +403,19 @@ def promote(ref: ModelRef, previous: ModelRef | None, reason: str) -> None:
     registry.move_champion(client, settings, ref.version, previous.version if previous else None, reason, ref.run_id)
 
 
+def shadow_challenger(ref: ModelRef | None) -> ModelRef | None:
+    """With a ``ref``: register a copy of it as another version and make that the challenger; with None: no challenger."""
+    from pipeline import registry
+
+    settings = get_settings()
+    client = registry.store_client(settings)
+    if ref is None:
+        return registry.set_challenger(client, settings, None)
+    source = client.get_model_version(settings.model_name, ref.version).source
+    copy = registry.register(client, settings.model_name, source, ref.run_id, {"data_version": "serving-benchmark"})
+    return registry.set_challenger(client, settings, copy.version)
+
+
 def train_temporary_champion(store: Path, dataset: Dataset, int8_softmax: bool):
     """Train the default architecture of params.yaml for 1 epoch, log, register and promote it as the
     retraining flow does, in a throw-away store: (champion, the old int8 version or None, test accuracy,
@@ -440,7 +468,7 @@ def choose_model(args: argparse.Namespace, base_env: dict[str, str], dataset: Da
             f"; logged twice: v{old.version} with the int8 export as it was built before (softmax in int8, no "
             f"calibration), v{ref.version} as the project logs it now (softmax in float, calibration)"
         )
-    return Models(ref, old, note, checks), store_env(base_env, tmp / "store", keep_tracking_uri=False)
+    return Models(ref, old, note, checks, trained_here=True), store_env(base_env, tmp / "store", keep_tracking_uri=False)
 
 
 # ---------------------------------------------------------------- in-process baseline (a child process)
@@ -721,7 +749,7 @@ def same_run(services: dict[str, dict], batch: int) -> dict:
             x, y = getattr(a, figure, None), getattr(b, figure, None)
             errors = {name: getattr(a, "error_count", None), base: getattr(b, "error_count", None)}
             rows[load] = {figure: {name: x, base: y}, f"{name}_over_{base}": ratio(x, y, 3), "errors": errors}
-            if load not in covered:
+            if load not in covered or slower is None:
                 continue
             if x is None or not y:  # not measured (a closed loop none of whose requests started in its window: 0)
                 met.append(None)
@@ -735,7 +763,7 @@ def same_run(services: dict[str, dict], batch: int) -> dict:
             "runtimes": runtimes,
             "loads": rows,
             # two runtimes (an export its check did not keep): not the comparison the target is about
-            "target_met": None if None in met or len(set(runtimes.values())) > 1 else all(met),
+            "target_met": None if not met or None in met or len(set(runtimes.values())) > 1 else all(met),
         }
     return out
 
@@ -809,6 +837,9 @@ def print_same_run(comparisons: dict, batch: int, clients: int) -> None:
             )
         if len(set(c["runtimes"].values())) > 1:
             print(f"  WARNING: {name} ran {c['runtimes'][name]} but {base} ran {c['runtimes'][base]}: the target is not judged")
+        if SAME_RUN[key][2] is None:
+            print(f"{key}: {issue}")
+            continue
         met = "not measured" if c["target_met"] is None else ("met" if c["target_met"] else "NOT met")
         print(f"target {key}: {issue} ({name} over {base}): {met}")
 
@@ -996,7 +1027,14 @@ def main(argv: list[str] | None = None) -> int:
         # the old int8 version answers first, as the champion; then the project's, right after it
         names = [INT8_SOFTMAX, "ours", *(n for n in args.services if n != "ours")] if old else args.services
         for name in names:
+            if name == SHADOW:
+                if not models.trained_here:
+                    say(f"{SHADOW}: not measured: it registers a version, so it needs a model trained here (--fresh-model)")
+                    continue
+                say(f"{SHADOW}: v{shadow_challenger(ref).version} (a copy of v{ref.version}) runs in the shadows")
             services[name], pins = measure_one(name, args, env, np.asarray(in_process["digits"]), workloads, tmp, server_cpus)
+            if name == SHADOW:
+                shadow_challenger(None)
             if pins:
                 pin_checks[name] = pins
             if name == INT8_SOFTMAX:  # each server loads the champion as it starts: the next ones get the project's
