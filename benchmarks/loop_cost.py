@@ -1,4 +1,4 @@
-"""The loop's costs: writing the prediction log, and harvesting corrections into a data version.
+"""The loop's costs: writing the prediction log, harvesting corrections into a data version, monitoring a window.
 
 Run from the project folder:
 
@@ -15,6 +15,10 @@ MNIST ingested from the cache) and its SQLite prediction log, in this one proces
                  the new feedback parts, Great Expectations on the whole dataset, a DVC version.
                  Baseline: ``app.data.validate`` on the same grown dataset, which the harvest
                  cannot avoid. A second harvest with nothing new is timed too.
+* ``monitor`` -- ``app.monitoring.monitor`` over a window holding every answer, against the champion of a
+                 1-epoch retrain (the real flow, on a temporary Prefect server: the monitor's reference is
+                 that run's validation hold-out). Baseline: the same over a window of the last
+                 ``--small-window`` answers, so the ratio says how the cost grows with the window.
 
 The inputs are MNIST training images (the harvest rejects test images); the answers are made up,
 since no cost here depends on them. Nothing here asserts: it prints a table and writes JSON.
@@ -28,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -103,12 +108,44 @@ def time_bare_inserts(url: str, rows: list[dict]) -> float:
     return time.perf_counter() - started
 
 
+def time_monitor(settings, count: int, small: int) -> tuple[float, float, str]:
+    """Retrain for 1 epoch (the real flow), then time the monitor over every answer and over the last ``small``."""
+    import sqlalchemy as sa
+
+    from app import monitoring
+    from flows.temporary_server import prefect_api
+    from pipeline import prediction_log
+    from pipeline.params import load_params
+
+    with prefect_api():
+        from flows.retrain import retrain
+
+        retrain(overrides={"train.epochs": 1})
+    params = load_params(settings.params_path)
+    engine = prediction_log.open_log(settings.prediction_log_url)
+    with engine.connect() as connection:  # the window that holds the last ``small`` answers
+        column = prediction_log.predictions.c.created_at
+        newest = connection.execute(sa.select(sa.func.max(column))).scalar()
+        cut = connection.execute(sa.select(column).order_by(column.desc()).offset(small).limit(1)).scalar()
+    now = newest + timedelta(seconds=1)  # the windows end just after the newest answer
+    timings, verdicts = [], []
+    for window in ("365d", f"{(now - cut).total_seconds() / 60:.4f}m"):
+        started = time.perf_counter()
+        report = monitoring.monitor(settings, params, window, now=now)
+        timings.append(time.perf_counter() - started)
+        verdicts.append(report["verdict"])
+        say(f"  monitor {window}: {report['predictions']:,} answers, {report['verdict']}, {timings[-1]:.1f} s")
+    return timings[0], timings[1], verdicts[0]
+
+
 def main() -> None:
     parser = command_line(__doc__, OUTPUT, "2,000 answers and 500 corrections, to check the script")
     parser.add_argument("--answers", type=int, default=100_000)
     parser.add_argument("--corrections", type=int, default=10_000)
+    parser.add_argument("--small-window", type=int, default=1_000, help="answers in the monitor's baseline window")
     args = parser.parse_args()
     count, corrected = (2_000, 500) if args.quick else (args.answers, args.corrections)
+    small = min(args.small_window, count // 2)
 
     with tempfile.TemporaryDirectory() as folder:
         home = make_project(Path(folder))
@@ -152,6 +189,9 @@ def main() -> None:
         again = feedback.harvest(settings, params)
         empty_seconds = time.perf_counter() - started
 
+        say("a 1-epoch retrain for a champion the monitor can take its reference from")
+        monitor_seconds, small_seconds, verdict = time_monitor(settings, count, small)
+
     results = {
         "answers": count,
         "corrections": len(chosen),
@@ -169,6 +209,14 @@ def main() -> None:
             "added": report["added"],
             "nothing_new_seconds": round(empty_seconds, 2),
             "nothing_new_message": again["message"],
+        },
+        "monitor": {
+            "seconds": round(monitor_seconds, 2),
+            "window_answers": count,
+            "small_window_seconds": round(small_seconds, 2),
+            "small_window_answers": small,
+            "ratio": round(monitor_seconds / small_seconds, 2),
+            "verdict": verdict,
         },
     }
     print(
@@ -190,6 +238,13 @@ def main() -> None:
                     f"added {report['added']}; baseline: validation alone",
                 ),
                 ("harvest with nothing new", empty_seconds, None, None, again["message"][:60]),
+                (
+                    f"monitor {count:,} answers",
+                    monitor_seconds,
+                    small_seconds,
+                    monitor_seconds / small_seconds,
+                    f"baseline: the last {small:,} answers; {verdict[:50]}",
+                ),
             ],
         )  # fmt: skip
     )
