@@ -19,12 +19,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import yaml
 from conftest import free_port
 from typer.testing import CliRunner
 
 from cli.main import digits
 from pipeline import registry
 from pipeline.settings import get_settings
+from tests.conftest import TRAIN_IMAGES
 from tests.integration.serving_fixtures import Server
 from tests.integration.tracking_server import Infrastructure, postgres_bin, tracking_infrastructure
 
@@ -73,7 +75,9 @@ def _wait_for_version(service: Server, version: str, timeout: float = 300) -> di
         time.sleep(0.5)
 
 
-def test_retrain_status_and_serving_through_the_tracking_server(on_server, infra, mnist_slice, prefect_engine, tmp_path):
+def test_retrain_status_and_serving_through_the_tracking_server(
+    on_server, infra, mnist, mnist_slice, prefect_engine, tmp_path, monkeypatch
+):
     from flows.retrain import retrain
 
     project, server, postgres = on_server, infra.server, infra.postgres
@@ -148,7 +152,7 @@ def test_retrain_status_and_serving_through_the_tracking_server(on_server, infra
         logged = postgres.query("predictions", "SELECT count(*), count(DISTINCT request_id) FROM predictions")
         assert logged == [(len(answers), len(answers))]
         assert postgres.query("predictions", "SELECT label FROM feedback") == [(3,)]
-        assert postgres.query("predictions", "SELECT version_num FROM alembic_version") == [("0001",)]
+        assert postgres.query("predictions", "SELECT version_num FROM alembic_version") == [("0002",)]
 
         # the compare-and-set against the server: a promotion that compared itself with no champion is refused
         source = client.get_model_version(name, "1").source
@@ -162,6 +166,35 @@ def test_retrain_status_and_serving_through_the_tracking_server(on_server, infra
         assert registry.get_alias(client, name, registry.PREVIOUS).version == "1"
         # and the service follows the alias on the server
         assert _wait_for_version(service, "2")["run_id"] == run_id
+
+        # the loop on shared infrastructure: corrections of digits the slice never trained on, recorded in
+        # PostgreSQL, become a data version, and the monitor retrains on them through the tracking server
+        unseen = mnist.x_train[TRAIN_IMAGES : TRAIN_IMAGES + 30]
+        fresh = httpx.post(f"{service.url}/predict_pixels", json={"pixels": unseen.tolist()}, timeout=120).json()
+        for answer, label in zip(fresh, mnist.y_train[TRAIN_IMAGES : TRAIN_IMAGES + 30], strict=True):
+            corrected = httpx.post(f"{service.url}/feedback", json={"request_id": answer["request_id"], "label": int(label)})
+            assert corrected.status_code == 201, corrected.text
+        monkeypatch.setenv("DIGITS_LOG_DB_URL", log_url)
+        loop = yaml.safe_load((project / "params.yaml").read_text())
+        loop["monitor"].update(min_predictions=100, min_feedback_to_retrain=10)
+        loop["gate"].update(max_family_drop={})  # 20 images a family: one image is 5 points
+        (project / "params.yaml").write_text(yaml.safe_dump(loop))
+        get_settings.cache_clear()
+        assert CliRunner().invoke(digits, ["feedback", "review", "--approve-all"]).exit_code == 0
+        monitored = CliRunner().invoke(digits, ["monitor", "--window", "1h", "--retrain-when-needed", "--json"])
+        assert monitored.exit_code == 0, monitored.output
+        report = json.loads(monitored.stdout[monitored.stdout.index('{\n  "drift"') :])
+        assert report["predictions"] == len(answers) + 30
+        harvested = report["harvest"]
+        assert harvested["added"]["train"] + harvested["added"]["test"] == 30
+        # the first correction above was of an MNIST test image: rejected, it would leak the test set
+        assert harvested["rejected_mnist_test_images"] == 1 and harvested["ready"] == 31
+        third = report["retrain"]
+        assert third["trigger"] in ("drift", "feedback") and third["data_version"] == harvested["data_version"]
+        assert client.get_run(third["run_id"]).data.tags["trigger"] == third["trigger"]
+        assert postgres.query("predictions", "SELECT count(*) FROM feedback WHERE harvested_at IS NOT NULL") == [(31,)]
+        assert third["promoted"] and third["champion_version"] == "3", third["reasons"]
+        assert _wait_for_version(service, "3")["run_id"] == third["run_id"]
 
 
 def test_digits_ui_points_at_the_servers_ui(infra, tmp_path):
