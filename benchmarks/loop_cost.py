@@ -123,7 +123,11 @@ def time_monitor(settings, count: int, small: int) -> tuple[float, float, str]:
     with prefect_api():
         from flows.retrain import retrain
 
-        retrain(overrides={"train.epochs": 1})
+        # one epoch cannot clear the floors made for fifteen: the monitor only needs a champion to compare with
+        overrides = {"train.epochs": 1, "feedback.train_weight": 1, "gate.min_accuracy": 0.9, "gate.min_family_accuracy": {}}
+        summary = retrain(overrides=overrides)
+    if not summary["promoted"]:
+        raise SystemExit(f"the 1-epoch retrain was not promoted, so the monitor has no reference: {summary['reasons']}")
     params = load_params(settings.params_path)
     engine = prediction_log.open_log(settings.prediction_log_url)
     with engine.connect() as connection:  # the window that holds the last ``small`` answers
@@ -166,7 +170,8 @@ def main() -> None:
         datasets.prepare(settings, params)
         mnist = load_dataset(settings.data_dir)
         rng = np.random.default_rng(0)
-        images = mnist.x_train[rng.choice(len(mnist.x_train), size=count, replace=count > len(mnist.x_train))]
+        picked = rng.choice(len(mnist.x_train), size=count, replace=count > len(mnist.x_train))
+        images, labels = mnist.x_train[picked], mnist.y_train[picked]
         made_up = answers(count, rng)
 
         say(f"writing {count:,} answers through the LogWriter, then the same rows inserted directly")
@@ -178,10 +183,10 @@ def main() -> None:
         say(f"correcting {corrected:,} answers, then harvesting them")
         engine = prediction_log.open_log(settings.prediction_log_url)
         policy = prediction_log.FeedbackPolicy(quarantine_confidence=1.01, client_daily_cap=10**9)
-        unique = {row["image"].tobytes(): row for row in rows}  # one correction per distinct image
+        unique = {row["image"].tobytes(): (row, label) for row, label in zip(rows, labels, strict=True)}  # one per image
         chosen = list(unique.values())[:corrected]
-        for row in chosen:
-            prediction_log.record_feedback(engine, row["request_id"], int(row["digit"]), "benchmark", policy)
+        for row, label in chosen:  # the true digit: the retrain below trains on these
+            prediction_log.record_feedback(engine, row["request_id"], int(label), "benchmark", policy)
         started = time.perf_counter()
         report = feedback.harvest(settings, params)
         harvest_seconds = time.perf_counter() - started
