@@ -19,24 +19,9 @@ from pipeline import prediction_log, registry
 from pipeline.data import load_dataset
 from pipeline.settings import get_settings
 from tests.conftest import TRAIN_IMAGES
+from tests.integration.loop_fixtures import champion_answers
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_engine")]
-
-
-def _answered(images: np.ndarray) -> list[str]:
-    """The champion answers ``images`` as the service would; each answer is written to the project's log."""
-    from pipeline.served import load
-
-    settings = get_settings()
-    model = load(registry.get_alias(registry.connect(settings), settings.model_name))
-    writer = prediction_log.LogWriter(prediction_log.open_log(settings.prediction_log_url)).start()
-    entries = [
-        prediction_log.entry(prediction_log.new_request_id(), "pixels", answer, model.runtime, image)
-        for answer, image in zip(model.answers(images.astype(np.float32)), images, strict=True)
-    ]
-    assert writer.submit(entries) == 0
-    writer.close()
-    return [e["request_id"] for e in entries]
 
 
 def _correct(request_ids: list[str], labels: np.ndarray, client: str) -> list[str]:
@@ -62,7 +47,7 @@ def test_corrections_become_a_data_version_and_a_flood_of_wrong_ones_cannot_move
 
     # 200 honest corrections of digits the champion never saw; those that contradict a confident answer wait
     honest = slice(TRAIN_IMAGES, TRAIN_IMAGES + 200)
-    statuses = _correct(_answered(mnist.x_train[honest]), mnist.y_train[honest], "careful-user")
+    statuses = _correct(champion_answers(mnist.x_train[honest]), mnist.y_train[honest], "careful-user")
     # a person checks the held ones against their digits and accepts them
     result = CliRunner().invoke(digits, ["feedback", "review", "--approve-all"])
     assert result.exit_code == 0 and f"accepted {statuses.count('quarantined')}" in result.stdout, result.output
@@ -82,7 +67,7 @@ def test_corrections_become_a_data_version_and_a_flood_of_wrong_ones_cannot_move
     # a flood: 500 flipped labels from one sender; confident answers and everything past the daily cap wait
     flood = slice(TRAIN_IMAGES + 200, TRAIN_IMAGES + 700)
     flipped = (mnist.y_train[flood] + 1) % 10
-    statuses = _correct(_answered(mnist.x_train[flood]), flipped, "flooder")
+    statuses = _correct(champion_answers(mnist.x_train[flood]), flipped, "flooder")
     assert statuses.count("accepted") <= get_settings().feedback_client_daily_cap
     held = statuses.count("quarantined")
     assert held >= 400

@@ -13,7 +13,6 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -21,26 +20,9 @@ from cli.main import digits
 from pipeline import prediction_log, registry
 from pipeline.settings import get_settings
 from tests.conftest import TRAIN_IMAGES
+from tests.integration.loop_fixtures import champion_answers
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_engine")]
-
-
-def _answered(images: np.ndarray, age: timedelta = timedelta(0)) -> list[str]:
-    """The champion answers ``images`` as the service would; the answers go to the project's log as given ``age`` ago."""
-    from pipeline.served import load
-
-    settings = get_settings()
-    model = load(registry.get_alias(registry.connect(settings), settings.model_name))
-    writer = prediction_log.LogWriter(prediction_log.open_log(settings.prediction_log_url)).start()
-    entries = [
-        prediction_log.entry(prediction_log.new_request_id(), "pixels", answer, model.runtime, image)
-        for answer, image in zip(model.answers(images.astype(np.float32)), images, strict=True)
-    ]
-    for item in entries:
-        item["created_at"] -= age
-    assert writer.submit(entries) == 0
-    writer.close()
-    return [e["request_id"] for e in entries]
 
 
 def _monitor(window: str) -> dict:
@@ -66,7 +48,7 @@ def test_the_monitor_tells_answers_like_the_training_data_from_shifted_ones(proj
 
     # two days ago: 400 answers to digits like the training data, some of them corrected with their true digit
     unseen = slice(TRAIN_IMAGES, TRAIN_IMAGES + 400)
-    request_ids = _answered(mnist.x_train[unseen], age=timedelta(days=2))
+    request_ids = champion_answers(mnist.x_train[unseen], age=timedelta(days=2))
     engine = prediction_log.open_log(get_settings().prediction_log_url)
     statuses = [
         prediction_log.record_feedback(engine, request_id, int(label))["status"]
@@ -91,7 +73,7 @@ def test_the_monitor_tells_answers_like_the_training_data_from_shifted_ones(proj
     assert "Monitoring: no drift" in report.read_text()
 
     # the last hour: the same digits inverted; what the model is shown and what it says both move
-    _answered(255 - mnist.x_train[unseen])
+    champion_answers(255 - mnist.x_train[unseen])
     alarm = _monitor("1h")
     assert alarm["predictions"] == 400 and alarm["drift"] is True, alarm["verdict"]
     checks = alarm["checks"]
