@@ -14,7 +14,8 @@ digits = typer.Typer(
         "Handwritten-digit MLOps: DVC data versions, Great Expectations checks, Keras training "
         "tracked in MLflow, a promotion gate, the MLflow Model Registry and a BentoML service.\n\n"
         "Typical use: `digits retrain` (trains and promotes if the gate passes), "
-        "`digits status`, `digits ui`, `digits serve`."
+        "`digits status`, `digits ui`, `digits serve`; then `digits feedback`, `digits data harvest` and "
+        "`digits monitor --retrain-when-needed` close the loop from answers back to training."
     ),
     no_args_is_help=True,
     add_completion=False,
