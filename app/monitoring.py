@@ -131,7 +131,7 @@ def monitor(settings: Settings, params: Params, window: str = "24h", now: dateti
         engine = open_log(settings)
         current = monitoring.read_window(engine, since, until)
         by_version = current["model_version"].value_counts().to_dict()
-        feedback = monitoring.feedback_check(monitoring.feedback_by_version(engine, since, until), mp)
+        feedback = monitoring.feedback_check(prediction_log.accuracy_by_version(engine, since, until, accepted_only=True), mp)
         report: dict[str, Any] = {
             "drift": False,
             "verdict": "",
@@ -139,8 +139,8 @@ def monitor(settings: Settings, params: Params, window: str = "24h", now: dateti
             "since": since.isoformat(timespec="seconds"),
             "until": until.isoformat(timespec="seconds"),
             "predictions": len(current),
-            "by_version": {str(v): int(by_version[v]) for v in sorted(by_version, key=monitoring.version_order)},
-            "feedback_ready": monitoring.feedback_ready(engine),
+            "by_version": {str(v): int(by_version[v]) for v in sorted(by_version, key=prediction_log.version_order)},
+            "feedback_ready": prediction_log.ready_count(engine),
             "min_feedback_to_retrain": mp.min_feedback_to_retrain,
             "reference": None,
         }

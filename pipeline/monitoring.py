@@ -73,41 +73,6 @@ def read_window(engine: Engine, since: datetime, until: datetime) -> pd.DataFram
     return _typed(pd.DataFrame(rows, columns=["model_version", *COLUMNS]))
 
 
-def feedback_by_version(engine: Engine, since: datetime, until: datetime) -> dict[str, dict[str, float]]:
-    """Accepted corrections of the window's answers, by the version that answered: how many, how many right, accuracy.
-
-    Held and rejected corrections are not trusted labels, so they do not count.
-    """
-    import sqlalchemy as sa
-
-    from pipeline.prediction_log import FEEDBACK_ACCEPTED, feedback, predictions
-
-    right = sa.func.sum(sa.case((predictions.c.digit == feedback.c.label, 1), else_=0))
-    query = (
-        sa.select(predictions.c.model_version, sa.func.count(), right)
-        .select_from(feedback.join(predictions, feedback.c.request_id == predictions.c.request_id))
-        .where(predictions.c.created_at >= since, predictions.c.created_at < until, feedback.c.status == FEEDBACK_ACCEPTED)
-        .group_by(predictions.c.model_version)
-    )
-    with engine.connect() as connection:
-        rows = connection.execute(query).all()
-    return {
-        version: {"feedback": count, "correct": int(correct or 0), "accuracy": (correct or 0) / count}
-        for version, count, correct in sorted(rows, key=lambda row: version_order(row[0]))
-    }
-
-
-def feedback_ready(engine: Engine) -> int:
-    """Accepted corrections not harvested yet (the whole log): what the next harvest would add."""
-    import sqlalchemy as sa
-
-    from pipeline.prediction_log import FEEDBACK_ACCEPTED, feedback
-
-    query = sa.select(sa.func.count()).where(feedback.c.harvested_at.is_(None), feedback.c.status == FEEDBACK_ACCEPTED)
-    with engine.connect() as connection:
-        return int(connection.execute(query).scalar())
-
-
 def answers_frame(probabilities: np.ndarray, unsure_threshold: float, images: np.ndarray) -> pd.DataFrame:
     """What the service would log for these images: digit, confidence, unsure and input statistics, a row each.
 
@@ -129,11 +94,6 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
     """One dtype per column whichever side it comes from (the log's rows, or arrays): Evidently types columns by them."""
     types = {"digit": "int64", "confidence": "float64", "unsure": "bool"} | dict.fromkeys(STATISTICS, "float64")
     return frame.astype(types)
-
-
-def version_order(version: str) -> tuple[int, str]:
-    """Sort key of model versions: numbers in order, anything else after them."""
-    return (int(version), "") if version.isdigit() else (1 << 30, version)
 
 
 # ---------------------------------------------------------------- Evidently

@@ -32,15 +32,14 @@ from pipeline.image_stats import image_statistics
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-ROUTES = ("photo", "pixels", "draw")
 REQUEST_ID_LENGTH = 32
 # a key of our own for PostgreSQL's advisory lock around migrations
 MIGRATION_LOCK_KEY = 0x64696769
 FEEDBACK_ACCEPTED = "accepted"
-# how SQLAlchemy writes a DateTime into SQLite, so that rows inserted past it compare and read back alike
-SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
 FEEDBACK_QUARANTINED = "quarantined"  # waits for `digits feedback review`
 FEEDBACK_REJECTED = "rejected"
+# how SQLAlchemy writes a DateTime into SQLite, so that rows inserted past it compare and read back alike
+SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
 
 metadata = sa.MetaData()
 
@@ -518,40 +517,58 @@ def review(engine: Engine, ids: Sequence[int] | None, approve: bool) -> int:
 
 def feedback_summary(engine: Engine) -> dict[str, Any]:
     """Corrections received: by label, by model version with its accuracy on them, and how many are ready to harvest."""
-    joined = feedback.join(predictions, feedback.c.request_id == predictions.c.request_id)
     with engine.connect() as connection:
         by_label = dict(connection.execute(sa.select(feedback.c.label, sa.func.count()).group_by(feedback.c.label)).all())
-        versions = connection.execute(
-            sa.select(
-                predictions.c.model_version,
-                sa.func.count(),
-                sa.func.sum(sa.case((predictions.c.digit == feedback.c.label, 1), else_=0)),
-            )
-            .select_from(joined)
-            .group_by(predictions.c.model_version)
-        ).all()
-        ready = connection.execute(
-            sa.select(sa.func.count())
-            .select_from(feedback)
-            .where(feedback.c.harvested_at.is_(None), feedback.c.status == FEEDBACK_ACCEPTED)
-        ).scalar()
         answers = connection.execute(sa.select(sa.func.count()).select_from(predictions)).scalar()
         statuses = dict(connection.execute(sa.select(feedback.c.status, sa.func.count()).group_by(feedback.c.status)).all())
     return {
         "answers": answers,
         "feedback": sum(by_label.values()),
         "by_label": {str(label): by_label.get(label, 0) for label in range(10)},
-        "by_version": {
-            version: {"feedback": count, "correct": int(correct or 0), "accuracy": (correct or 0) / count}
-            for version, count, correct in sorted(versions, key=lambda row: _version_key(row[0]))
-        },
-        "ready_to_harvest": ready,
+        "by_version": accuracy_by_version(engine),
+        "ready_to_harvest": ready_count(engine),
         "quarantined": statuses.get(FEEDBACK_QUARANTINED, 0),
         "rejected": statuses.get(FEEDBACK_REJECTED, 0),
     }
 
 
-def _version_key(version: str) -> tuple[int, str]:
+def accuracy_by_version(
+    engine: Engine, since: datetime | None = None, until: datetime | None = None, accepted_only: bool = False
+) -> dict[str, dict[str, float]]:
+    """Corrections by the version that answered: how many, how many right, accuracy; in version order.
+
+    ``since``/``until`` keep the answers given in that window (UTC); ``accepted_only`` leaves out held and
+    rejected corrections, which are not trusted labels.
+    """
+    right = sa.func.sum(sa.case((predictions.c.digit == feedback.c.label, 1), else_=0))
+    query = (
+        sa.select(predictions.c.model_version, sa.func.count(), right)
+        .select_from(feedback.join(predictions, feedback.c.request_id == predictions.c.request_id))
+        .group_by(predictions.c.model_version)
+    )
+    if since is not None:
+        query = query.where(predictions.c.created_at >= since)
+    if until is not None:
+        query = query.where(predictions.c.created_at < until)
+    if accepted_only:
+        query = query.where(feedback.c.status == FEEDBACK_ACCEPTED)
+    with engine.connect() as connection:
+        rows = connection.execute(query).all()
+    return {
+        version: {"feedback": count, "correct": int(correct or 0), "accuracy": (correct or 0) / count}
+        for version, count, correct in sorted(rows, key=lambda row: version_order(row[0]))
+    }
+
+
+def ready_count(engine: Engine) -> int:
+    """Accepted corrections not harvested yet (the whole log): what the next harvest would add."""
+    query = sa.select(sa.func.count()).where(feedback.c.harvested_at.is_(None), feedback.c.status == FEEDBACK_ACCEPTED)
+    with engine.connect() as connection:
+        return int(connection.execute(query).scalar())
+
+
+def version_order(version: str) -> tuple[int, str]:
+    """Sort key of model versions: numbers in order, anything else after them."""
     return (int(version), "") if version.isdigit() else (1 << 30, version)
 
 
@@ -579,7 +596,7 @@ def shadow_comparison(engine: Engine, challenger_version: str) -> dict[str, Any]
         served = connection.execute(
             sa.select(predictions.c.model_version).distinct().select_from(pairs).where(challenger)
         ).scalars()
-        served_versions = sorted(served, key=_version_key)
+        served_versions = sorted(served, key=version_order)
     return {
         "challenger_version": challenger_version,
         "versions_it_shadowed": served_versions,

@@ -174,11 +174,11 @@ def test_the_window_reads_only_its_answers_and_their_corrections(engine):
     assert window["digit"].tolist() == [3, 5, 7, 7, 4] and window["unsure"].tolist() == [False, True, False, False, False]
     assert window.dtypes["confidence"] == "float64" and set(STATISTICS) <= set(window.columns)
 
-    by_version = monitoring.feedback_by_version(engine, until - timedelta(hours=24), until)
+    by_version = prediction_log.accuracy_by_version(engine, until - timedelta(hours=24), until, accepted_only=True)
     assert list(by_version) == ["1", "2", "10"]  # versions in number order
     assert by_version["1"] == {"feedback": 2, "correct": 1, "accuracy": 0.5}
     assert by_version["2"] == {"feedback": 1, "correct": 1, "accuracy": 1.0} and by_version["10"]["correct"] == 0
-    assert monitoring.feedback_ready(engine) == 5  # the whole log: every accepted correction not harvested
+    assert prediction_log.ready_count(engine) == 5  # the whole log: every accepted correction not harvested
     assert len(monitoring.read_window(engine, until - timedelta(minutes=30), until)) == 0
 
 
