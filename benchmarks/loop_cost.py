@@ -7,11 +7,11 @@ Run from the project folder:
 Everything happens in a temporary project (git, DVC with a local remote, this project's params.yaml,
 MNIST ingested from the cache) and its SQLite prediction log, in this one process:
 
-* ``write``   -- ``--answers`` answers through the service's ``LogWriter`` (a thread, batched inserts,
-                 the input statistics computed on the way), timed from the first ``submit`` to the
-                 end of ``close``. Baseline: the same rows, statistics included, inserted with
-                 SQLAlchemy's own executemany (a dict a row) in batches of the same size by this
-                 thread, into a fresh database.
+* ``write``   -- ``--answers`` answers through the service's ``LogWriter`` (a thread, batched inserts of
+                 many rows a statement), sent as requests of 64 answers, timed from the first
+                 ``submit`` to the end of ``close``. Baseline: the same rows inserted with SQLAlchemy's
+                 own executemany (a dict a row) in batches of the same size by this thread, into a
+                 fresh database.
 * ``harvest`` -- ``--corrections`` of those answers corrected (accepted), then ``app.feedback.harvest``:
                  the new feedback parts, Great Expectations on the whole dataset, a DVC version.
                  Baseline: ``app.data.validate`` on the same grown dataset, which the harvest
@@ -41,6 +41,7 @@ from harness import RESULTS, ROOT, command_line, say, table, write_results
 
 OUTPUT = RESULTS / "loop_cost.json"
 BATCH = 1000  # the writer's own batch size
+REQUEST = 64  # answers a request carries, as a client sending batches would
 
 
 def make_project(folder: Path) -> Path:
@@ -74,38 +75,39 @@ def answers(count: int, rng: np.random.Generator) -> list[dict]:
     ]
 
 
-def entries(images: np.ndarray, made_up: list[dict]) -> list[dict]:
+def requests(images: np.ndarray, made_up: list[dict]) -> list[dict]:
+    """The answers as the service logs them: a request's columns at a time, ``REQUEST`` answers each."""
     from pipeline import prediction_log
 
-    return [
-        prediction_log.entry(prediction_log.new_request_id(), "pixels", answer, "tflite-int8", image)
-        for answer, image in zip(made_up, images, strict=True)
-    ]
+    ids = [prediction_log.new_request_id() for _ in made_up]
+    parts = [slice(at, at + REQUEST) for at in range(0, len(made_up), REQUEST)]
+    return [prediction_log.answered(ids[part], "pixels", made_up[part], "tflite-int8", images[part]) for part in parts]
 
 
-def time_writer(url: str, rows: list[dict]) -> float:
+def time_writer(url: str, logged: list[dict], count: int) -> float:
     from pipeline import prediction_log
 
-    writer = prediction_log.LogWriter(prediction_log.open_log(url), capacity=len(rows) + 1, batch_size=BATCH).start()
+    writer = prediction_log.LogWriter(prediction_log.open_log(url), capacity=count + 1, batch_size=BATCH).start()
     started = time.perf_counter()
-    for start in range(0, len(rows), 64):  # as requests would: a few at a time
-        writer.submit(rows[start : start + 64])
+    for columns in logged:
+        writer.submit(columns)
     writer.close(timeout=3600)
     seconds = time.perf_counter() - started
-    assert writer.stats()["written"] == len(rows), writer.stats()
+    assert writer.stats()["written"] == count, writer.stats()
     return seconds
 
 
-def time_bare_inserts(url: str, rows: list[dict]) -> float:
+def time_bare_inserts(url: str, logged: list[dict]) -> float:
     import sqlalchemy as sa
 
     from pipeline import prediction_log
 
     engine = prediction_log.open_log(url)
+    per_batch = BATCH // REQUEST
     started = time.perf_counter()
-    for start in range(0, len(rows), BATCH):
+    for start in range(0, len(logged), per_batch):
         with engine.begin() as connection:
-            columns = prediction_log.answer_columns(rows[start : start + BATCH])
+            columns = prediction_log.with_image_columns(prediction_log.merge_columns(logged[start : start + per_batch]))
             as_dicts = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
             connection.execute(sa.insert(prediction_log.predictions), as_dicts)
     return time.perf_counter() - started
@@ -175,18 +177,19 @@ def main() -> None:
         made_up = answers(count, rng)
 
         say(f"writing {count:,} answers through the LogWriter, then the same rows inserted directly")
-        rows = entries(images, made_up)
-        writer_seconds = time_writer(settings.prediction_log_url, rows)
-        bare_seconds = time_bare_inserts(f"sqlite:///{Path(folder) / 'bare.db'}", entries(images, made_up))
+        logged = requests(images, made_up)
+        writer_seconds = time_writer(settings.prediction_log_url, logged, count)
+        bare_seconds = time_bare_inserts(f"sqlite:///{Path(folder) / 'bare.db'}", requests(images, made_up))
         size = Path(settings.prediction_log_url.removeprefix("sqlite:///")).stat().st_size
 
         say(f"correcting {corrected:,} answers, then harvesting them")
         engine = prediction_log.open_log(settings.prediction_log_url)
         policy = prediction_log.FeedbackPolicy(quarantine_confidence=1.01, client_daily_cap=10**9)
-        unique = {row["image"].tobytes(): (row, label) for row, label in zip(rows, labels, strict=True)}  # one per image
-        chosen = list(unique.values())[:corrected]
-        for row, label in chosen:  # the true digit: the retrain below trains on these
-            prediction_log.record_feedback(engine, row["request_id"], int(label), "benchmark", policy)
+        request_ids = [request_id for columns in logged for request_id in columns["request_id"]]
+        answered = zip(images, request_ids, labels, strict=True)
+        chosen = list({image.tobytes(): (request_id, label) for image, request_id, label in answered}.values())[:corrected]
+        for request_id, label in chosen:  # the true digit: the retrain below trains on these
+            prediction_log.record_feedback(engine, request_id, int(label), "benchmark", policy)
         started = time.perf_counter()
         report = feedback.harvest(settings, params)
         harvest_seconds = time.perf_counter() - started

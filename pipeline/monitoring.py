@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
 # what the model said, compared by Evidently; the share of unsure answers has a rule of its own
 OUTPUTS = ("digit", "confidence")
-COLUMNS = ("digit", "confidence", "unsure", *STATISTICS)
 CHECKS = ("predicted_class", "confidence", "unsure_share", "input_statistics", "feedback_accuracy")
 # the project's own two-sample test for the predicted digit (see _register_chi2_contingency)
 CHI2_CONTINGENCY = "chi2_contingency"
@@ -57,20 +56,24 @@ def parse_window(text: str) -> timedelta:
 
 
 def read_window(engine: Engine, since: datetime, until: datetime) -> pd.DataFrame:
-    """The answers given from ``since`` up to ``until`` (UTC): the answering version and the compared columns."""
+    """The answers given from ``since`` up to ``until`` (UTC): the answering version, the answers, and the input
+    statistics of the images they answered."""
     import pandas as pd
     import sqlalchemy as sa
 
-    from pipeline.prediction_log import predictions
+    from pipeline.prediction_log import image_of, predictions
 
+    answered = ("digit", "confidence", "unsure")
     query = (
-        sa.select(predictions.c.model_version, *(predictions.c[name] for name in COLUMNS))
+        sa.select(predictions.c.model_version, *(predictions.c[name] for name in answered), predictions.c.image)
         .where(predictions.c.created_at >= since, predictions.c.created_at < until)
         .order_by(predictions.c.id)
     )
     with engine.connect() as connection:
         rows = connection.execute(query).all()
-    return _typed(pd.DataFrame(rows, columns=["model_version", *COLUMNS]))
+    images = np.stack([image_of(row.image) for row in rows]) if rows else np.zeros((0, 28, 28), np.uint8)
+    frame = pd.DataFrame([row[:-1] for row in rows], columns=["model_version", *answered])
+    return _typed(frame.assign(**image_statistics(images)))
 
 
 def answers_frame(probabilities: np.ndarray, unsure_threshold: float, images: np.ndarray) -> pd.DataFrame:

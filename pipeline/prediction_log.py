@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,8 +28,6 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-
-from pipeline.image_stats import image_statistics
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ FEEDBACK_QUARANTINED = "quarantined"  # waits for `digits feedback review`
 FEEDBACK_REJECTED = "rejected"
 # how SQLAlchemy writes a DateTime into SQLite, so that rows inserted past it compare and read back alike
 SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
+# values bound to one INSERT: far below SQLite's limit (32,766) and PostgreSQL's (65,535)
+MAX_PARAMETERS = 8_000
 
 metadata = sa.MetaData()
 
@@ -58,15 +60,8 @@ predictions = sa.Table(
     sa.Column("confidence", sa.Float, nullable=False),
     sa.Column("unsure", sa.Boolean, nullable=False),
     sa.Column("probabilities", sa.JSON, nullable=False),
-    sa.Column("ink_share", sa.Float, nullable=False),
-    sa.Column("box_top", sa.SmallInteger, nullable=False),
-    sa.Column("box_left", sa.SmallInteger, nullable=False),
-    sa.Column("box_bottom", sa.SmallInteger, nullable=False),
-    sa.Column("box_right", sa.SmallInteger, nullable=False),
-    sa.Column("centre_row", sa.Float, nullable=False),
-    sa.Column("centre_col", sa.Float, nullable=False),
-    sa.Column("stroke_width", sa.Float, nullable=False),
-    sa.Column("image", sa.LargeBinary, nullable=False),  # the normalised 28x28 digit, uint8, row by row
+    # the normalised 28x28 digit, uint8, row by row; the monitor computes its input statistics from it
+    sa.Column("image", sa.LargeBinary, nullable=False),
     sa.Column("upload", sa.LargeBinary),  # the original upload, only when configured
 )
 
@@ -145,9 +140,12 @@ def safe_url(url: str) -> str:
 
 
 def new_request_id() -> str:
-    import uuid
-
-    return uuid.uuid4().hex
+    """A UUID version 7 (RFC 9562) in hex: its time comes first, so the log's unique index on it grows at
+    one end instead of taking each new id at a random place, as random (version 4) ids would."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    value = value & ~(0xF << 76) | 0x7 << 76  # the version
+    value = value & ~(0x3 << 62) | 0x2 << 62  # the variant
+    return f"{value:032x}"
 
 
 def client_digest(address: str | None) -> str | None:
@@ -234,60 +232,74 @@ def open_log(url: str) -> Engine:
 # ---------------------------------------------------------------- entries
 
 
-def entry(
-    request_id: str, route: str, answer: dict[str, Any], runtime: str, image: np.ndarray, upload: bytes | None = None
+def answered(
+    request_ids: Sequence[str],
+    route: str,
+    answers: Sequence[dict[str, Any]],
+    runtime: str,
+    images: np.ndarray,
+    upload: bytes | None = None,
+    at: datetime | None = None,
 ) -> dict[str, Any]:
-    """One answered image as the writer takes it; its input statistics are computed off the request path."""
-    return {
-        "request_id": request_id,
-        "created_at": utc_now(),
-        "route": route,
-        "model_name": answer["model_name"],
-        "model_version": str(answer["model_version"]),
-        "run_id": answer.get("run_id"),
-        "runtime": runtime,
-        "digit": int(answer["digit"]),
-        "confidence": float(answer["confidence"]),
-        "unsure": bool(answer["unsure"]),
-        "probabilities": list(answer["probabilities"]),
-        "image": image,
-        "upload": upload,
+    """A request's answered images as the writer takes them: columns of ``predictions``, one value per image.
+
+    The images stay an array (n, 28, 28): their bytes are made in the writer, off the request path.
+    ``at`` (now by default) is when they were answered.
+    """
+    count = len(answers)
+    return _answer_columns(request_ids, answers, at) | {
+        "route": [route] * count,
+        "model_name": [answer["model_name"] for answer in answers],
+        "run_id": [answer.get("run_id") for answer in answers],
+        "runtime": [runtime] * count,
+        "upload": [upload] * count,
+        "image": np.asarray(images, dtype=np.float32).reshape(count, 28, 28),
     }
 
 
-def shadow_entry(request_id: str, answer: dict[str, Any], runtime: str) -> dict[str, Any]:
-    """What the challenger answered to a request the champion answered."""
+def shadow_answered(request_ids: Sequence[str], answers: Sequence[dict[str, Any]], runtime: str) -> dict[str, list[Any]]:
+    """What the challenger answered to requests the champion answered: columns of ``shadow_answers``."""
+    return _answer_columns(request_ids, answers, None) | {"runtime": [runtime] * len(answers)}
+
+
+def _answer_columns(request_ids: Sequence[str], answers: Sequence[dict[str, Any]], at: datetime | None) -> dict[str, list[Any]]:
     return {
-        "request_id": request_id,
-        "created_at": utc_now(),
-        "model_version": str(answer["model_version"]),
-        "runtime": runtime,
-        "digit": int(answer["digit"]),
-        "confidence": float(answer["confidence"]),
-        "unsure": bool(answer["unsure"]),
-        "probabilities": list(answer["probabilities"]),
+        "request_id": list(request_ids),
+        "created_at": [at or utc_now()] * len(answers),
+        "model_version": [str(answer["model_version"]) for answer in answers],
+        "digit": [int(answer["digit"]) for answer in answers],
+        "confidence": [float(answer["confidence"]) for answer in answers],
+        "unsure": [bool(answer["unsure"]) for answer in answers],
+        "probabilities": [list(answer["probabilities"]) for answer in answers],
     }
 
 
-def answer_columns(entries: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Entries as the columns of ``predictions``: the image as 784 bytes, and its input statistics."""
-    columns = {name: [e[name] for e in entries] for name in entries[0] if name != "image"}
-    images = np.stack([np.asarray(e["image"], dtype=np.float32).reshape(28, 28) for e in entries])
-    columns |= {name: values.tolist() for name, values in image_statistics(images).items()}  # one conversion a column
-    columns["image"] = [pixels.tobytes() for pixels in np.clip(np.rint(images), 0, 255).astype(np.uint8)]
-    return columns
+def merge_columns(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several requests' columns as one batch (the images as one array)."""
+    merged: dict[str, Any] = {}
+    for name, first in parts[0].items():
+        if isinstance(first, np.ndarray):
+            merged[name] = np.concatenate([part[name] for part in parts])
+        else:
+            merged[name] = [value for part in parts for value in part[name]]
+    return merged
 
 
-def rows_to_columns(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
-    return {name: [row[name] for row in rows] for name in rows[0]}
+def with_image_columns(columns: dict[str, Any]) -> dict[str, list[Any]]:
+    """Answered images' columns as stored: each image as its 784 bytes."""
+    stored = {name: values for name, values in columns.items() if name != "image"}
+    stored["image"] = [pixels.tobytes() for pixels in np.clip(np.rint(columns["image"]), 0, 255).astype(np.uint8)]
+    return stored
 
 
 def insert_columns(connection: sa.Connection, table: sa.Table, columns: dict[str, list[Any]]) -> None:
-    """Insert rows given column by column, through the driver's executemany.
+    """Insert rows given column by column, many rows to a statement.
 
-    SQLAlchemy's own insert runs a Python conversion per value of every row; at thousands of answers a
-    second that was most of the writer's time. The two conversions this schema needs are done here, a
-    column at a time: times as SQLAlchemy stores them in SQLite (PostgreSQL takes datetimes), JSON text.
+    SQLAlchemy's own insert runs a Python conversion per value of every row, and the drivers' executemany
+    runs one statement per row (SQLite's lets go of the GIL for each, PostgreSQL's makes a round trip for
+    each): at thousands of answers a second that was most of the writer's time. The two conversions this
+    schema needs are done here, a column at a time: times as SQLAlchemy stores them in SQLite
+    (PostgreSQL takes datetimes), JSON text.
     """
     sqlite = connection.dialect.name == "sqlite"
     names, values = [], []
@@ -296,12 +308,18 @@ def insert_columns(connection: sa.Connection, table: sa.Table, columns: dict[str
         if isinstance(kind, sa.JSON):
             column = [_json(value) for value in column]
         elif isinstance(kind, sa.DateTime) and sqlite:
-            column = [value.strftime(SQLITE_TIME) for value in column]
+            as_text = {moment: moment.strftime(SQLITE_TIME) for moment in set(column)}  # a request's answers share one
+            column = [as_text[moment] for moment in column]
         names.append(name)
         values.append(column)
+    rows = list(zip(*values, strict=True))
     mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
-    sql = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join([mark] * len(names))})"
-    connection.exec_driver_sql(sql, list(zip(*values, strict=True)))
+    row_marks = f"({', '.join([mark] * len(names))})"
+    per_statement = max(1, MAX_PARAMETERS // len(names))
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start : start + per_statement]
+        sql = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES {', '.join([row_marks] * len(chunk))}"
+        connection.exec_driver_sql(sql, tuple(value for row in chunk for value in row))
 
 
 def image_of(row_image: bytes) -> np.ndarray:
@@ -310,22 +328,25 @@ def image_of(row_image: bytes) -> np.ndarray:
 
 
 class LogWriter:
-    """Writes entries to the log in batches from a thread of its own; ``submit`` never blocks.
+    """Writes answers to the log in batches from a thread of its own; ``submit`` never blocks.
 
-    ``dropped`` counts entries refused because the queue was full, ``failed`` those the database
-    refused (logged as warnings), ``written`` the rest.
+    A request's answers travel together, as the columns :func:`answered` (or :func:`shadow_answered`) makes.
+    ``dropped`` counts answers refused because ``capacity`` answers were waiting already, ``failed`` those
+    the database refused (logged as warnings), ``written`` the rest.
     """
 
     def __init__(self, engine: Engine, capacity: int = 10_000, batch_size: int = 1000, linger: float = 0.1) -> None:
         self.engine = engine
+        self.capacity = capacity
         self.batch_size = batch_size
         self.linger = linger
         self.written = 0
         self.dropped = 0
         self.failed = 0
-        self._queue: queue.Queue[tuple[sa.Table, dict[str, Any]]] = queue.Queue(capacity)
-        self._accepted = 0
-        self._handled = 0
+        self._queue: queue.SimpleQueue[tuple[sa.Table, dict[str, Any], int]] = queue.SimpleQueue()
+        self._accepted = 0  # answers queued; only submit changes it
+        self._taken = 0  # answers taken off the queue; only the writer changes it
+        self._handled = 0  # answers written or failed; only the writer changes it
         self._progress = threading.Condition()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prediction-log-writer", daemon=True)
@@ -334,20 +355,18 @@ class LogWriter:
         self._thread.start()
         return self
 
-    def submit(self, entries: Sequence[dict[str, Any]], table: sa.Table = predictions) -> int:
-        """Queue entries of ``predictions`` (or ``shadow_answers``) for writing; how many were dropped, the queue being full."""
-        dropped = 0
-        for item in entries:
-            try:
-                self._queue.put_nowait((table, item))
-                self._accepted += 1
-            except queue.Full:
-                dropped += 1
-        self.dropped += dropped
-        return dropped
+    def submit(self, columns: dict[str, Any], table: sa.Table = predictions) -> int:
+        """Queue one request's answers for ``predictions`` (or ``shadow_answers``); how many were dropped (all or none)."""
+        count = len(columns["request_id"])
+        if self._accepted - self._taken + count > self.capacity:
+            self.dropped += count
+            return count
+        self._queue.put((table, columns, count))
+        self._accepted += count
+        return 0
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every entry queued so far is written (or refused); False on timeout."""
+        """Wait until every answer queued so far is written (or refused); False on timeout."""
         target = self._accepted
         with self._progress:
             return self._progress.wait_for(lambda: self._handled >= target, timeout)
@@ -359,24 +378,27 @@ class LogWriter:
             self._thread.join(timeout)
 
     def stats(self) -> dict[str, int]:
-        return {"written": self.written, "dropped": self.dropped, "failed": self.failed, "queued": self._queue.qsize()}
+        return {"written": self.written, "dropped": self.dropped, "failed": self.failed, "queued": self._accepted - self._taken}
 
-    def _take(self) -> list[tuple[sa.Table, dict[str, Any]]]:
-        """The next batch: what has arrived ``linger`` seconds after its first entry, up to ``batch_size``.
+    def _take(self) -> list[tuple[sa.Table, dict[str, Any], int]]:
+        """The next batch: what has arrived ``linger`` seconds after its first request, up to ``batch_size`` answers.
 
         Waiting matters: a transaction per request would cost far more than the rows it writes, and so
-        would waking this thread for every entry.
+        would waking this thread for every request.
         """
         try:
             batch = [self._queue.get(timeout=0.2)]
         except queue.Empty:
             return []
         self._stopping.wait(self.linger)  # returns at once when closing
-        while len(batch) < self.batch_size:
+        count = batch[0][2]
+        while count < self.batch_size:
             try:
                 batch.append(self._queue.get_nowait())
             except queue.Empty:
                 break
+            count += batch[-1][2]
+        self._taken += count
         return batch
 
     def _run(self) -> None:
@@ -384,19 +406,19 @@ class LogWriter:
             batch = self._take()
             if not batch:
                 continue
+            count = sum(size for _, _, size in batch)
             try:
                 with self.engine.begin() as connection:
-                    answered = [row for table, row in batch if table is predictions]
-                    if answered:  # first: a shadow answer follows its request
-                        insert_columns(connection, predictions, answer_columns(answered))
-                    if shadowed := [row for table, row in batch if table is shadow_answers]:
-                        insert_columns(connection, shadow_answers, rows_to_columns(shadowed))
-                self.written += len(batch)
+                    for table in (predictions, shadow_answers):  # a shadow answer follows its request
+                        if parts := [columns for kind, columns, _ in batch if kind is table]:
+                            merged = merge_columns(parts)
+                            insert_columns(connection, table, with_image_columns(merged) if table is predictions else merged)
+                self.written += count
             except Exception as err:  # the service must go on answering whatever the database does
-                self.failed += len(batch)
-                log.warning("the prediction log could not write %d entries: %s", len(batch), err)
+                self.failed += count
+                log.warning("the prediction log could not write %d answers: %s", count, err)
             with self._progress:
-                self._handled += len(batch)
+                self._handled += count
                 self._progress.notify_all()
 
 

@@ -306,9 +306,9 @@ class AnswerLog:
         log.info("recording answers in %s", prediction_log.safe_url(url))
         return cls(writer, None, url, settings.log_upload_bytes)
 
-    def record(self, entries: list[dict], table=prediction_log.predictions) -> int:
-        """Queue answered images (or the challenger's answers) for the log, never waiting; how many were dropped."""
-        return self.writer.submit(entries, table) if self.writer else 0
+    def record(self, columns: dict, table=prediction_log.predictions) -> int:
+        """Queue a request's answers (or the challenger's) for the log, never waiting; how many were dropped."""
+        return self.writer.submit(columns, table) if self.writer else 0
 
     def info(self) -> dict:
         stats = self.writer.stats() if self.writer else {}
@@ -403,14 +403,17 @@ class DigitClassifier:
             answers = await self.batcher.submit(images)
         except ModelUnavailable as err:  # only before the first load, and ServingGuard answers those
             return _error(503, str(err))
-        entries = []
-        for answer, image in zip(answers, images, strict=True):
-            answer["request_id"] = prediction_log.new_request_id()
-            entries.append(prediction_log.entry(answer["request_id"], route, answer, answer["runtime"], image, upload))
-        self.counters.count(answers, self.answer_log.record(entries))
+        request_ids = [prediction_log.new_request_id() for _ in answers]
+        for answer, request_id in zip(answers, request_ids, strict=True):
+            answer["request_id"] = request_id
+        dropped = 0
+        if self.answer_log.writer:  # the columns are built only for a log that takes them
+            logged = prediction_log.answered(request_ids, route, answers, answers[0]["runtime"], images, upload)
+            dropped = self.answer_log.record(logged)
+        self.counters.count(answers, dropped)
         challenger = self.challenger.current
         if challenger is not None and challenger.ref.version != answers[0]["model_version"]:
-            self._run_in_the_shadows(images, [answer["request_id"] for answer in answers])
+            self._run_in_the_shadows(images, request_ids)
         return answers
 
     # ------------------------------------------------------------ the challenger, after the answer is sent
@@ -434,12 +437,9 @@ class DigitClassifier:
     async def _shadow_run(self, images: np.ndarray, request_ids: list[str]) -> None:
         try:
             answers = await self.shadow.submit(images)
-            entries = [
-                prediction_log.shadow_entry(request_id, answer, answer["runtime"])
-                for request_id, answer in zip(request_ids, answers, strict=True)
-                if answer is not None
-            ]
-            self.answer_log.record(entries, prediction_log.shadow_answers)
+            if answers[0] is not None:  # None: the challenger's alias went away meanwhile
+                columns = prediction_log.shadow_answered(request_ids, answers, answers[0]["runtime"])
+                self.answer_log.record(columns, prediction_log.shadow_answers)
         except Exception:  # the champion's answer is sent already; the shadow's failure is only logged
             log.exception("the challenger could not answer %d image(s)", len(images))
         finally:

@@ -18,12 +18,9 @@ def champion_answers(images: np.ndarray, age: timedelta = timedelta(0)) -> list[
     settings = get_settings()
     model = load(registry.get_alias(registry.connect(settings), settings.model_name))
     writer = prediction_log.LogWriter(prediction_log.open_log(settings.prediction_log_url)).start()
-    entries = [
-        prediction_log.entry(prediction_log.new_request_id(), "pixels", answer, model.runtime, image)
-        for answer, image in zip(model.answers(images.astype(np.float32)), images, strict=True)
-    ]
-    for item in entries:
-        item["created_at"] -= age
-    assert writer.submit(entries) == 0
+    answers = model.answers(images.astype(np.float32))
+    ids = [prediction_log.new_request_id() for _ in answers]
+    at = prediction_log.utc_now() - age
+    assert writer.submit(prediction_log.answered(ids, "pixels", answers, model.runtime, images, at=at)) == 0
     writer.close()
-    return [e["request_id"] for e in entries]
+    return ids

@@ -229,7 +229,6 @@ def _log_rows(champion: Champion, request_ids: list[str]) -> dict[str, dict]:
 
 
 def test_every_answer_is_logged_with_its_input_and_can_be_corrected_once(champion, http, mnist_slice):
-    from pipeline.image_stats import image_statistics
     from pipeline.preprocess import image_bytes_to_mnist
 
     pixels = mnist_slice.x_test[:3]
@@ -288,14 +287,11 @@ def test_every_answer_is_logged_with_its_input_and_can_be_corrected_once(champio
         )
         assert row["confidence"] == pytest.approx(answer["confidence"]) and row["probabilities"] == answer["probabilities"]
         assert row["runtime"] == "tflite" and row["upload"] is None  # uploads are not kept by default
-    # the normalised image is what the model saw, and its statistics are the library's
+    # the normalised image is what the model saw
     from pipeline.prediction_log import image_of
 
     np.testing.assert_array_equal(image_of(rows[ids[0]]["image"]), pixels[0])
     np.testing.assert_array_equal(image_of(rows[ids[3]]["image"]), np.rint(image_bytes_to_mnist(photo_bytes)).astype(np.uint8))
-    statistics = image_statistics(pixels[:1])
-    for name, values in statistics.items():
-        assert rows[ids[0]][name] == pytest.approx(float(values[0]), abs=1e-5), name
 
     # /metrics counts answers and corrections per model version
     metrics = http.get("/metrics").text

@@ -146,18 +146,17 @@ def engine(tmp_path):
 def _logged(engine, answers: list[tuple[str, int, float]], age: timedelta) -> list[str]:
     """Log (version, digit, confidence) answers as given ``age`` ago; their request ids."""
     writer = prediction_log.LogWriter(engine).start()
-    entries = []
+    made_up = []
     for version, digit, confidence in answers:
         probabilities = [0.0] * 10
         probabilities[digit] = confidence
         answer = {"digit": digit, "confidence": confidence, "unsure": confidence < 0.9, "probabilities": probabilities}
-        answer |= {"model_name": "digits-cnn", "model_version": version, "run_id": "r"}
-        item = prediction_log.entry(prediction_log.new_request_id(), "pixels", answer, "tflite", np.zeros((28, 28)))
-        item["created_at"] -= age
-        entries.append(item)
-    writer.submit(entries)
+        made_up.append(answer | {"model_name": "digits-cnn", "model_version": version, "run_id": "r"})
+    ids = [prediction_log.new_request_id() for _ in made_up]
+    images = np.zeros((len(made_up), 28, 28))
+    writer.submit(prediction_log.answered(ids, "pixels", made_up, "tflite", images, at=prediction_log.utc_now() - age))
     writer.close()
-    return [e["request_id"] for e in entries]
+    return ids
 
 
 def test_the_window_reads_only_its_answers_and_their_corrections(engine):

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from pipeline import prediction_log
 from pipeline.image_stats import image_statistics
+from pipeline.monitoring import read_window
 
 ANSWER = {
     "digit": 3,
@@ -37,8 +38,10 @@ def _bar(top: int = 4, left: int = 12, height: int = 20, width: int = 4) -> np.n
     return image
 
 
-def _entries(count: int, route: str = "pixels") -> list[dict]:
-    return [prediction_log.entry(prediction_log.new_request_id(), route, ANSWER, "tflite", _bar()) for _ in range(count)]
+def _answered(count: int, answer: dict = ANSWER, at=None) -> dict:
+    """One request's ``count`` answers, as the service logs them."""
+    ids = [prediction_log.new_request_id() for _ in range(count)]
+    return prediction_log.answered(ids, "pixels", [answer] * count, "tflite", np.stack([_bar()] * count), at=at)
 
 
 def _count(engine, table=prediction_log.predictions) -> int:
@@ -84,37 +87,42 @@ def test_an_unusable_database_is_named_with_the_reason(tmp_path):
         prediction_log.open_log("no-such-scheme:/x")
 
 
-def test_the_writer_writes_in_batches_with_the_input_statistics(engine):
+def test_the_writer_writes_answers_in_batches_and_their_images(engine):
     writer = prediction_log.LogWriter(engine, batch_size=7).start()
-    entries = _entries(20)
-    assert writer.submit(entries) == 0
+    requests = [_answered(count) for count in (1, 3, 2, 8, 6)]
+    assert all(writer.submit(request) == 0 for request in requests)
     assert writer.flush(timeout=30)
     writer.close()
     assert writer.stats() == {"written": 20, "dropped": 0, "failed": 0, "queued": 0}
     with engine.connect() as connection:
         row = connection.execute(
-            sa.select(prediction_log.predictions).where(prediction_log.predictions.c.request_id == entries[0]["request_id"])
+            sa.select(prediction_log.predictions).where(prediction_log.predictions.c.request_id == requests[3]["request_id"][5])
         ).one()
     assert (row.route, row.digit, row.model_version, row.runtime, row.unsure) == ("pixels", 3, "2", "tflite", True)
     assert row.probabilities == ANSWER["probabilities"]
     np.testing.assert_array_equal(prediction_log.image_of(row.image), _bar())
-    assert (row.box_top, row.box_left, row.box_bottom, row.box_right) == (4, 12, 23, 15)
-    assert row.ink_share == pytest.approx(80 / 784)
+    # the monitor reads the input statistics off the stored images
+    window = read_window(engine, prediction_log.utc_now() - timedelta(hours=1), prediction_log.utc_now())
+    assert len(window) == 20
+    assert {tuple(box) for box in window[["box_top", "box_left", "box_bottom", "box_right"]].to_numpy()} == {(4, 12, 23, 15)}
+    assert window.ink_share.tolist() == pytest.approx([80 / 784] * 20)
 
 
 def test_a_full_queue_drops_and_counts_without_waiting(engine):
     writer = prediction_log.LogWriter(engine, capacity=10)  # not started: nothing drains the queue
     started = time.perf_counter()
-    dropped = writer.submit(_entries(25))
+    dropped = [writer.submit(_answered(count)) for count in (4, 4, 3, 2, 12)]
     assert time.perf_counter() - started < 1.0  # a bound far above a few puts, far below any wait
-    assert dropped == 15 and writer.stats()["dropped"] == 15 and writer.stats()["queued"] == 10
+    # a request's answers are kept or dropped together: the third and fifth do not fit
+    assert dropped == [0, 0, 3, 0, 12] and writer.stats()["dropped"] == 15 and writer.stats()["queued"] == 10
     writer.start().close()  # closing drains what was queued
     assert _count(engine) == 10 and writer.written == 10
 
 
 def test_closing_the_writer_drains_the_queue(engine):
     writer = prediction_log.LogWriter(engine, batch_size=50).start()
-    writer.submit(_entries(500))
+    for _ in range(50):
+        writer.submit(_answered(10))
     writer.close()
     assert _count(engine) == 500 and writer.stats()["queued"] == 0
 
@@ -124,7 +132,7 @@ def test_a_database_that_refuses_writes_costs_entries_not_answers(engine):
         connection.execute(sa.text("DROP TABLE feedback"))
         connection.execute(sa.text("DROP TABLE predictions"))
     writer = prediction_log.LogWriter(engine).start()
-    assert writer.submit(_entries(3)) == 0
+    assert writer.submit(_answered(3)) == 0
     assert writer.flush(timeout=30)  # the writer goes on: the batch is counted as failed
     assert writer.stats()["failed"] == 3
     writer.close()
@@ -132,10 +140,10 @@ def test_a_database_that_refuses_writes_costs_entries_not_answers(engine):
 
 def test_a_correction_is_recorded_once_for_a_known_answer(engine):
     writer = prediction_log.LogWriter(engine).start()
-    entries = _entries(2)
-    writer.submit(entries)
+    answered = _answered(2)
+    writer.submit(answered)
     writer.close()
-    first, second = (e["request_id"] for e in entries)
+    first, second = answered["request_id"]
 
     recorded = prediction_log.record_feedback(engine, first, 7, client=prediction_log.client_digest("10.0.0.1"))
     assert recorded == {
@@ -169,18 +177,16 @@ def test_a_correction_is_recorded_once_for_a_known_answer(engine):
 
 def test_pruning_keeps_recent_and_corrected_answers(engine):
     writer = prediction_log.LogWriter(engine).start()
-    entries = _entries(4)
-    old = prediction_log.utc_now() - timedelta(days=40)
-    for item in entries[:3]:
-        item["created_at"] = old
-    writer.submit(entries)
+    old, recent = _answered(3, at=prediction_log.utc_now() - timedelta(days=40)), _answered(1)
+    writer.submit(old)
+    writer.submit(recent)
     writer.close()
-    prediction_log.record_feedback(engine, entries[0]["request_id"], 5)
+    prediction_log.record_feedback(engine, old["request_id"][0], 5)
 
     assert prediction_log.prune(engine, days=30) == 2  # the two old ones nobody corrected
     with engine.connect() as connection:
         kept = set(connection.execute(sa.select(prediction_log.predictions.c.request_id)).scalars())
-    assert kept == {entries[0]["request_id"], entries[3]["request_id"]}
+    assert kept == {old["request_id"][0], recent["request_id"][0]}
 
 
 def test_image_statistics_of_constructed_digits():
@@ -211,10 +217,10 @@ def test_uploads_are_kept_only_when_configured_and_within_the_cap(tmp_path):
 def test_untrusted_corrections_wait_for_review(engine):
     confident = {**ANSWER, "confidence": 0.99, "unsure": False}
     writer = prediction_log.LogWriter(engine).start()
-    entries = [prediction_log.entry(prediction_log.new_request_id(), "pixels", confident, "tflite", _bar()) for _ in range(5)]
-    writer.submit(entries)
+    answered = _answered(5, confident)
+    writer.submit(answered)
     writer.close()
-    ids = [e["request_id"] for e in entries]
+    ids = answered["request_id"]
     policy = prediction_log.FeedbackPolicy(quarantine_confidence=0.95, client_daily_cap=3)
 
     # agreeing with a confident answer counts; contradicting it waits, with the reason
@@ -264,14 +270,11 @@ def test_a_held_correction_is_shown_with_a_sketch_of_its_digit():
 
 def test_the_challenger_is_compared_with_the_served_answers(engine):
     writer = prediction_log.LogWriter(engine).start()
-    entries = _entries(4)  # the champion (v2) answered 3 to all four
-    writer.submit(entries)
-    ids = [e["request_id"] for e in entries]
+    answered = _answered(4)  # the champion (v2) answered 3 to all four
+    writer.submit(answered)
+    ids = answered["request_id"]
     challenger = [{**ANSWER, "model_version": "5", "digit": digit} for digit in (3, 3, 8, 8)]
-    writer.submit(
-        [prediction_log.shadow_entry(i, answer, "tflite") for i, answer in zip(ids, challenger, strict=True)],
-        prediction_log.shadow_answers,
-    )
+    writer.submit(prediction_log.shadow_answered(ids, challenger, "tflite"), prediction_log.shadow_answers)
     writer.close()
     prediction_log.record_feedback(engine, ids[0], 3)  # both right
     prediction_log.record_feedback(engine, ids[2], 8)  # only the challenger right
