@@ -36,6 +36,7 @@ its float32 export, else the Keras model; ``/model`` says which (``runtime``).
 """
 
 import asyncio
+import base64
 import gc
 import json
 import logging
@@ -55,8 +56,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from pipeline import prediction_log
+from pipeline.explain import METHOD, Explainer, digit_png, overlay_png
 from pipeline.preprocess import MAX_BYTES, SIDE, ImageError, NotADigitError, image_bytes_to_mnist
-from pipeline.registry import CHALLENGER
+from pipeline.registry import CHALLENGER, ModelRef
 from pipeline.settings import Settings, get_settings
 from serving.batching import MicroBatcher
 from serving.champion import ChampionWatcher, ModelUnavailable
@@ -65,7 +67,7 @@ from serving.inputs import InputRefused, parse_pixels
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
-PREDICTION_ROUTES = frozenset({"/predict", "/predict_pixels"})
+PREDICTION_ROUTES = frozenset({"/predict", "/predict_pixels", "/explain"})
 HOW_TO_SEND = {
     "image": "POST /predict takes a multipart form with the file in field `image` (curl -F image=@digit.png)",
     "pixels": 'POST /predict_pixels takes JSON {"pixels": [[...28 numbers 0-255...] x 28]} or a batch (n, 28, 28)',
@@ -119,6 +121,22 @@ class Prediction(BaseModel):
 
 
 PREDICTIONS = TypeAdapter(list[Prediction])
+
+
+class Explained(BaseModel):
+    """The served answer for one image, and why: where its ink counted for the answered digit."""
+
+    digit: int
+    confidence: float
+    unsure: bool
+    probabilities: list[float]
+    model_name: str
+    model_version: str
+    run_id: str | None
+    method: str = Field(description="how the saliency was computed")
+    saliency: list[list[float]] = Field(description="28x28, 0-1: how much each pixel of the normalised digit counted")
+    seen_png: str = Field(description="base64 PNG: the normalised 28x28 digit the model saw, enlarged")
+    overlay_png: str = Field(description="base64 PNG: the saliency as a heat map over that digit")
 
 
 def _json(body: bytes) -> Response:
@@ -380,6 +398,8 @@ class DigitClassifier:
         self.shadow_skipped = 0
         self._shadow_tasks: set[asyncio.Task] = set()
         self._decoders: anyio.CapacityLimiter | None = None
+        self._explaining: anyio.Lock | None = None
+        self._explainer: tuple[str, Explainer] | None = None  # (version, its explainer)
         log.info("following models:/%s@champion every %.0f s", self.settings.model_name, self.watcher.poll_seconds)
 
     def __is_ready__(self) -> bool:
@@ -465,20 +485,25 @@ class DigitClassifier:
         return response
 
     async def _predict_upload(self, image: Path, route: str) -> Response:
+        read = await self._read_digit(image, self.answer_log.keep_upload_bytes)
+        if isinstance(read, Response):
+            return read
+        digit, upload = read
+        answers = await self._predict(digit[None], route, upload)
+        return answers if isinstance(answers, JSONResponse) else _json(Prediction(**answers[0]).model_dump_json().encode())
+
+    async def _read_digit(self, image: Path, keep_bytes: int) -> tuple[np.ndarray, bytes | None] | Response:
+        """The upload as a normalised digit (and itself, to keep), or the error answer saying why not."""
         if self._decoders is None:
             self._decoders = anyio.CapacityLimiter(DECODE_THREADS)
         try:
-            digit, upload = await anyio.to_thread.run_sync(
-                _read_upload, image, self.answer_log.keep_upload_bytes, limiter=self._decoders
-            )
+            return await anyio.to_thread.run_sync(_read_upload, image, keep_bytes, limiter=self._decoders)
         except _TooLarge as err:
             return _error(413, str(err))
         except NotADigitError as err:  # readable, but no digit in it: a guess would be worse than saying so
             return _error(422, str(err))
         except ImageError as err:
             return _error(400, str(err))
-        answers = await self._predict(digit[None], route, upload)
-        return answers if isinstance(answers, JSONResponse) else _json(Prediction(**answers[0]).model_dump_json().encode())
 
     @bentoml.api(route="/predict_pixels")
     async def predict_pixels(self, pixels: Pixels) -> list[Prediction]:
@@ -489,6 +514,66 @@ class DigitClassifier:
         """
         answers = await self._predict(pixels, "pixels")
         return answers if isinstance(answers, JSONResponse) else _json(PREDICTIONS.dump_json([Prediction(**a) for a in answers]))
+
+    # ------------------------------------------------------------ why an answer (off the prediction path)
+
+    @bentoml.api(route="/explain")
+    async def explain(
+        self,
+        image: Annotated[Path, Field(description="a PNG or JPEG of one digit, as for /predict")],
+        ctx: bentoml.Context,
+    ) -> Explained:
+        """Why the champion answers what it does for an image: the answer, as /predict gives it (not logged),
+        and a saliency map over the normalised 28x28 digit (integrated gradients on the version's Keras
+        model), as numbers and as PNGs of the digit the model saw and of the map over it.
+
+        The first call for a version loads its Keras model (TensorFlow), which takes seconds; /predict
+        never waits for it.
+        """
+        response = await self._explain_upload(image)
+        ctx.response.status_code = response.status_code
+        return response
+
+    async def _explain_upload(self, image: Path) -> Response:
+        read = await self._read_digit(image, 0)
+        if isinstance(read, Response):
+            return read
+        digit = read[0]
+        try:
+            answer = (await self.batcher.submit(digit[None]))[0]
+        except ModelUnavailable as err:
+            return _error(503, str(err))
+        current = self.watcher.current
+        if current is None or current.ref.version != answer["model_version"]:
+            return _error(503, "the champion changed while answering; send the image again", **{"Retry-After": "1"})
+        try:
+            explainer = await self._explainer_of(current.ref)
+        except Exception:  # the answer path is unharmed; the reason goes to the server's log, not to the client
+            log.exception("the Keras model of version %s could not be loaded for /explain", current.ref.version)
+            return _error(503, f"version {current.ref.version} cannot be explained right now: its Keras model did not load")
+        explanation = await anyio.to_thread.run_sync(explainer.explain, digit[None], [answer["digit"]])
+        saliency = explanation[0].saliency
+        explained = Explained(
+            **{name: answer[name] for name in ("digit", "confidence", "unsure", "probabilities", "model_name", "model_version")},
+            run_id=answer["run_id"],
+            method=METHOD,
+            saliency=np.round(saliency, 3).tolist(),
+            seen_png=base64.b64encode(digit_png(digit)).decode(),
+            overlay_png=base64.b64encode(overlay_png(digit, saliency)).decode(),
+        )
+        return _json(explained.model_dump_json().encode())
+
+    async def _explainer_of(self, ref: ModelRef) -> Explainer:
+        """The explainer of a version, its Keras model loaded once (in a thread; one load at a time)."""
+        if self._explaining is None:
+            self._explaining = anyio.Lock()
+        async with self._explaining:
+            if self._explainer is None or self._explainer[0] != ref.version:
+                from pipeline.registry import load_keras
+
+                model = await anyio.to_thread.run_sync(load_keras, ref.uri)
+                self._explainer = (ref.version, Explainer(model))
+            return self._explainer[1]
 
     # ------------------------------------------------------------ corrections (FastAPI: 201, 404, 409, 422)
 

@@ -1,6 +1,7 @@
 // The drawing pad: pointer events (mouse, finger, pen) draw dark ink on a white canvas; the PNG goes
 // to POST /predict, and the answer is shown as a digit with one probability bar per class. Below it,
-// "Right" and "Wrong, it was [0-9]" send the true digit of that answer to POST /feedback.
+// "Right" and "Wrong, it was [0-9]" send the true digit of that answer to POST /feedback. POST /explain then
+// shows the normalised digit the model saw and, on request, where it looked.
 "use strict";
 
 (function () {
@@ -18,6 +19,9 @@
   const rightButton = document.getElementById("right");
   const labelsEl = document.getElementById("labels");
   const feedbackStatusEl = document.getElementById("feedback-status");
+  const whyEl = document.getElementById("why");
+  const seenImg = document.getElementById("seen");
+  const showWhy = document.getElementById("show-why");
 
   // about the stroke width of MNIST digits once the drawing is scaled into a 20x20 box
   const STROKE = Math.round(pad.width / 14);
@@ -28,6 +32,7 @@
   let again = false; // the drawing changed while a request was in flight
   let shownVersion = null; // the model version in the header
   let answered = null; // the answer on show: {request_id, digit}
+  let explained = null; // its pictures from POST /explain: {seen, overlay}, base64 PNGs
 
   // ------------------------------------------------------------ the pad
 
@@ -198,8 +203,35 @@
 
   rightButton.addEventListener("click", () => answered && sendFeedback(answered.digit));
 
+  function showExplanation() {
+    whyEl.hidden = !explained;
+    if (!explained) return;
+    seenImg.src = `data:image/png;base64,${showWhy.checked ? explained.overlay : explained.seen}`;
+    seenImg.alt = showWhy.checked
+      ? "where the model looked, as a heat map over the digit it saw"
+      : "the normalised 28x28 digit the model saw";
+  }
+
+  showWhy.addEventListener("change", showExplanation);
+
+  async function explain(png, requestId) {
+    const form = new FormData();
+    form.append("image", png, "drawing.png");
+    try {
+      const response = await fetch("explain", { method: "POST", body: form });
+      if (!response.ok || !answered || answered.request_id !== requestId) return; // a newer answer is on show
+      const body = await response.json();
+      explained = { seen: body.seen_png, overlay: body.overlay_png };
+      showExplanation();
+    } catch (_) {
+      // the answer stands without its pictures
+    }
+  }
+
   function resetAnswer() {
     hideFeedback();
+    explained = null;
+    showExplanation();
     digitEl.textContent = "?";
     digitEl.dataset.state = "empty";
     confidenceEl.textContent = "";
@@ -247,7 +279,8 @@
     pending = (async () => {
       try {
         const form = new FormData();
-        form.append("image", await pngOfPad(), "drawing.png");
+        const png = await pngOfPad();
+        form.append("image", png, "drawing.png");
         // the header marks the answer as a drawing in the prediction log
         const response = await fetch("predict", { method: "POST", body: form, headers: { "X-Digits-Source": "draw" } });
         if (!response.ok) {
@@ -255,7 +288,9 @@
           setStatus(`${response.status}: ${await errorText(response)}`, true);
           return;
         }
-        showAnswer(await response.json());
+        const answer = await response.json();
+        showAnswer(answer);
+        explain(png, answer.request_id); // not awaited: the answer is on show already
       } catch (err) {
         setStatus(`the service did not answer: ${err}`, true);
       } finally {

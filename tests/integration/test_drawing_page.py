@@ -125,6 +125,25 @@ def _send_feedback(browser, button_id: str | None = None, label: int | None = No
     return status
 
 
+def _check_what_the_model_saw(browser, server: Server, png: bytes) -> None:
+    """Below the answer: the normalised digit the model saw, and on request the saliency over it (from POST /explain)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def loaded_picture(b) -> str | None:
+        seen = b.find_element(By.ID, "seen")
+        ready = b.find_element(By.ID, "why").is_displayed() and b.execute_script("return arguments[0].naturalWidth", seen) == 224
+        return seen.get_attribute("src") if ready else None
+
+    seen_src = WebDriverWait(browser, 120).until(loaded_picture)  # the first /explain loads the Keras model
+    explained = httpx.post(server.url + "/explain", files={"image": ("pad.png", png, "image/png")}, timeout=120).json()
+    assert seen_src == f"data:image/png;base64,{explained['seen_png']}"
+    browser.find_element(By.ID, "show-why").click()
+    overlay_src = WebDriverWait(browser, 10).until(lambda b: loaded_picture(b) if loaded_picture(b) != seen_src else None)
+    assert overlay_src == f"data:image/png;base64,{explained['overlay_png']}"
+    assert "where the model looked" in browser.find_element(By.ID, "seen").get_attribute("alt")
+
+
 def test_draw_a_digit_with_the_mouse_and_see_the_prediction(server, browser):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -163,6 +182,7 @@ def test_draw_a_digit_with_the_mouse_and_see_the_prediction(server, browser):
     shown = _wait_for_answer(browser)
     _check_shown_answer(shown, server, _pad_png(browser))
     assert shown["digit"] == "1"
+    _check_what_the_model_saw(browser, server, _pad_png(browser))
 
     # "Right" confirms the answer: the log holds the drawing's answer with its label
     status = _send_feedback(browser, button_id="right")

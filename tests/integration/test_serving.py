@@ -7,6 +7,7 @@ on a slice of real MNIST.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -209,6 +210,35 @@ def test_photos_and_drawings_of_real_digits(champion, http, confident_digits):
             right += answer["digit"] == label
             total += 1
     assert right >= 0.9 * total, f"only {right} of {total} real digits read right through the photo path"
+
+
+def test_explain_answers_as_predict_does_and_shows_where_the_ink_counted(champion, http, confident_digits):
+    from PIL import Image
+
+    from pipeline.preprocess import image_bytes_to_mnist
+
+    images, _ = confident_digits
+    photo = render(images[0], "PNG", 300)
+    response = http.post("/explain", files={"image": ("photo.png", photo, "image/png")}, timeout=120)
+    assert response.status_code == 200, response.text
+    explained = response.json()
+    predicted = http.post("/predict", files={"image": ("photo.png", photo, "image/png")}).json()
+    assert {k: explained[k] for k in ("digit", "probabilities", "model_version", "run_id")} == {
+        k: predicted[k] for k in ("digit", "probabilities", "model_version", "run_id")
+    }
+    assert "request_id" not in explained  # explaining is not answering: nothing is logged
+    assert explained["method"].startswith("integrated gradients")
+    saliency = np.asarray(explained["saliency"])
+    seen = image_bytes_to_mnist(photo)
+    assert saliency.shape == (28, 28) and saliency.max() == pytest.approx(1.0)
+    assert saliency[seen == 0].sum() == 0 and saliency[seen > 0].sum() > 0  # only ink counts
+    for name in ("seen_png", "overlay_png"):
+        picture = Image.open(io.BytesIO(base64.b64decode(explained[name])))
+        assert picture.format == "PNG" and picture.size == (224, 224)
+    # bad input gets the same precise answers as /predict
+    assert http.post("/explain", files={"image": ("x.png", b"not an image", "image/png")}).status_code == 400
+    blank = render(np.zeros((28, 28), np.uint8), "PNG", 100)
+    assert http.post("/explain", files={"image": ("blank.png", blank, "image/png")}).status_code == 422
 
 
 # ---------------------------------------------------------------- the prediction log and corrections
