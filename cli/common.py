@@ -100,6 +100,7 @@ def reported_errors(consequence: str = "") -> Iterator[None]:
 def _describe(err: Exception) -> tuple[int, str] | None:
     """The exit code and message for an error a command expects; None for any other."""
     # imported now that an error is here: a command that succeeds never pays for these imports
+    from app.reproduce import ReproduceError
     from flows.deployment import DeploymentError
     from flows.temporary_server import TemporaryServerError
     from pipeline.data import DataError
@@ -114,7 +115,16 @@ def _describe(err: Exception) -> tuple[int, str] | None:
         return 2, str(err)
     if isinstance(err, DataValidationError):
         return 1, f"data validation failed.\n{err}"
-    expected = (DataError, VersioningError, PromotionError, DeploymentError, TemporaryServerError, ImageError, PredictionLogError)
+    expected = (
+        DataError,
+        VersioningError,
+        PromotionError,
+        DeploymentError,
+        TemporaryServerError,
+        ImageError,
+        PredictionLogError,
+        ReproduceError,
+    )
     if isinstance(err, expected):
         return 1, str(err)
     return None

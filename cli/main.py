@@ -39,6 +39,7 @@ for command in (
     models.evaluate,
     models.promote,
     models.rollback,
+    models.reproduce,
     operations.ui,
     operations.deploy,
     stages.validate,

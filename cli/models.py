@@ -49,7 +49,8 @@ def status(
     for version in report.get("versions", []):
         typer.echo(
             f"  v{version['version']}: accuracy {version['metrics'].get('test_accuracy', float('nan')):.4f}, "
-            f"data {str(version['data_version'])[:12]}, promoted {version['promoted_at'] or '-'}"
+            f"data {str(version['data_version'])[:12]}, promoted {version['promoted_at'] or '-'}, "
+            f"reproduced {version['reproduced'] or '-'}"
         )
 
 
@@ -132,3 +133,31 @@ def evaluate(
             f"  confidence on {name}: {figures['unsure_share']:.1%} marked unsure, accuracy {figures['accuracy_sure']:.4f} "
             f"on the others, {figures['confident_error_share']:.2%} wrong without 'unsure', ECE {report['ece'][name]:.4f}"
         )
+
+
+def reproduce(
+    version: Annotated[str, typer.Argument(help="Registered version number to retrain and compare.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Retrain a registered version from its record and say whether the result is the same model.
+
+    In a temporary clone of the project at the version's git commit, with its data version from the DVC
+    cache or remote and its recorded params and seed: `digits train`, then the two models compared
+    (weights, the answer on every test image, test accuracy) and the machines they trained on (Python,
+    TensorFlow, Keras, NumPy, CPU instruction sets, threads). Exits 0 when identical, or equal within
+    tolerance (same answers, same accuracy) where the machine differs; 1 otherwise, saying what
+    differs and the likely cause. The verdict is tagged on the version (`digits status --all`).
+    """
+    quiet_libraries()
+    from app.reproduce import reproduce_version
+    from pipeline.settings import get_settings
+
+    with reported_errors("Nothing was compared."):
+        result = reproduce_version(get_settings(), version, say=lambda line: typer.echo(line, err=True))
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        typer.echo(f"version {result.version} (run {result.run_id}, commit {result.git_commit[:12]}, data {result.data_version})")
+        typer.echo(result.comparison.summary())
+    if not result.comparison.reproduced:
+        raise typer.Exit(1)

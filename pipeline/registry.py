@@ -54,6 +54,7 @@ class ModelRef:
     promoted_at: str | None
     promoted_by: str | None
     promotion_reason: str | None
+    reproduced: str | None = None  # the verdict of `digits reproduce`, with its date
 
     @property
     def uri(self) -> str:
@@ -118,6 +119,7 @@ def _version_ref(client: MlflowClient, model_name: str, version) -> ModelRef:
         promoted_at=tags.get("promoted_at"),
         promoted_by=tags.get("promoted_by"),
         promotion_reason=tags.get("promotion_reason"),
+        reproduced=tags.get("reproduced"),
     )
 
 

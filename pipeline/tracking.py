@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pipeline import registry, versioning
+from pipeline import registry, reproduce, versioning
 from pipeline.params import Params
 from pipeline.settings import Settings
 
@@ -47,7 +47,9 @@ def start_run(
     with active(run_id):
         mlflow.log_params({**params.flat(), "data_version": data_version.short})
         mlflow.set_tags(
-            {"data_version": data_version.md5, "git_commit": commit, "data_pushed": str(data_version.pushed), **(tags or {})}
+            {"data_version": data_version.md5, "git_commit": commit, "data_pushed": str(data_version.pushed)}
+            | reproduce.as_tags(reproduce.environment())  # what `digits reproduce` compares machines by
+            | (tags or {})
         )
         mlflow.log_dict(params.model_dump(), "params.json")
     return run_id

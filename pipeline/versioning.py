@@ -56,6 +56,17 @@ def _repo(root: Path):
         raise VersioningError(f"{root} is not a DVC repository ({err}): run `dvc init` there") from None
 
 
+def dvc_locations(root: Path) -> dict[str, str | None]:
+    """Where the project keeps data versions: its cache folder and its default remote's URL (absolute; None without one)."""
+    repo = _repo(root)
+    try:
+        remote = repo.config.get("core", {}).get("remote")
+        url = repo.config.get("remote", {}).get(remote, {}).get("url") if remote else None
+        return {"cache": str(repo.cache.local_cache_dir), "remote": url}
+    finally:
+        repo.close()
+
+
 def pull(root: Path, data_dir: Path) -> bool:
     """Fetch the version ``data.dvc`` names from the cache or the remote; False if neither has it."""
     pointer = pointer_path(root, data_dir)
