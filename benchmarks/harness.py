@@ -337,26 +337,48 @@ def serve(
     cpus: set[int] | None = None,
     ready_path: str = "/readyz",
     ready_timeout: float = 600.0,
+    binds_port_zero: bool = True,
 ) -> Iterator[Server]:
     """Run ``command(0)`` on 127.0.0.1 until the block ends: the server binds a free port itself (no other process
     can take it between a choice and the bind), read back from its listening sockets. Ready once ``ready_path``
-    answers 200, else ``ServerNotReady``. Its output goes to ``log_path``."""
-    server = Server(name, 0, log_path)
-    try:
-        with open(log_path, "wb") as log:
-            server.process = subprocess.Popen(
-                list(command(server.port)),
-                cwd=cwd,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group, so that stop() reaches every process it starts
-                preexec_fn=pinned(cpus),
-            )
-        server.wait_ready(ready_path, ready_timeout)
-        yield server
-    finally:
-        server.stop()
+    answers 200, else ``ServerNotReady``. Its output goes to ``log_path``.
+
+    ``binds_port_zero=False``, for a server that takes 0 as "no port given" (``mlflow models serve`` then listens
+    on uvicorn's default, 8000): a free port is chosen, and another one when the server finds it taken."""
+    for attempt in range(3):
+        server = Server(name, 0 if binds_port_zero else free_port(), log_path)
+        try:
+            with open(log_path, "wb") as log:
+                server.process = subprocess.Popen(
+                    list(command(server.port)),
+                    cwd=cwd,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # its own process group, so that stop() reaches every process it starts
+                    preexec_fn=pinned(cpus),
+                )
+            try:
+                server.wait_ready(ready_path, ready_timeout)
+            except ServerNotReady:
+                taken = "address already in use" in server.log_tail().lower()
+                if binds_port_zero or not taken or attempt == 2:
+                    raise
+                say(f"{name}: port {server.port} was taken before the server bound it; again on another port")
+                continue
+            yield server
+            return
+        finally:
+            server.stop()
+
+
+def free_port() -> int:
+    """A port nobody listens on now (another process may take it before the server binds it: see ``serve``)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------- load
