@@ -9,7 +9,7 @@ this project is touched):
 
 1. A promoter child process trains the default architecture of ``params.yaml`` for one epoch on the head
    of MNIST (``--train-images``), logs it as the retraining flow does (the model, its TensorFlow Lite
-   exports and calibration) and registers it twice: two versions, A and B. A becomes champion through
+   exports and calibration) and registers it twice: two versions, A and B, of the same run. A becomes champion through
    the project's own promote path (``app.promotion.override``, what ``digits promote`` runs: re-scored as
    served, floors, smoke check, the alias moved under its lock). The throw-away project's floors are
    lowered, so that a one-epoch model clears them.
@@ -124,6 +124,7 @@ def promoter_main() -> None:
     import serving_latency
 
     from app import promotion
+    from pipeline import registry
     from pipeline.data import load_dataset
     from pipeline.params import load_params
     from pipeline.preprocess import to_model_input
@@ -141,10 +142,13 @@ def promoter_main() -> None:
     model = train(dataset, params).model
     probabilities = compiled_predictor(model)(to_model_input(dataset.x_test))
     accuracy = float((probabilities.argmax(1) == dataset.y_test).mean())
-    versions = [
-        serving_latency.log_and_register(model, dataset, probabilities, accuracy, params, int8_softmax=False)[0].version
-        for _ in range(2)
-    ]
+    first, _ = serving_latency.log_and_register(model, dataset, probabilities, accuracy, params, int8_softmax=False)
+    # the second version is the same logged model registered again: a swap loads it all the same, and the model is
+    # logged (its exports built and checked) once
+    client = registry.store_client(settings)
+    source = client.get_model_version(settings.model_name, first.version).source
+    second = registry.register(client, settings.model_name, source, first.run_id, {"data_version": "soak"})
+    versions = [first.version, second.version]
     first = promotion.override(settings, params, versions[0], allow_regression=True)
     champion = first.champion.version if first.champion else None
     answer({"versions": versions, "accuracy": accuracy, "champion": champion, "reasons": list(first.decision.reasons)})
