@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.client
 import json
 import math
 import os
 import platform
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -191,10 +191,17 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+def listening_ports(pids: Sequence[int]) -> list[int]:
+    """The TCP ports of 127.0.0.1 that ``pids`` listen on (psutil comes with BentoML and DVC)."""
+    import psutil
+
+    found = set()
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            for connection in psutil.Process(pid).net_connections(kind="tcp4"):
+                if connection.status == psutil.CONN_LISTEN and connection.laddr.ip == HOST:
+                    found.add(connection.laddr.port)
+    return sorted(found)
 
 
 def get_json(url: str, timeout: float = 30.0) -> object | None:
@@ -255,18 +262,22 @@ class Server:
         return "\n".join(text.splitlines()[-lines:])
 
     def wait_ready(self, path: str, timeout: float) -> None:
-        """Poll ``path`` until it answers 200; fail as soon as the process exits."""
+        """Poll ``path`` until it answers 200; fail as soon as the process exits. A server started on port 0
+        binds a free port itself (and BentoML prints 0): its port is the one of its listening sockets that answers."""
         started = time.monotonic()
         while time.monotonic() - started < timeout:
             if self.process.poll() is not None:
                 raise ServerNotReady(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + path, timeout=2) as response:
-                    if response.status == 200:
-                        self.ready_seconds = time.monotonic() - started
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
+            for port in [self.port] if self.port else listening_ports(self.pids()):
+                try:
+                    with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=2) as response:
+                        if response.status == 200:
+                            self.port, self.ready_seconds = port, time.monotonic() - started
+                            return
+                except urllib.error.HTTPError:  # an HTTP server all the same (503 until the model is loaded)
+                    self.port = port
+                except (urllib.error.URLError, OSError, http.client.HTTPException):  # not yet, or not HTTP
+                    pass
             time.sleep(0.25)
         raise ServerNotReady(f"{self.name}: {self.url}{path} did not answer 200 within {timeout:.0f} s:\n{self.log_tail()}")
 
@@ -326,25 +337,48 @@ def serve(
     cpus: set[int] | None = None,
     ready_path: str = "/readyz",
     ready_timeout: float = 600.0,
+    binds_port_zero: bool = True,
 ) -> Iterator[Server]:
-    """Run ``command(port)`` on a free port of 127.0.0.1 until the block ends; ready once ``ready_path``
-    answers 200, else ``ServerNotReady``. Its output goes to ``log_path``."""
-    server = Server(name, free_port(), log_path)
-    try:
-        with open(log_path, "wb") as log:
-            server.process = subprocess.Popen(
-                list(command(server.port)),
-                cwd=cwd,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group, so that stop() reaches every process it starts
-                preexec_fn=pinned(cpus),
-            )
-        server.wait_ready(ready_path, ready_timeout)
-        yield server
-    finally:
-        server.stop()
+    """Run ``command(0)`` on 127.0.0.1 until the block ends: the server binds a free port itself (no other process
+    can take it between a choice and the bind), read back from its listening sockets. Ready once ``ready_path``
+    answers 200, else ``ServerNotReady``. Its output goes to ``log_path``.
+
+    ``binds_port_zero=False``, for a server that takes 0 as "no port given" (``mlflow models serve`` then listens
+    on uvicorn's default, 8000): a free port is chosen, and another one when the server finds it taken."""
+    for attempt in range(3):
+        server = Server(name, 0 if binds_port_zero else free_port(), log_path)
+        try:
+            with open(log_path, "wb") as log:
+                server.process = subprocess.Popen(
+                    list(command(server.port)),
+                    cwd=cwd,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # its own process group, so that stop() reaches every process it starts
+                    preexec_fn=pinned(cpus),
+                )
+            try:
+                server.wait_ready(ready_path, ready_timeout)
+            except ServerNotReady:
+                taken = "address already in use" in server.log_tail().lower()
+                if binds_port_zero or not taken or attempt == 2:
+                    raise
+                say(f"{name}: port {server.port} was taken before the server bound it; again on another port")
+                continue
+            yield server
+            return
+        finally:
+            server.stop()
+
+
+def free_port() -> int:
+    """A port nobody listens on now (another process may take it before the server binds it: see ``serve``)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------- load

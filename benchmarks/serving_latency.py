@@ -1,4 +1,4 @@
-"""Serving latency and throughput: our BentoML service against a naive one and against the model in-process.
+"""Serving latency and throughput: our BentoML service against a naive one, its peers and the model in-process.
 
 Run from the project folder:
 
@@ -19,7 +19,14 @@ depend on accuracy) answers the same real MNIST test images these ways, one afte
                       another version, under the ``challenger`` alias): what running it after each answer
                       costs the champion's answers; only with a model trained here (``--fresh-model``);
 * ``ours-float32`` / ``ours-keras`` -- the same service with ``DIGITS_SERVE_RUNTIME=tflite`` / ``keras``;
-* ``naive``        -- ``benchmarks/naive_service.py``, ``model.predict`` per request: the ratios' baseline.
+* ``naive``        -- ``benchmarks/naive_service.py``, ``model.predict`` per request: the ratios' baseline;
+* ``bentoml-documented`` -- a peer: ``benchmarks/documented_service.py``, BentoML written the documented way
+                      (``@bentoml.api(batchable=True)``, adaptive batching) over the same TensorFlow Lite export;
+* ``mlflow-serve`` -- a peer: ``mlflow models serve -m models:/<name>@champion --env-manager local``, MLflow's
+                      scoring server over the model's pyfunc flavour, on ``/invocations``.
+
+Ours is compared with each peer in the same run (``peers`` in the JSON): throughput at ``--clients`` clients
+and p99 at 100 requests/s, the goal being to stay ahead of both with the prediction log on.
 
 Each of our services writes its prediction log to a SQLite file of its own in the benchmark's temporary
 folder (``DIGITS_LOG_DB_URL``), never into a project's log; ``/model`` says afterwards how many answers
@@ -87,7 +94,20 @@ SERVICES = {
     "ours-shadow": ("serving.service:DigitClassifier", ROOT, {"DIGITS_SERVE_RUNTIME": "tflite-int8"}),
     # only with --compare-int8-softmax, whose champion is then the same model with the int8 export as it was built before
     "ours-int8-softmax": ("serving.service:DigitClassifier", ROOT, {"DIGITS_SERVE_RUNTIME": "tflite-int8"}),
+    # peers: what a user of this stack would pick instead of our service
+    "bentoml-documented": ("documented_service:DocumentedDigitClassifier", ROOT / "benchmarks", {}),
+    "mlflow-serve": (None, ROOT, {}),  # not BentoML: `mlflow models serve` (MLFLOW_SERVE)
 }
+# the peers, each measured against ours (throughput at --clients clients, p99 at TARGET_RATE): ours is to stay ahead
+PEERS = ("bentoml-documented", "mlflow-serve")
+# how a service takes images, where, and when it is ready: (encoding, route, ready path); the rest: ("pixels", ...)
+PROTOCOLS = {
+    # a batchable endpoint concatenates requests along the first axis: a single image goes as a batch of one
+    "bentoml-documented": ("pixels-batch", "/predict_pixels", "/readyz"),
+    # MLflow's scoring server: the model's own input, normalised (n, 28, 28, 1), as {"inputs": ...}
+    "mlflow-serve": ("mlflow", "/invocations", "/health"),
+}
+DEFAULT_PROTOCOL = ("pixels", "/predict_pixels", "/readyz")
 INT8_SOFTMAX = "ours-int8-softmax"
 SHADOW = "ours-shadow"
 # our services, and the in-process method each calls for a request
@@ -177,20 +197,37 @@ class Workload:
     bodies: list[bytes]
 
     @classmethod
-    def of(cls, pool: np.ndarray, n: int) -> Workload:
-        pixels = [pool[k * n] if n == 1 else pool[k * n : (k + 1) * n] for k in range(len(pool) // n)]  # one image: (28, 28)
-        return cls(n, [json.dumps({"pixels": p.tolist()}, separators=(",", ":")).encode() for p in pixels])
+    def of(cls, pool: np.ndarray, n: int, encoding: str = "pixels") -> Workload:
+        """``encoding``: "pixels" (one image as (28, 28)), "pixels-batch" (always (n, 28, 28)) or "mlflow"
+        (``{"inputs": ...}``, the model's normalised input)."""
+        from pipeline.preprocess import to_model_input
+
+        single = n == 1 and encoding == "pixels"
+        pixels = [pool[k * n] if single else pool[k * n : (k + 1) * n] for k in range(len(pool) // n)]  # one image: (28, 28)
+        if encoding == "mlflow":
+            content = [{"inputs": np.round(to_model_input(p), 6).tolist()} for p in pixels]
+        else:
+            content = [{"pixels": p.tolist()} for p in pixels]
+        return cls(n, [json.dumps(c, separators=(",", ":")).encode() for c in content])
 
 
 class Answers:
     """The harness's check of each answer: one prediction per image with a digit and a model version;
     counts the digits unlike the in-process model's, with evidence for a few."""
 
-    def __init__(self, expected: np.ndarray, workload: Workload) -> None:
+    def __init__(self, expected: np.ndarray, workload: Workload, version_served: str | None = None) -> None:
         self.expected, self.workload = expected, workload
         self.differing, self.samples, self.versions = 0, [], set()
+        self.version_served = version_served  # answers that do not name a version (MLflow's): the version the server loaded
 
     def __call__(self, request: int, answers: object) -> str | None:
+        if self.version_served is not None:  # MLflow's {"predictions": probabilities}: digits, and the version it loaded
+            try:
+                rows = np.asarray(answers["predictions"], dtype=np.float64)  # type: ignore[index]
+                version = self.version_served
+                answers = [{"digit": int(r.argmax()), "confidence": float(r.max()), "model_version": version} for r in rows]
+            except (TypeError, KeyError, ValueError):
+                return f"no predictions in {str(answers)[:200]}"
         n = self.workload.images_per_request
         if not isinstance(answers, list):
             return f"not a list: {str(answers)[:100]}"
@@ -218,6 +255,9 @@ class Answers:
                 }
             )
         return None
+
+
+_Answers = Answers
 
 
 def load_result(service: str, kind: str, load: Load, answers: Answers, **extra: object) -> LoadResult:
@@ -575,9 +615,17 @@ async def open_run(name: str, client: LoadClient, server: Server, answers: Answe
     return result
 
 
-async def measure_service(name: str, server: Server, expected: np.ndarray, workloads: list[Workload], args) -> dict:
-    """Sequential warm-ups, the open loop at each rate up to the first it cannot keep, the closed loops."""
-    async with LoadClient(server.url + "/predict_pixels", args.timeout, max(256, 2 * args.clients)) as client:
+async def measure_service(
+    name: str, server: Server, expected: np.ndarray, workloads: list[Workload], args, version_served: str | None = None
+) -> dict:
+    """Sequential warm-ups, the open loop at each rate up to the first it cannot keep, the closed loops.
+    ``version_served``: the version a server whose answers do not name one (MLflow's) has loaded."""
+    route = PROTOCOLS.get(name, DEFAULT_PROTOCOL)[1]
+
+    def Answers(expected: np.ndarray, workload: Workload) -> _Answers:  # noqa: N802
+        return _Answers(expected, workload, version_served)
+
+    async with LoadClient(server.url + route, args.timeout, max(256, 2 * args.clients)) as client:
         warm = [Answers(expected, w) for w in workloads]  # first-call costs, a trace per batch size
         warm_loads = [await client.closed_loop(a.workload.bodies, 1, 20 * args.timeout, requests=20, check=a) for a in warm]
         settled = [round(await server.settle(), 1)]  # seconds until the server was idle, before each load
@@ -618,30 +666,57 @@ def served_model(server: Server, timeout: float = 30.0) -> dict:
     return model
 
 
-def measure_one(name: str, args, env: dict[str, str], expected: np.ndarray, workloads: list[Workload], tmp: Path, cpus):
-    """One service started, measured and stopped: (its figures, the CPUs its processes ran on or None)."""
-    target, workdir, extra_env = SERVICES[name]
+def mlflow_serve(port: int) -> list[str]:
+    """`mlflow models serve` of the champion, as MLflow documents it for a registered model: its own scoring
+    server (uvicorn), the model's pyfunc flavour (Keras here), this environment (no new one built)."""
+    model = f"models:/{get_settings().model_name}@champion"
+    return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local"] + [
+        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1")
+    ]
 
-    bentoml = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--working-dir", str(workdir)]
-    command = lambda port: [*bentoml, "--port", str(port)]
+
+def measure_one(
+    name: str, args, env: dict[str, str], expected: np.ndarray, workloads: list[Workload], tmp: Path, cpus, version: str
+):
+    """One service started, measured and stopped: (its figures, the CPUs its processes ran on or None). ``version``:
+    the champion's, which a server whose answers do not name their version has loaded."""
+    target, workdir, extra_env = SERVICES[name]
+    ready_path = PROTOCOLS.get(name, DEFAULT_PROTOCOL)[2]
+
+    if target is None:  # mlflow-serve
+        command, what = mlflow_serve, f"`mlflow models serve -m models:/{get_settings().model_name}@champion`"
+    else:
+        bentoml = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--working-dir", str(workdir)]
+        command, what = (lambda port: [*bentoml, "--port", str(port)]), f"`bentoml serve {target}`"
 
     def scrub(text: str) -> str:  # without this machine's paths: the JSON may be committed
         return text.replace(str(tmp), "<tmp>").replace(str(ROOT), ".")
 
-    say(f"{name}: starting `bentoml serve {target}`")
+    say(f"{name}: starting {what}")
     server_env = {**env, **extra_env, "BENTOML_HOME": str(tmp / "bentoml")}
+    if target is None:  # MLflow reads the registry of the chosen store itself, and starts uvicorn from PATH
+        server_env["MLFLOW_TRACKING_URI"] = get_settings().resolved_tracking_uri
+        server_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), server_env.get("PATH", "")])
     if name in OURS:  # a log of its own, thrown away with the folder: benchmark traffic never lands in a real one
         server_env["DIGITS_LOG_DB_URL"] = f"sqlite:///{tmp / f'{name}-predictions.db'}"
-    label, log = f"{name}: `bentoml serve {target}`", tmp / f"{name}.log"
+    label, log = f"{name}: {what}", tmp / f"{name}.log"
     try:
         with harness.serve(
-            command, name=label, env=server_env, log_path=log, cpus=cpus, ready_timeout=args.ready_timeout
+            command,
+            name=label,
+            env=server_env,
+            log_path=log,
+            cpus=cpus,
+            ready_path=ready_path,
+            ready_timeout=args.ready_timeout,
+            binds_port_zero=target is not None,  # `mlflow models serve` drops a port of 0 and listens on 8000
         ) as server:
             affinities = server.affinities()
             pins = {"processes": len(affinities), "cpus": sorted({c for v in affinities.values() for c in v})}
             processes = f"{len(affinities)} process(es) on CPU(s) {pins['cpus']}"
             say(f"{name}: ready in {server.ready_seconds:.1f} s on {server.url}; {processes}")
-            result = asyncio.run(measure_service(name, server, expected, workloads, args))
+            served = version if target is None else None
+            result = asyncio.run(measure_service(name, server, expected, workloads, args, served))
             result["ready_seconds"] = round(server.ready_seconds, 1)
             model = served_model(server)  # {}: the naive service
             result["runtime"] = model.get("runtime")
@@ -766,6 +841,63 @@ def same_run(services: dict[str, dict], batch: int) -> dict:
             "target_met": None if not met or None in met or len(set(runtimes.values())) > 1 else all(met),
         }
     return out
+
+
+def peers(services: dict[str, dict], batch: int) -> dict:
+    """Ours against each peer measured in the same run: throughput of the closed loops (single images and batches),
+    p99 at TARGET_RATE. Ours is ahead when it answers more images a second and its p99 is lower, or the peer could
+    not keep the rate at all, with no errors of its own."""
+    out = {}
+    ours = services.get("ours", {}).get("runs")
+    for peer in (p for p in PEERS if services.get(p, {}).get("runs") and ours):
+        theirs = services[peer]["runs"]
+        rows, ahead = {}, []
+        for load, images in (("single", 1), ("batch", batch)):
+            a, b = find(ours, "closed", images), find(theirs, "closed", images)
+            x, y = getattr(a, "images_per_second", None), getattr(b, "images_per_second", None)
+            rows[load] = {
+                "images_per_second": {"ours": x, peer: y},
+                f"ours_over_{peer}": ratio(x, y, 3),
+                "errors": {"ours": getattr(a, "error_count", None), peer: getattr(b, "error_count", None)},
+            }
+            ahead.append(None if x is None or y is None else x >= y and not a.error_count)
+        a, b = find(ours, "open", 1, TARGET_RATE), find(theirs, "open", 1, TARGET_RATE)
+        x = getattr(a, "p99_ms", None)
+        kept = b is not None and not b.saturated
+        note = None if kept else ("saturated at a lower rate: not run" if b is None else "could not keep the rate")
+        rows["p99"] = {
+            "p99_ms": {"ours": x, peer: getattr(b, "p99_ms", None)},
+            f"{peer}_over_ours": ratio(b.p99_ms, x, 3) if kept and x else None,
+            f"{peer}_note": note,
+            "errors": {"ours": getattr(a, "error_count", None), peer: getattr(b, "error_count", None)},
+        }
+        if a is None or x is None:
+            ahead.append(None)
+        else:
+            ahead.append(not a.saturated and not a.error_count and (not kept or x <= b.p99_ms))
+        out[peer] = {"loads": rows, "ours_ahead": None if None in ahead else all(ahead)}
+    return out
+
+
+def print_peers(compared: dict, batch: int, clients: int) -> None:
+    for peer, c in compared.items():
+        for load, label in (("single", "single images"), ("batch", f"batches of {batch}")):
+            row = c["loads"][load]
+            values = row["images_per_second"]
+            print(
+                f"peer {peer}: peak throughput, {clients} clients, {label}: ours {fmt(values['ours'], ',.0f')} img/s, "
+                f"{peer} {fmt(values[peer], ',.1f')} img/s -> ours/{peer} {fmt(row[f'ours_over_{peer}'], '.2f')}x "
+                f"(errors {row['errors']['ours']}, {row['errors'][peer]})"
+            )
+        row = c["loads"]["p99"]
+        values = row["p99_ms"]
+        theirs = fmt(values[peer], ".2f") + " ms" + (f" [{row[f'{peer}_note']}]" if row[f"{peer}_note"] else "")
+        print(
+            f"peer {peer}: p99 at {TARGET_RATE:g} req/s: ours {fmt(values['ours'], '.2f')} ms, {peer} {theirs}"
+            f" -> {peer}/ours {fmt(row[f'{peer}_over_ours'], '.1f')}x"
+        )
+        met = "not measured" if c["ours_ahead"] is None else ("met" if c["ours_ahead"] else "NOT met")
+        print(f"target ours ahead of {peer} (throughput at {clients} clients and p99 at {TARGET_RATE:g} req/s): {met}")
 
 
 def answering(service: dict) -> list[str]:
@@ -899,7 +1031,9 @@ def print_errors(services: dict[str, dict], models: Models) -> None:
             print("  " + log_line(name, s["prediction_log"]))
 
 
-def report(args, ratios: dict, comparisons: dict, services: dict[str, dict], in_process: dict, models: Models) -> None:
+def report(
+    args, ratios: dict, comparisons: dict, services: dict[str, dict], in_process: dict, models: Models, compared: dict
+) -> None:
     columns = [("in-process", "<20"), ("img/call", ">8"), ("calls", ">6"), ("p50 ms", ">8.2f"), ("p99 ms", ">8.2f")]
     columns += [("max ms", ">8.1f"), ("img/s", ">9,.0f")]
     keys = ("method", "images_per_call", "calls", "p50_ms", "p99_ms", "max_ms", "images_per_second")
@@ -910,6 +1044,7 @@ def report(args, ratios: dict, comparisons: dict, services: dict[str, dict], in_
     one_image = [f"{m} {local[m, 1]['p99_ms']:.2f} ms" for m in METHODS if (m, 1) in local]
     print(f"(in-process, one image, p99: {', '.join(one_image)})")
     print_same_run(comparisons, args.batch, args.clients)
+    print_peers(compared, args.batch, args.clients)
     print_exports(models)
     print_errors(services, models)
 
@@ -951,7 +1086,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def record(
-    args, cpus, pin_checks: dict, models: Models, spec: dict, in_process: dict, services: dict, ratios: dict, comparisons: dict
+    args,
+    cpus,
+    pin_checks: dict,
+    models: Models,
+    spec: dict,
+    in_process: dict,
+    services: dict,
+    ratios: dict,
+    comparisons: dict,
+    compared: dict,
 ) -> dict:
     """The JSON's figures, beside the machine."""
     return {
@@ -984,6 +1128,7 @@ def record(
         },
         "ratios": ratios,
         "same_run": comparisons,
+        "peers": compared,
         "versions_answering": {name: answering(s) for name, s in services.items()},
     }
 
@@ -1014,7 +1159,16 @@ def main(argv: list[str] | None = None) -> int:
         say(f"model: {ref.uri} (run {ref.run_id}), {models.note}")
         say(f"pinning: {pinning_note(cpus)}")
         pool_size = args.batch * (8 if args.quick else 32)  # the test images the requests cycle through
-        workloads = [Workload.of(dataset.x_test[:pool_size], n) for n in (1, args.batch)]
+        encoded: dict[str, list[Workload]] = {}  # encoding -> single images, batches
+
+        def workloads(name: str) -> list[Workload]:
+            encoding = PROTOCOLS.get(name, DEFAULT_PROTOCOL)[0]
+            if encoding not in encoded:
+                encoded[encoding] = [Workload.of(dataset.x_test[:pool_size], n, encoding) for n in (1, args.batch)]
+            return encoded[encoding]
+
+        for name in ("ours", *args.services):  # encoded before the heap is frozen
+            workloads(name)
         if cpus:
             harness.pin_this_process(cpus[1])
         calls = in_process_calls(args.quick, args.batch, old is not None)
@@ -1032,7 +1186,10 @@ def main(argv: list[str] | None = None) -> int:
                     say(f"{SHADOW}: not measured: it registers a version, so it needs a model trained here (--fresh-model)")
                     continue
                 say(f"{SHADOW}: v{shadow_challenger(ref).version} (a copy of v{ref.version}) runs in the shadows")
-            services[name], pins = measure_one(name, args, env, np.asarray(in_process["digits"]), workloads, tmp, server_cpus)
+            expected = np.asarray(in_process["digits"])
+            services[name], pins = measure_one(
+                name, args, env, expected, workloads(name), tmp, server_cpus, models.version_of(name)
+            )
             if name == SHADOW:
                 shadow_challenger(None)
             if pins:
@@ -1042,7 +1199,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ratios = compare(services, in_process["results"], args.batch)
     comparisons = same_run(services, args.batch)
-    report(args, ratios, comparisons, services, in_process, models)
+    compared = peers(services, args.batch)
+    report(args, ratios, comparisons, services, in_process, models, compared)
     print(
         f"({os.cpu_count()} CPUs shared by server and load generator; {pinning_note(cpus)}; niceness {os.nice(0)}; "
         f"load average before {load_before[0]:.2f}; TensorFlow threads in-process {in_process['tf_threads']}; "
@@ -1052,7 +1210,7 @@ def main(argv: list[str] | None = None) -> int:
         print("(--quick: smoke run, the figures mean nothing)")
     machine = {"niceness": os.nice(0), "load_average_before": [round(x, 2) for x in load_before]}
     versions = harness.package_versions("bentoml", "keras", "aiohttp", "ai-edge-litert", "uvloop")
-    figures = record(args, cpus, pin_checks, models, spec, in_process, services, ratios, comparisons)
+    figures = record(args, cpus, pin_checks, models, spec, in_process, services, ratios, comparisons, compared)
     harness.write_results(args.output, "serving_latency", machine_extra={**versions, **machine}, **figures)
     return 0
 

@@ -108,7 +108,8 @@ def serve(
         typer.Option(help="Interface to listen on (default 127.0.0.1, or DIGITS_SERVE_HOST).", show_default=False),
     ] = None,
     port: Annotated[
-        int | None, typer.Option(help="Port to listen on (default 3000, or DIGITS_SERVE_PORT).", show_default=False)
+        int | None,
+        typer.Option(help="Port to listen on (default 3000, or DIGITS_SERVE_PORT; 0: any free port).", show_default=False),
     ] = None,
 ) -> None:
     """Serve the champion model over HTTP with BentoML (runs `bentoml serve`).
@@ -124,15 +125,17 @@ def serve(
 
     settings = get_settings()
     host = host or settings.serve_host
-    port = port or settings.serve_port
-    if not _port_free(host, port):
+    port = settings.serve_port if port is None else port
+    if port and not _port_free(host, port):
         fail(f"{host}:{port} is in use (another `digits serve`?): choose another with --port", 2)
     env = {**os.environ, "DIGITS_HOME": str(settings.home.resolve())}
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
     shown = f"[{host}]" if ":" in host else host
+    # with port 0 the server binds a free port itself (BentoML's own log line then still says 0)
+    where = f"http://{shown}:{port}" if port else f"http://{shown} on a free port"
     typer.echo(
-        f"serving models:/{settings.model_name}@champion on http://{shown}:{port}  "
+        f"serving models:/{settings.model_name}@champion on {where}  "
         f"(drawing pad: /draw, API: /, champion: /model; Ctrl+C stops)",
         err=True,
     )

@@ -25,7 +25,12 @@ class TemporaryServerError(RuntimeError):
 
 
 class TemporaryPrefectServer:
-    """``prefect server start`` on 127.0.0.1 and a free port, API only, stopped when this process exits."""
+    """``prefect server start`` on 127.0.0.1, API only, stopped when this process exits.
+
+    The server binds port 0 (a free port of the system's choosing, so no other process can take it between a
+    choice and the bind); it prints 0 in its banner, so ``port`` is read from the process's listening socket,
+    and stays 0 until then.
+    """
 
     def __init__(self, process: subprocess.Popen, port: int, log: IO[bytes]) -> None:
         self.process = process
@@ -45,16 +50,11 @@ class TemporaryPrefectServer:
         """
         if _configured_api_url():
             return None
-        import socket
-
-        with socket.socket() as sock:  # the port is free now; the server binds it a second later
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
         log = tempfile.TemporaryFile()  # read back only to explain a failed start
-        command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", "0"]
         # API only: no UI to build, no scheduler or other services for a single local flow run
         command += ["--no-ui", "--no-services", "--log-level", "WARNING"]
-        server = cls(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), port, log)
+        server = cls(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), 0, log)
         atexit.register(server.stop)
         return server
 
@@ -88,11 +88,13 @@ class TemporaryPrefectServer:
                     f"Prefect's temporary server exited with code {self.process.returncode} before answering:\n"
                     f"{self._output()}\nTo use a running Prefect server instead, set PREFECT_API_URL."
                 )
-            try:
-                if httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
+            for port in [self.port] if self.port else _listening_ports(self.process.pid):
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                        self.port = port
+                        return
+                except httpx.TransportError:
+                    pass
             time.sleep(0.1)
         output = self._output()
         self.stop()
@@ -133,6 +135,17 @@ def prefect_api(server: TemporaryPrefectServer | None = None) -> Iterator[str | 
         return
     with server.api() as api_url:
         yield api_url or PREFECT_API_URL.value()  # None: a profile names a server, which Prefect uses
+
+
+def _listening_ports(pid: int) -> list[int]:
+    """The TCP ports of 127.0.0.1 that process ``pid`` listens on (psutil comes with DVC, BentoML and Dask)."""
+    import psutil
+
+    try:
+        connections = psutil.Process(pid).net_connections(kind="tcp4")
+    except psutil.Error:
+        return []
+    return sorted({c.laddr.port for c in connections if c.status == psutil.CONN_LISTEN and c.laddr.ip == "127.0.0.1"})
 
 
 def _configured_api_url() -> str | None:

@@ -104,12 +104,57 @@ def prefect_engine():
 
 
 def free_port() -> int:
-    """A port nobody listens on right now, on 127.0.0.1."""
+    """A port nobody listens on right now, on 127.0.0.1: only for an address where nothing must answer, or for a
+    server that cannot bind port 0 itself (PostgreSQL); a server started by a test binds 0 (``bound_port``)."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def listening_ports(process: subprocess.Popen) -> list[int]:
+    """The TCP ports of 127.0.0.1 that ``process`` or any process under it listens on."""
+    import psutil
+
+    try:
+        root = psutil.Process(process.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    found = set()
+    for member in tree:
+        with contextlib.suppress(psutil.Error):
+            for connection in member.net_connections(kind="tcp4"):
+                if connection.status == psutil.CONN_LISTEN and connection.laddr.ip == "127.0.0.1":
+                    found.add(connection.laddr.port)
+    return sorted(found)
+
+
+def bound_port(process: subprocess.Popen, path: str = "/", timeout: float = 300.0) -> int:
+    """The port a server started with ``--port 0`` bound: the first of its listening ports that answers HTTP on
+    ``path`` (any status; a server may hold other sockets, such as BentoML's process manager's). Fails early if
+    the process exits. BentoML, uvicorn under ``mlflow server`` and ``prefect server start`` all bind 0, and only
+    uvicorn prints the port it got: hence reading it from the process."""
+    import http.client
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before listening")
+        for port in listening_ports(process):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2):
+                    return port
+            except urllib.error.HTTPError:  # an HTTP answer all the same
+                return port
+            except (OSError, ValueError, http.client.HTTPException):  # not HTTP, or not answering yet
+                continue
+        time.sleep(0.2)
+    raise TimeoutError(f"the server listened on no port answering HTTP within {timeout:.0f} s")
 
 
 def stop_process_group(process: subprocess.Popen, first: int = signal.SIGTERM, timeout: float = 20.0) -> None:

@@ -1,5 +1,5 @@
 """Helpers for the serving tests: a throw-away MLflow store with trained champions, and a real
-``bentoml serve`` process on a free port.
+``bentoml serve`` process on a port it binds itself (port 0, read back).
 
 Nothing here is mocked: models are trained with ``pipeline.train`` on real MNIST images, logged with
 ``mlflow.tensorflow.log_model`` like the retraining flow does, registered and promoted through
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from conftest import free_port, stop_process_group
+from conftest import bound_port, stop_process_group
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = "serving.service:DigitClassifier"
@@ -135,7 +135,7 @@ class Server:
     """A ``bentoml serve`` subprocess (in its own process group, so that stopping it stops its workers)."""
 
     home: Path
-    port: int = field(default_factory=free_port)
+    port: int = 0  # 0: the server binds a port of its own choosing, read back on first use of ``url``
     poll_seconds: float = 1.0
     via_cli: bool = False  # start it with `digits serve` (cli.serving.serve) instead of `bentoml serve`
     tracking_uri: str | None = None  # MLFLOW_TRACKING_URI for the service (a tracking server); None: home's sqlite store
@@ -145,6 +145,8 @@ class Server:
 
     @property
     def url(self) -> str:
+        if self.port == 0:
+            self.port = bound_port(self.process, "/livez")
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Server:
@@ -160,7 +162,8 @@ class Server:
                 **self.extra_env,
             }
         )
-        self.log_path = self.log_path or self.home / f"server-{self.port}.log"
+        if self.log_path is None:
+            self.log_path = self.home / f"server-{time.monotonic_ns()}.log"
         log = open(self.log_path, "wb")
         if self.via_cli:
             command = [sys.executable, "-c", CLI_SERVE, "--host", "127.0.0.1", "--port", str(self.port)]
@@ -190,6 +193,11 @@ class Server:
     def wait(self, path: str = "/readyz", timeout: float = 90.0) -> None:
         """Wait until ``path`` answers 200 (``/livez``: the process is up; ``/readyz``: a model is loaded)."""
         deadline = time.monotonic() + timeout
+        if self.port == 0:
+            try:
+                self.port = bound_port(self.process, "/livez", timeout)
+            except (RuntimeError, TimeoutError) as err:
+                raise RuntimeError(f"{err}:\n{self.log()[-4000:]}") from None
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.log()[-4000:]}")

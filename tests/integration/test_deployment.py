@@ -16,12 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, wait_for_http
+from conftest import REPO, bound_port, wait_for_http
 
 from pipeline import registry
 from pipeline.settings import get_settings
 
-pytestmark = pytest.mark.integration
+# a Prefect server, a worker and two flow runs, one waiting for the other's slot: longer than the suite's timeout
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(3600)]
 
 BIN = Path(sys.executable).parent
 POOL = "digits-test"
@@ -62,8 +63,8 @@ def _tail(path: Path, chars: int = 4000) -> str:
 
 @pytest.fixture
 def prefect_server(tmp_path) -> Iterator[str]:
-    """A real Prefect server on a free port with its own home and sqlite database; yields its API URL."""
-    home, port = tmp_path / "server-home", free_port()
+    """A real Prefect server on a port it binds itself, with its own home and sqlite database; yields its API URL."""
+    home = tmp_path / "server-home"
     log = tmp_path / "server.log"
     env = _clean_env(
         PREFECT_HOME=str(home),
@@ -71,11 +72,13 @@ def prefect_server(tmp_path) -> Iterator[str]:
         # a run that waits for the promotion slot asks again after at most 2 s (default 10 s)
         PREFECT_SERVER_TASKS_TAG_CONCURRENCY_SLOT_WAIT_SECONDS="2",
     )
-    command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]
+    # port 0: the server binds a free port (and prints 0 in its banner: the port is read from the process)
+    command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", "0", "--no-ui"]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         try:
+            port = bound_port(process, "/api/health", timeout=900)
             wait_for_http(f"http://127.0.0.1:{port}/api/health", process, timeout=900)
         except (RuntimeError, TimeoutError) as err:
             pytest.fail(f"{err}\n{_tail(log)}")

@@ -759,6 +759,15 @@ def test_a_challenger_answers_in_the_shadows_and_never_to_the_client(champion, h
 # ---------------------------------------------------------------- hot swap (last: it moves the champion)
 
 
+def _wait_until(condition, timeout: float, what: str, poll: float = 0.1) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:.0f} s")
+        time.sleep(poll)
+
+
 def test_promotion_during_traffic_swaps_without_failed_requests(champion, mnist_slice):
     """Move the champion while clients send requests: no request fails, answers switch to the new version."""
     server = champion.server
@@ -793,14 +802,15 @@ def test_promotion_during_traffic_swaps_without_failed_requests(champion, mnist_
     for t in threads:
         t.start()
     try:
-        time.sleep(2)
+        # traffic first: every client has had answers from the old version before the alias moves
+        _wait_until(lambda: all(len(w) >= 3 for w in seen) or failures, 120, "every client answered three times")
         with using_store(server.home):
             new_version = register_and_promote(run_id, uri, "better model")
         moved = time.monotonic()
-        deadline = moved + 60
-        while time.monotonic() < deadline and not any(v == new_version for w in seen for _, v in w):
-            time.sleep(0.1)
-        time.sleep(2)  # keep the traffic going after the swap
+        # and after the swap: every client has had answers from the new version, so none was caught in between
+        _wait_until(
+            lambda: all(sum(v == new_version for _, v in w) >= 3 for w in seen) or failures, 120, "every client saw the swap"
+        )
     finally:
         stop.set()
         for t in threads:

@@ -65,7 +65,7 @@ def test_dvc_repro_validates_trains_and_promotes(project):
 
 
 def test_mlflow_ui_shows_the_run_its_data_version_and_the_champion(project, browser, prefect_engine):
-    from conftest import free_port, wait_for_http
+    from conftest import bound_port, wait_for_http
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as seen
     from selenium.webdriver.support.ui import WebDriverWait
@@ -77,9 +77,8 @@ def test_mlflow_ui_shows_the_run_its_data_version_and_the_champion(project, brow
     assert summary["promoted"], summary["reasons"]
     # the flow ran the same steps as the DVC stages and recorded them
     assert "Data and pipelines are up to date" in _dvc_status(project)
-    port = free_port()
     ui = subprocess.Popen(
-        [f"{VENV_BIN}/digits", "ui", "--port", str(port)],
+        [f"{VENV_BIN}/digits", "ui", "--port", "0"],  # the MLflow server binds a free port itself
         cwd=project,
         env=_env(project),
         stdout=subprocess.DEVNULL,
@@ -87,7 +86,7 @@ def test_mlflow_ui_shows_the_run_its_data_version_and_the_champion(project, brow
         start_new_session=True,
     )
     try:
-        base = f"http://127.0.0.1:{port}"
+        base = f"http://127.0.0.1:{bound_port(ui, '/health')}"
         wait_for_http(f"{base}/health", ui)
         wait = WebDriverWait(browser, 60)
         client = registry.connect(get_settings())

@@ -23,7 +23,8 @@ from pipeline.settings import get_settings
 from tests.conftest import TRAIN_IMAGES
 from tests.integration.serving_fixtures import Server
 
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_engine")]
+# two retrains, the monitor and a browser against a live service: longer than the suite's timeout
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_engine"), pytest.mark.timeout(1800)]
 
 PHOTOS = 300
 

@@ -30,7 +30,8 @@ from tests.conftest import TRAIN_IMAGES
 from tests.integration.serving_fixtures import Server
 from tests.integration.tracking_server import Infrastructure, postgres_bin, tracking_infrastructure
 
-pytestmark = pytest.mark.integration
+# PostgreSQL, an MLflow server and three retrains through it: longer than the suite's timeout
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -200,7 +201,7 @@ def test_retrain_status_and_serving_through_the_tracking_server(
 def test_digits_ui_points_at_the_servers_ui(infra, tmp_path):
     server = infra.server
     # a local UI would never return (the timeout fails the test); this one names the server's and ends
-    result = _digits("ui", "--port", str(free_port()), cwd=tmp_path, tracking_uri=server.url + "/", timeout=300)
+    result = _digits("ui", "--port", "0", cwd=tmp_path, tracking_uri=server.url + "/", timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"serves the MLflow UI: open {server.url}\n" in result.stdout
     assert not (tmp_path / "mlflow").exists()  # no local store either
@@ -211,7 +212,7 @@ def test_digits_ui_points_at_the_servers_ui(infra, tmp_path):
     assert script, page.text[:500]
     assert httpx.get(f"{server.url}/{script.group(1)}", timeout=60).status_code == 200
 
-    # a server that does not answer is named, with what to do
+    # a server that does not answer is named, with what to do (a port nobody listens on)
     nobody = f"http://127.0.0.1:{free_port()}"
     result = _digits("ui", cwd=tmp_path, tracking_uri=nobody, timeout=300)
     assert result.returncode == 1

@@ -1,4 +1,8 @@
-"""Helpers for the tracking-server tests: a real PostgreSQL and a real ``mlflow server`` on free ports.
+"""Helpers for the tracking-server tests: a real PostgreSQL and a real ``mlflow server``.
+
+``mlflow server`` binds port 0 itself (its port is read back). PostgreSQL cannot (its port also names
+its socket file; 0 is outside its range): it gets a free port, and a new one when another process took
+that port before PostgreSQL bound it.
 
 PostgreSQL is Debian's ``postgresql`` package: a throw-away cluster (``initdb``) in a temporary folder,
 listening on 127.0.0.1 only, with its unix socket in that folder too. PostgreSQL refuses to run as
@@ -22,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import free_port, stop_process_group, wait_for_http
+from conftest import bound_port, free_port, stop_process_group, wait_for_http
 
 SUPERUSER = "digits"  # the cluster's superuser (initdb -U); trust authentication on 127.0.0.1 only
 INSTALL_HINT = "apt-get install postgresql (tests/run does it when it runs as root on Debian)"
@@ -53,6 +57,10 @@ def _run_as() -> str | None:
     return "postgres"
 
 
+class PortTaken(RuntimeError):
+    """Another process bound the chosen port first."""
+
+
 @dataclass
 class Postgres:
     """A throw-away PostgreSQL cluster on 127.0.0.1:``port``; ``stop()`` stops it and deletes its files."""
@@ -71,7 +79,19 @@ class Postgres:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.root and self.log_path.exists() else ""
 
-    def start(self, timeout: float = 60.0) -> Postgres:
+    def start(self, timeout: float = 60.0, attempts: int = 3) -> Postgres:
+        """initdb and start; when the port was taken between choosing it and binding it, again on another port."""
+        for attempt in range(attempts):
+            try:
+                return self._start(timeout)
+            except PortTaken:
+                self.stop()
+                if attempt == attempts - 1:
+                    raise
+                self.port, self.root, self.process = free_port(), None, None
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> Postgres:
         initdb, postgres = postgres_bin("initdb"), postgres_bin("postgres")
         user = _run_as()
         # the system temporary folder, not pytest's: pytest's folders are private to the user running the tests
@@ -122,6 +142,8 @@ class Postgres:
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
+                if "could not bind" in self.log() and "in use" in self.log():
+                    raise PortTaken(f"port {self.port} was taken before postgres bound it")
                 raise RuntimeError(f"postgres exited with {self.process.returncode}:\n{self.log()[-3000:]}")
             try:
                 psycopg2.connect(self.url("postgres", driver="postgresql"), connect_timeout=2).close()
@@ -179,7 +201,7 @@ class TrackingServer:
 
     backend_store_uri: str
     artifacts: Path
-    port: int = field(default_factory=free_port)
+    port: int = 0  # read back once the server listens
     process: subprocess.Popen | None = None
 
     @property
@@ -188,7 +210,7 @@ class TrackingServer:
 
     @property
     def log_path(self) -> Path:
-        return self.artifacts.parent / f"mlflow-server-{self.port}.log"
+        return self.artifacts.parent / "mlflow-server.log"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -208,7 +230,7 @@ class TrackingServer:
             "--host",
             "127.0.0.1",
             "--port",
-            str(self.port),
+            "0",  # uvicorn binds a free port itself
             "--workers",
             "1",  # the machine has 2 cores; one worker answers a test's requests
         ]
@@ -220,6 +242,7 @@ class TrackingServer:
                 command, cwd=self.artifacts.parent, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         try:
+            self.port = bound_port(self.process, "/health", timeout)
             wait_for_http(f"{self.url}/health", self.process, timeout=timeout)
         except (RuntimeError, TimeoutError) as err:
             raise RuntimeError(f"{err}\n{self.log()[-4000:]}") from None

@@ -120,3 +120,26 @@ def test_a_sweep_with_nothing_to_sweep_or_a_bad_grid_stops_before_any_work(args,
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no data, no store, no cluster started
+
+
+def test_serve_on_port_0_lets_the_server_bind_a_free_port(tmp_path, monkeypatch):
+    """`digits serve --port 0` hands 0 to BentoML, which binds a free port (tests read it back), not the default 3000."""
+    import cli.serving
+
+    started: list[list[str]] = []
+
+    def become(path, command, env):  # what `digits serve` would exec
+        started.append(command)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli.serving.os, "execve", become)
+    monkeypatch.setenv("DIGITS_HOME", str(tmp_path))
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(digits, ["serve", "--port", "0"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    (command,) = started
+    assert command[command.index("--port") + 1] == "0", command
+    assert "on a free port" in result.output
