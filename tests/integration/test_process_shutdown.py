@@ -158,3 +158,37 @@ def test_digits_retrain_stops_its_prefect_server_on_sigterm(project):
     finally:
         _kill_marked(mark)
         command.wait(timeout=10)
+
+
+# a server that ignores SIGTERM and starts a helper in a session of its own, which ignores it too and
+# outlives it: what a careless server does, and what run_server must still clean up
+STUBBORN_SERVER = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+helper = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+subprocess.Popen([sys.executable, "-c", helper], start_new_session=True)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_run_server_kills_a_server_that_ignores_sigterm_and_a_helper_that_left_its_group(tmp_path):
+    mark = uuid.uuid4().hex
+    runner = (
+        "import sys; from cli.processes import run_server; "
+        f"sys.exit(run_server([sys.executable, '-c', {STUBBORN_SERVER!r}], grace=2))"
+    )
+    env = {**os.environ, MARK: mark, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    command = subprocess.Popen([sys.executable, "-c", runner], env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert command.stdout.readline().strip() == "ready"
+        _wait_for(lambda: len(_marked(mark)) == 3, 30, "the runner, the server and its helper")
+        command.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (_marked(mark) or command.poll() is None):
+            time.sleep(0.2)
+        assert command.poll() == 128 + signal.SIGTERM
+        assert not _marked(mark), _describe(_marked(mark))
+    finally:
+        _kill_marked(mark)
+        command.wait(timeout=10)
