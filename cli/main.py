@@ -8,6 +8,7 @@ import gc
 import typer
 
 from cli import data, feedback, models, monitoring, operations, serving, stages, training
+from cli.processes import interrupt_on_stop_signals
 
 digits = typer.Typer(
     help=(
@@ -30,6 +31,9 @@ def _exit_without_final_garbage_collections() -> None:
     # made, freeing memory the OS takes back anyway; frozen objects are skipped. Registered first, this
     # runs after every other exit handler (Prefect's, MLflow's).
     atexit.register(gc.freeze)
+    # SIGTERM (a process manager) and SIGHUP (a closed terminal) stop a command as Ctrl+C does, so that
+    # what it started (a temporary Prefect server) is stopped too
+    interrupt_on_stop_signals()
 
 
 for command in (

@@ -18,8 +18,7 @@ def ui(
     With MLFLOW_TRACKING_URI set to a tracking server (http://...), nothing starts here: the
     server serves the UI, and this prints its address.
     """
-    import subprocess
-
+    from cli.processes import run_server
     from pipeline import registry, tracking
     from pipeline.settings import get_settings
 
@@ -38,7 +37,8 @@ def ui(
         return
     registry.connect(settings)
     typer.echo(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
-    raise typer.Exit(subprocess.call(tracking.ui_command(settings, port)))
+    # the MLflow server runs uvicorn, a job runner and its consumer processes: all stop with this command
+    raise typer.Exit(run_server(tracking.ui_command(settings, port)))
 
 
 def deploy(

@@ -121,6 +121,7 @@ def serve(
     Open http://127.0.0.1:3000/draw to draw a digit; the API is described at
     http://127.0.0.1:3000/ and the champion at /model.
     """
+    from cli.processes import run_server
     from pipeline.settings import get_settings
 
     settings = get_settings()
@@ -140,7 +141,5 @@ def serve(
         err=True,
     )
     command = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port), "--working-dir", str(ROOT)]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # become the server: Ctrl+C and SIGTERM reach it directly, and no process is left behind
-    os.execve(sys.executable, command, env)
+    # not exec'd: BentoML reloads its workers on SIGHUP, where a closed terminal means stop
+    raise typer.Exit(run_server(command, env))

@@ -16,7 +16,7 @@ import struct
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 SIDE = 28
 BOX = 20
@@ -24,10 +24,26 @@ BOX = 20
 WORK_SIDE = 320
 # a JPEG is decoded at 1/2, 1/4 or 1/8 scale while it stays at least this large on its longer side
 DECODE_SIDE = 2 * WORK_SIDE
-# a digit photo needs no more; larger files are refused before they are decoded
+# a digit photo needs no more; larger files are refused from their header, before they are decoded
 MAX_SIDE = 8192
-MAX_PIXELS = 40_000_000
+# pixels decoded in full: a phone photo (4:3 at about 16 MP) fits; a JPEG counts at the scale it is decoded at
+MAX_PIXELS = 4096 * 4096
 MAX_BYTES = 20 * 1024 * 1024
+ORIENTATION = ExifTags.Base.Orientation
+REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "CMYK", "I", "F")
+# the only decoders an upload reaches (Pillow would otherwise try each of its plugins, PostScript included)
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+ACCEPTED = "a PNG, JPEG, WebP, BMP, GIF or TIFF image"
+# other kinds of file people send, named in the refusal
+_OTHER_FORMATS = {
+    b"%!PS": "PostScript (EPS)",
+    b"\xc5\xd0\xd3\xc6": "PostScript (EPS)",
+    b"%PDF": "PDF",
+    b"<svg": "SVG",
+    b"<?xm": "XML (SVG?)",
+    b"\x00\x00\x01\x00": "ICO",
+    b"8BPS": "Photoshop (PSD)",
+}
 
 
 class ImageError(ValueError):
@@ -39,9 +55,11 @@ class NotADigitError(ImageError):
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decode PNG/JPEG (or any format Pillow reads) bytes, refusing empty, huge and broken files.
+    """Decode PNG, JPEG, WebP, BMP, GIF or TIFF bytes, refusing empty, huge, broken and other files.
 
-    A JPEG much larger than the digit needs is decoded at 1/2, 1/4 or 1/8 of its size.
+    Only those formats' decoders run. The size is checked from the header before anything is decoded.
+    An image much larger than the digit needs is reduced while it is decoded (a JPEG at 1/2, 1/4 or 1/8
+    of its size) or right after (the others, by whole factors), down to about ``DECODE_SIDE``.
     """
     if not data:
         raise ImageError("the image is empty (0 bytes)")
@@ -50,10 +68,12 @@ def decode_image(data: bytes) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            _check_size(image.width, image.height)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+            _check_sides(image.width, image.height)
             _decode_reduced(image)
+            _check_pixels(image.width, image.height, image.format)
             image.load()
+            image = _reduced(image)
     except UnidentifiedImageError:
         raise ImageError(_unidentified(data)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -72,6 +92,24 @@ def _decode_reduced(image: Image.Image) -> None:
     if image.format == "JPEG" and longest > 2 * DECODE_SIDE:
         scale = DECODE_SIDE / longest
         image.draft(image.mode, (max(1, int(image.width * scale)), max(1, int(image.height * scale))))
+
+
+def _reduced(image: Image.Image) -> Image.Image:
+    """A decoded image much larger than the digit needs, reduced by a whole factor (box average) to at least
+    ``DECODE_SIDE`` on its longer side, as a JPEG is while decoding: the later steps then cost the same for
+    every format."""
+    factor = max(image.size) // DECODE_SIDE
+    if factor < 2:
+        return image
+    if image.mode not in REDUCIBLE_MODES:  # a palette's indices or single bits cannot be averaged
+        image = image.convert("RGBA" if _has_alpha(image) else "RGB" if image.mode in ("P", "PA") else "L")
+    if image.getexif().get(ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)  # a TIFF's orientation tag would not survive the reduction
+    return image.reduce(factor)
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode == "PA" or "transparency" in image.info
 
 
 def declared_size(data: bytes) -> tuple[int, int] | None:
@@ -98,20 +136,33 @@ def declared_size(data: bytes) -> tuple[int, int] | None:
 
 
 def _unidentified(data: bytes) -> str:
-    """Why Pillow could not identify a file: Pillow refuses 0-pixel images without saying so."""
+    """Why Pillow could not identify a file: another format, or a 0-pixel image (which Pillow refuses without saying so)."""
     size = declared_size(data)
     if size is not None and min(size) < 1:
         return f"the image is {size[0]}x{size[1]} pixels; it needs at least 1x1"
-    return f"not a readable image: the data is not a PNG, JPEG or other image format (its first bytes are {data[:12]!r})"
+    head = data[:4]
+    other = _OTHER_FORMATS.get(head) or ("HEIC/AVIF" if data[4:8] == b"ftyp" else None)
+    if other is not None:
+        return f"{other} files are not accepted: send {ACCEPTED} (convert it first)"
+    return f"not a readable image: the data is not {ACCEPTED} (its first bytes are {data[:12]!r})"
 
 
-def _check_size(width: int, height: int) -> None:
+def _check_sides(width: int, height: int) -> None:
     if width < 1 or height < 1:
         raise ImageError(f"the image is {width}x{height} pixels; it needs at least 1x1")
-    if width > MAX_SIDE or height > MAX_SIDE or width * height > MAX_PIXELS:
+    if width > MAX_SIDE or height > MAX_SIDE:
         raise ImageError(
             f"the image is {width}x{height} pixels; the limit is {MAX_SIDE} on a side "
             f"and {MAX_PIXELS:,} in all (scale it down first)"
+        )
+
+
+def _check_pixels(width: int, height: int, fmt: str | None) -> None:
+    """The pixels that would be decoded (a JPEG's after its reduction) against MAX_PIXELS, before decoding."""
+    if width * height > MAX_PIXELS:
+        raise ImageError(
+            f"the {fmt or 'image'} would decode to {width}x{height} pixels; the limit is {MAX_PIXELS:,} "
+            f"(about a 16-megapixel photo) and {MAX_SIDE} on a side: scale it down first"
         )
 
 

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     promoted_by: str | None = Field(default=None, description="who promotes; default: the OS user")
     serve_host: str = "127.0.0.1"
     serve_port: int = 3000
+    api_key: SecretStr | None = Field(
+        None,
+        description="when set, the service's POST routes need it (Authorization: Bearer KEY or X-API-Key: KEY); "
+        "GET routes and pages stay open",
+    )
     champion_poll_seconds: float = Field(10.0, gt=0, description="how often the service looks for a new champion")
     max_batch_images: int = Field(1000, ge=1, description="largest batch the service accepts in one request")
     # more threads fight the HTTP event loop for the cores: scale out with replicas instead

@@ -20,7 +20,9 @@ writer thread off the request path, and ``POST /feedback`` records its true digi
 
 Bad input is answered with a 4xx and a precise message (never a 500): 422 for a readable
 image that shows no digit; while no model has been promoted, prediction routes answer 503 saying so
-and how to train one.
+and how to train one. Every request passes :class:`serving.guard.ServingGuard` first: body limits
+counted as bytes arrive (413), the optional API key on POST routes (``DIGITS_API_KEY``, 401), security
+headers on every answer, and no server path or traceback in any error.
 
 A version under the ``challenger`` alias (``digits promote VERSION --shadow``) runs in the shadows:
 after the champion's answer is sent, the challenger answers the same images in a batcher of its own
@@ -57,32 +59,22 @@ from starlette.staticfiles import StaticFiles
 
 from pipeline import prediction_log
 from pipeline.explain import METHOD, Explainer, digit_png, overlay_png
-from pipeline.preprocess import MAX_BYTES, SIDE, ImageError, NotADigitError, image_bytes_to_mnist
+from pipeline.preprocess import MAX_BYTES, ImageError, NotADigitError, image_bytes_to_mnist
 from pipeline.registry import CHALLENGER, ModelRef
 from pipeline.settings import Settings, get_settings
 from serving.batching import MicroBatcher
 from serving.champion import ChampionWatcher, ModelUnavailable
+from serving.guard import FEEDBACK_BYTES, HOW_TO_SEND, ServingGuard, redacted
 from serving.inputs import InputRefused, parse_pixels
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
-PREDICTION_ROUTES = frozenset({"/predict", "/predict_pixels", "/explain"})
-HOW_TO_SEND = {
-    "image": "POST /predict takes a multipart form with the file in field `image` (curl -F image=@digit.png)",
-    "pixels": 'POST /predict_pixels takes JSON {"pixels": [[...28 numbers 0-255...] x 28]} or a batch (n, 28, 28)',
-}
 # Images merged into one model call (a single larger request still runs alone, in one call).
 BATCH_IMAGES = 1000
 # Uploads decoded at once (Pillow and NumPy release the GIL for much of it); more just contend.
 DECODE_THREADS = 2
-# Bodies larger than any valid request are refused unread: an image of MAX_BYTES plus the form's
-# framing; the largest batch with each number written in up to 16 characters.
-FORM_FRAMING = 64 * 1024
-PIXEL_CHARACTERS = 16
 GC_THRESHOLDS = (10_000, 20, 100)
-# a correction is a few dozen bytes of JSON
-FEEDBACK_BYTES = 4096
 # the drawing page names itself so that its answers are logged as drawings, not photos
 SOURCE_HEADER = "x-digits-source"
 # images waiting for the challenger; beyond it the shadow skips requests (and counts them) rather than fall behind
@@ -201,98 +193,6 @@ def _read_upload(path: Path, keep_bytes: int = 0) -> tuple[np.ndarray, bytes | N
 
 def _error(status: int, message: str, **headers: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers or None)
-
-
-class ServingGuard:
-    """ASGI middleware around the prediction routes.
-
-    * A body larger than any valid request (by its Content-Length) gets 413 before it is read.
-    * While no model is loaded, the routes answer 503 saying why and what to do, with Retry-After,
-      before the request is parsed (BentoML itself would answer a generic 5xx text).
-    * BentoML answers input validation errors with 400 and ``{"error": "1 validation error for
-      Input", "detail": [...]}``; the precise reasons are lifted into ``error`` (``detail`` stays).
-    """
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope.get("path") not in PREDICTION_ROUTES:
-            await self.app(scope, receive, send)
-            return
-        too_large = _oversized_body(scope)
-        if too_large:
-            await _error(413, too_large)(scope, receive, send)
-            return
-        watcher: ChampionWatcher | None = getattr(bentoml.get_current_service(), "watcher", None)
-        if watcher is not None:
-            try:
-                watcher.require()
-            except ModelUnavailable as err:
-                retry = str(max(1, round(watcher.poll_seconds)))
-                await _error(503, str(err), **{"Retry-After": retry})(scope, receive, send)
-                return
-        held: dict | None = None
-        chunks: list[bytes] = []
-
-        async def send_clarified(message) -> None:
-            nonlocal held
-            if message["type"] == "http.response.start" and message["status"] == 400:
-                held = message
-                return
-            if held is None or message["type"] != "http.response.body":
-                await send(message)
-                return
-            chunks.append(message.get("body", b""))
-            if message.get("more_body"):
-                return
-            body = _clarify_validation_error(b"".join(chunks))
-            headers = [(k, v) for k, v in held["headers"] if k.lower() != b"content-length"]
-            await send({**held, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
-
-        await self.app(scope, receive, send_clarified)
-
-
-def _oversized_body(scope) -> str | None:
-    """Refuse a body larger than any valid request before it is read (from its Content-Length)."""
-    path = scope.get("path")
-    if path == "/predict":
-        limit = MAX_BYTES + FORM_FRAMING
-    else:
-        limit = get_settings().max_batch_images * SIDE * SIDE * PIXEL_CHARACTERS + FORM_FRAMING
-    for key, value in scope.get("headers", ()):
-        if key == b"content-length":
-            try:
-                length = int(value)
-            except ValueError:
-                return None
-            if length > limit:
-                return f"the request body is {length:,} bytes; {scope['path']} takes at most {limit:,}"
-    return None
-
-
-def _clarify_validation_error(body: bytes) -> bytes:
-    """``{"error": "1 validation error for Input", "detail": [{loc, msg}]}`` -> the reasons in ``error``."""
-    try:
-        payload = json.loads(body)
-        details = payload["detail"]
-        if not str(payload.get("error", "")).endswith("for Input") or not isinstance(details, list):
-            return body
-        reasons = []
-        for item in details:
-            where = ".".join(str(part) for part in item.get("loc", ()))
-            what, kind = item.get("msg", "invalid"), item.get("type")
-            if kind == "missing":
-                reasons.append(f"{where} is required: " + HOW_TO_SEND.get(where, "see /docs.json"))
-            elif kind == "json_invalid":
-                reasons.append(f"the body is not valid JSON ({what}): " + "; ".join(HOW_TO_SEND.values()))
-            else:
-                reasons.append(what if not where or what.startswith(where) else f"{where}: {what}")
-        payload["error"] = "; ".join(reasons)
-        return json.dumps(payload).encode()
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return body
 
 
 # ---------------------------------------------------------------- the prediction log
@@ -615,7 +515,7 @@ class DigitClassifier:
 
     @ui.get("/model")
     def model_info(self):
-        """The champion being served (503 with the reason while there is none)."""
+        """The champion being served (503 with the reason while there is none; no server paths)."""
         watcher = self.watcher
         status = {
             "champion_poll_seconds": watcher.poll_seconds,
@@ -625,27 +525,29 @@ class DigitClassifier:
         try:
             current = watcher.require()
         except ModelUnavailable as err:
-            return JSONResponse({"error": str(err), **status}, status_code=503)
+            return JSONResponse(redacted({"error": str(err), **status}), status_code=503)
         ref = current.ref
-        return {
-            "model_name": ref.model_name,
-            "model_version": ref.version,
-            "run_id": ref.run_id,
-            "uri": ref.uri,
-            "runtime": current.runtime,
-            "metrics": ref.metrics,
-            "data_version": ref.data_version,
-            "git_commit": ref.git_commit,
-            "promoted_at": ref.promoted_at,
-            "promoted_by": ref.promoted_by,
-            "promotion_reason": ref.promotion_reason,
-            "loaded_at": current.loaded_at,
-            "load_seconds": round(current.load_seconds, 3),
-            **status,
-            "batching": self.batcher.stats(),
-            "prediction_log": self.answer_log.info(),
-            "challenger": self._challenger_info(),
-        }
+        return redacted(
+            {
+                "model_name": ref.model_name,
+                "model_version": ref.version,
+                "run_id": ref.run_id,
+                "uri": ref.uri,
+                "runtime": current.runtime,
+                "metrics": ref.metrics,
+                "data_version": ref.data_version,
+                "git_commit": ref.git_commit,
+                "promoted_at": ref.promoted_at,
+                "promoted_by": ref.promoted_by,
+                "promotion_reason": ref.promotion_reason,
+                "loaded_at": current.loaded_at,
+                "load_seconds": round(current.load_seconds, 3),
+                **status,
+                "batching": self.batcher.stats(),
+                "prediction_log": self.answer_log.info(),
+                "challenger": self._challenger_info(),
+            }
+        )
 
     def _challenger_info(self) -> dict | None:
         model = self.challenger.current

@@ -177,8 +177,7 @@
     const sent = answered;
     setFeedbackButtons(false);
     try {
-      const response = await fetch("feedback", {
-        method: "POST",
+      const response = await post("feedback", {
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify({ request_id: sent.request_id, label }),
       });
@@ -218,7 +217,7 @@
     const form = new FormData();
     form.append("image", png, "drawing.png");
     try {
-      const response = await fetch("explain", { method: "POST", body: form });
+      const response = await post("explain", { body: form });
       if (!response.ok || !answered || answered.request_id !== requestId) return; // a newer answer is on show
       const body = await response.json();
       explained = { seen: body.seen_png, overlay: body.overlay_png };
@@ -261,6 +260,27 @@
 
   // ------------------------------------------------------------ talking to the service
 
+  // A service started with DIGITS_API_KEY answers POSTs only with its key: the page asks for it once,
+  // and keeps it for this tab only.
+  const KEY_ITEM = "digits-api-key";
+
+  async function post(url, options) {
+    const send = () => {
+      const key = sessionStorage.getItem(KEY_ITEM);
+      const headers = { ...(options.headers || {}), ...(key ? { "X-API-Key": key } : {}) };
+      return fetch(url, { ...options, method: "POST", headers });
+    };
+    let response = await send();
+    if (response.status === 401) {
+      const key = window.prompt("This service needs its API key (DIGITS_API_KEY) to answer:");
+      if (key && key.trim()) {
+        sessionStorage.setItem(KEY_ITEM, key.trim());
+        response = await send();
+      }
+    }
+    return response;
+  }
+
   function pngOfPad() {
     return new Promise((resolve) => pad.toBlob(resolve, "image/png"));
   }
@@ -282,7 +302,7 @@
         const png = await pngOfPad();
         form.append("image", png, "drawing.png");
         // the header marks the answer as a drawing in the prediction log
-        const response = await fetch("predict", { method: "POST", body: form, headers: { "X-Digits-Source": "draw" } });
+        const response = await post("predict", { body: form, headers: { "X-Digits-Source": "draw" } });
         if (!response.ok) {
           resetAnswer();
           setStatus(`${response.status}: ${await errorText(response)}`, true);

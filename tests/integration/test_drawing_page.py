@@ -223,3 +223,60 @@ def test_draw_with_a_finger(server, browser):
     held = shown["state"] == "answered" and confidence >= Settings().feedback_quarantine_confidence
     assert status.endswith("A person will review it before it counts.") == held, status
     assert _logged(server, status) == {"route": "draw", "digit": answered, "label": label}
+
+
+def test_the_api_page_renders_under_the_content_security_policy(server, browser):
+    """BentoML's Swagger page at / loads its scripts from the service itself: the policy leaves it working."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url + "/")
+    WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".swagger-ui .opblock-summary-path"))
+    paths = {e.text.strip() for e in browser.find_elements(By.CSS_SELECTOR, ".swagger-ui .opblock-summary-path")}
+    assert {"/predict", "/predict_pixels"} <= paths, paths
+
+
+API_KEY = "drawing-page-key"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory, mnist_slice):
+    """The same champion behind a service started with DIGITS_API_KEY."""
+    server = Server(tmp_path_factory.mktemp("keyed-drawing") / "project", extra_env={"DIGITS_API_KEY": API_KEY})
+    server.home.mkdir(parents=True)
+    server.start()
+    try:
+        model, accuracy = trained_model(mnist_slice, seed=42)
+        with using_store(server.home):
+            run_id, uri = log_model(model, mnist_slice, accuracy)
+            register_and_promote(run_id, uri, "champion behind a key")
+        server.wait("/readyz", timeout=240)
+        yield server
+    finally:
+        server.stop()
+
+
+def test_with_an_api_key_the_page_asks_for_it_once_and_then_works(keyed_server, browser):
+    """Under the service's Content-Security-Policy and API key: a 401 makes the page ask, then it answers."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as seen
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(keyed_server.url + "/draw")
+    WebDriverWait(browser, 30).until(lambda b: "digits-cnn v1" in b.find_element(By.ID, "model").text)  # GET: open
+    pad = browser.find_element(By.ID, "pad")
+    stroke = ActionChains(browser, duration=10)
+    stroke.move_to_element_with_offset(pad, 0, -95).click_and_hold()
+    for _ in range(10):
+        stroke.move_by_offset(0, 19)
+    stroke.release().perform()
+    prompt = WebDriverWait(browser, 30).until(seen.alert_is_present())
+    assert "API key" in prompt.text
+    prompt.send_keys(API_KEY)
+    prompt.accept()
+    shown = _wait_for_answer(browser)
+    assert shown["digit"] in list("0123456789") and "answered by digits-cnn v1" in shown["status"]
+    # the key is kept for the tab: the correction goes through without asking again
+    status = _send_feedback(browser, button_id="right")
+    assert status.startswith("Thank you: recorded that"), status

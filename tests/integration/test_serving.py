@@ -451,7 +451,7 @@ BAD_INPUTS = {
         "/predict",
         lambda s: {"files": {"image": ("d.png", b"%PDF-1.4 not an image", "image/png")}},
         400,
-        "not a PNG, JPEG or other image format (its first bytes are b'%PDF-1.4 not'",
+        "PDF files are not accepted: send a PNG, JPEG, WebP, BMP, GIF or TIFF image",
     ),
     "truncated PNG": (
         "/predict",
@@ -469,7 +469,7 @@ BAD_INPUTS = {
         "/predict",
         lambda s: {"files": {"image": ("b.png", png_claiming(8000, 8000), "image/png")}},
         400,
-        "the image is 8000x8000 pixels; the limit is 8192 on a side and 40,000,000 in all",
+        "the PNG would decode to 8000x8000 pixels; the limit is 16,777,216",
     ),
     "0 pixels on a side": (
         "/predict",

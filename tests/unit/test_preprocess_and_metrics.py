@@ -83,7 +83,7 @@ def test_image_with_a_zero_side_is_named_as_such(width, height):
 
 
 def test_unknown_format_names_its_first_bytes():
-    with pytest.raises(ImageError, match=r"not a PNG, JPEG or other image format \(its first bytes are b'GIF00 not re'"):
+    with pytest.raises(ImageError, match=r"not a PNG, JPEG, WebP, BMP, GIF or TIFF image \(its first bytes are b'GIF00 not re'"):
         image_bytes_to_mnist(b"GIF00 not really")
 
 
