@@ -21,7 +21,9 @@ def image_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
     ``stroke_width`` is twice the ink's area over its outline (a stroke of length L and width w has
     area L*w and an outline of about 2L).
     """
-    images = np.asarray(images, dtype=np.float32).reshape(-1, 28, 28)
+    images = np.asarray(images).reshape(-1, 28, 28)
+    if images.dtype != np.uint8:  # the log's and MNIST's images are uint8 already: no copy of a whole window as floats
+        images = images.astype(np.float32)
     ink = images >= INK_LEVEL
     count = ink.sum(axis=(1, 2))
     rows, cols = ink.any(axis=2), ink.any(axis=1)
@@ -33,11 +35,12 @@ def image_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
     def last(mask: np.ndarray) -> np.ndarray:
         return np.where(has_ink, mask.shape[1] - 1 - mask[:, ::-1].argmax(axis=1), -1)
 
-    mass = images.sum(axis=(1, 2))
+    row_mass, col_mass = images.sum(axis=2, dtype=np.float64), images.sum(axis=1, dtype=np.float64)
+    mass = row_mass.sum(axis=1)
     safe = np.where(mass > 0, mass, 1.0)
-    index = np.arange(28, dtype=np.float32)
-    centre_row = np.where(mass > 0, (images.sum(axis=2) * index).sum(axis=1) / safe, 13.5)
-    centre_col = np.where(mass > 0, (images.sum(axis=1) * index).sum(axis=1) / safe, 13.5)
+    index = np.arange(28, dtype=np.float64)
+    centre_row = np.where(mass > 0, row_mass @ index / safe, 13.5)
+    centre_col = np.where(mass > 0, col_mass @ index / safe, 13.5)
 
     padded = np.pad(ink, ((0, 0), (1, 1), (1, 1)))
     interior = padded[:, :-2, 1:-1] & padded[:, 2:, 1:-1] & padded[:, 1:-1, :-2] & padded[:, 1:-1, 2:]
