@@ -1,14 +1,18 @@
-"""Two promotions at once: exactly one wins, on one machine (file lock) and across machines (PostgreSQL lock).
+"""Promotions that race or die: exactly one racer wins, and a promotion killed part-way is finished at the next start.
 
-Both racers wait at a barrier, then each holds for seconds between reading the champion and moving
-it (the ``champion-read`` pause point): without a lock both would read "no champion" and both move it.
+Racers wait at a barrier, then each holds for seconds between reading the champion and moving it
+(the ``champion-read`` pause point): without a lock both would read "no champion" and both move it.
+This holds on one machine (file lock) and across machines sharing a PostgreSQL store (advisory lock).
 The versions are registered without training: moving an alias never loads a model.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,11 +52,11 @@ def _settings(monkeypatch, home: Path, tracking_uri: str | None) -> Settings:
     return get_settings()
 
 
-def _two_versions(settings: Settings, source: Path) -> list[str]:
+def _versions(settings: Settings, source: Path, count: int = 2) -> list[str]:
     client = registry.connect(settings)
     client.create_registered_model(settings.model_name)
     source.mkdir(parents=True, exist_ok=True)
-    return [str(client.create_model_version(settings.model_name, source=str(source)).version) for _ in range(2)]
+    return [str(client.create_model_version(settings.model_name, source=str(source)).version) for _ in range(count)]
 
 
 def _racer(env: dict[str, str], version: str, barrier, results) -> None:
@@ -101,7 +105,7 @@ def _race(settings: Settings, homes: list[Path], versions: list[str]) -> None:
 
 def test_two_promotions_on_one_machine_leave_exactly_one_winner(tmp_path, monkeypatch):
     settings = _settings(monkeypatch, tmp_path / "project", None)
-    versions = _two_versions(settings, tmp_path / "model")
+    versions = _versions(settings, tmp_path / "model")
     _race(settings, [settings.home, settings.home], versions)
 
 
@@ -109,5 +113,62 @@ def test_two_machines_sharing_a_postgresql_store_leave_exactly_one_winner(tmp_pa
     """Two project folders (two machines: no file lock in common) on one PostgreSQL-backed store."""
     url = postgres.create_database("race")
     settings = _settings(monkeypatch, tmp_path / "machine-a", url)
-    versions = _two_versions(settings, tmp_path / "model")
+    versions = _versions(settings, tmp_path / "model")
     _race(settings, [tmp_path / "machine-a", tmp_path / "machine-b"], versions)
+
+
+def _promote_and_stop(env: dict[str, str], version: str, expected: str) -> None:
+    os.environ.update(env)
+    from pipeline import registry as reg
+    from pipeline.settings import get_settings as settings_of
+
+    settings = settings_of()
+    reg.move_champion(reg.connect(settings), settings, version, expected, f"promote v{version}")
+
+
+def test_a_promotion_killed_between_its_alias_writes_is_finished_at_the_next_start(tmp_path, monkeypatch):
+    settings = _settings(monkeypatch, tmp_path / "project", None)
+    first, second = _versions(settings, tmp_path / "model")
+    client = registry.connect(settings)
+    registry.move_champion(client, settings, first, None, "the first champion")
+    marker = tmp_path / "paused"
+    env = {"DIGITS_HOME": str(settings.home), "DIGITS_TEST_PAUSE_AT": "alias-writes", "DIGITS_TEST_PAUSE_FILE": str(marker)}
+    promoter = multiprocessing.get_context("spawn").Process(target=_promote_and_stop, args=(env, second, first))
+    promoter.start()
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert promoter.is_alive() and time.monotonic() < deadline, "the promotion never reached its alias writes"
+        time.sleep(0.2)
+    os.kill(promoter.pid, signal.SIGKILL)
+    promoter.join(timeout=30)
+    assert promoter.exitcode == -signal.SIGKILL
+    # killed half-way: champion moved, the rest not yet written
+    assert registry.alias_version(client, settings.model_name) == second
+    assert registry.alias_version(client, settings.model_name, registry.PREVIOUS) is None
+
+    # the next start finishes it: the alias for rollback, the version's tags and the history, as if never killed
+    done = registry.repair_promotion(client, settings)
+    assert registry.alias_version(client, settings.model_name) == second
+    assert registry.alias_version(client, settings.model_name, registry.PREVIOUS) == first
+    assert done and f"finished the interrupted promotion of v{second}" in done
+    history = registry.promotion_history(client, settings.model_name)
+    assert [(entry["version"], entry["from"]) for entry in history] == [(first, None), (second, first)]
+    promoted = registry.get_version(client, settings.model_name, second)
+    assert promoted.promoted_at == history[-1]["at"] and promoted.promotion_reason == f"promote v{second}"
+    assert registry.INTENT_TAG not in client.get_registered_model(settings.model_name).tags
+    assert registry.repair_promotion(client, settings) is None  # nothing left to do
+
+
+def test_an_intent_whose_champion_never_moved_is_dropped(tmp_path, monkeypatch):
+    """Killed after recording its intent but before the champion alias: nothing changed, nothing is finished."""
+    settings = _settings(monkeypatch, tmp_path / "project", None)
+    first, second = _versions(settings, tmp_path / "model")
+    client = registry.connect(settings)
+    registry.move_champion(client, settings, first, None, "the first champion")
+    intent = {"version": second, "from": first, "at": "2000-01-01T00:00:00+00:00", "by": "x", "run_id": None, "reason": "r"}
+    client.set_registered_model_tag(settings.model_name, registry.INTENT_TAG, json.dumps(intent))
+    registry.move_champion(client, settings, second, first, "the second champion")  # a promotion repairs first
+    history = registry.promotion_history(client, settings.model_name)
+    assert [(entry["version"], entry["from"]) for entry in history] == [(first, None), (second, first)]
+    assert history[-1]["at"] != intent["at"]
+    assert registry.INTENT_TAG not in client.get_registered_model(settings.model_name).tags
