@@ -66,6 +66,12 @@ def test_corrupt_added_data_makes_no_new_version(project):
     assert result.exit_code == 1
     assert "3/scan.jpg" in result.output and "nothing was added" in result.output
     assert versioning.read_pointer(project / "data.dvc")["md5"] == before.md5
+    # a link out of the folder is not followed, whatever it points at
+    (folder / "scan.jpg").unlink()
+    (folder / "passwd.png").symlink_to("/etc/passwd")
+    result = CliRunner().invoke(digits, ["data", "add", str(folder.parent)])
+    assert result.exit_code == 1 and "3/passwd.png: a link to outside the folder, not followed" in result.output
+    assert versioning.read_pointer(project / "data.dvc")["md5"] == before.md5
 
 
 def _register_trained(settings, params, epochs: int) -> registry.ModelRef:
