@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.params import DataParams, KerasUrlSource, PypiWheelSource
+from pipeline.pause import pause_point
 from pipeline.preprocess import MAX_BYTES, ImageError, image_bytes_to_mnist
 
 log = logging.getLogger(__name__)
@@ -226,6 +227,7 @@ def ingest(params: DataParams, data_dir: Path, cache_dir: Path) -> Path:
         _check_arrays(x, y, split)
         _save_npy(data_dir / "mnist" / f"{split}_images.npy", x.astype(np.uint8))
         _save_npy(data_dir / "mnist" / f"{split}_labels.npy", y.astype(np.uint8))
+        pause_point("ingest")  # a test kills the process here: half a dataset on disk, no version recorded
     log.info("wrote %d training and %d test images to %s", len(x_train), len(x_test), data_dir / "mnist")
     return data_dir
 

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
         "server's database; default: MLFLOW_TRACKING_URI when it names PostgreSQL, else a file lock in mlflow/",
     )
     experiment: str = "digits"
+    stale_run_hours: float = Field(
+        24.0, gt=0, description="a run another machine opened and left RUNNING this long is marked FAILED by the next retrain"
+    )
     monitoring_experiment: str = Field("digits-monitoring", description="MLflow experiment of `digits monitor`: a run a call")
     model_name: str = "digits-cnn"
     promoted_by: str | None = Field(default=None, description="who promotes; default: the OS user")
