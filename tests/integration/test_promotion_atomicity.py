@@ -20,7 +20,7 @@ import pytest
 
 from pipeline import registry
 from pipeline.settings import Settings, get_settings
-from tests.integration.tracking_server import Postgres, postgres_bin
+from tests.integration.tracking_server import Infrastructure, postgres_bin, tracking_infrastructure
 
 pytestmark = pytest.mark.integration
 
@@ -29,34 +29,37 @@ WINDOW_SECONDS = "3"
 
 
 @pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
+def infra(tmp_path_factory) -> Iterator[Infrastructure]:
+    """PostgreSQL and an MLflow tracking server on it, for the module."""
     try:
         for program in ("initdb", "postgres"):
             postgres_bin(program)
     except RuntimeError as err:
         pytest.fail(str(err))
-    server = Postgres().start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    with tracking_infrastructure(tmp_path_factory.mktemp("tracking")) as running:
+        yield running
 
 
-def _settings(monkeypatch, home: Path, tracking_uri: str | None) -> Settings:
+def _settings(monkeypatch, home: Path, tracking_uri: str | None, lock_url: str | None = None) -> Settings:
     monkeypatch.setenv("DIGITS_HOME", str(home))
-    if tracking_uri:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-    else:
-        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name, value in (("MLFLOW_TRACKING_URI", tracking_uri), ("DIGITS_PROMOTION_LOCK_URL", lock_url)):
+        if value:
+            monkeypatch.setenv(name, value)
+        else:
+            monkeypatch.delenv(name, raising=False)
     get_settings.cache_clear()
     return get_settings()
 
 
-def _versions(settings: Settings, source: Path, count: int = 2) -> list[str]:
+def _versions(settings: Settings, source: str, count: int = 2) -> list[str]:
     client = registry.connect(settings)
     client.create_registered_model(settings.model_name)
-    source.mkdir(parents=True, exist_ok=True)
-    return [str(client.create_model_version(settings.model_name, source=str(source)).version) for _ in range(count)]
+    return [str(client.create_model_version(settings.model_name, source=source).version) for _ in range(count)]
+
+
+def _model_folder(tmp_path: Path) -> str:
+    (tmp_path / "model").mkdir()
+    return str(tmp_path / "model")
 
 
 def _racer(env: dict[str, str], version: str, barrier, results) -> None:
@@ -72,6 +75,8 @@ def _racer(env: dict[str, str], version: str, barrier, results) -> None:
         results.put((version, "won"))
     except reg.PromotionError as err:
         results.put((version, str(err)))
+    except Exception as err:  # reported, not lost: the test says what went wrong
+        results.put((version, f"failed: {type(err).__name__}: {err}"))
 
 
 def _race(settings: Settings, homes: list[Path], versions: list[str]) -> None:
@@ -80,6 +85,7 @@ def _race(settings: Settings, homes: list[Path], versions: list[str]) -> None:
     barrier, results = context.Barrier(len(versions)), context.Queue()
     pause = {"DIGITS_TEST_PAUSE_AT": "champion-read", "DIGITS_TEST_PAUSE_SECONDS": WINDOW_SECONDS}
     tracking = {"MLFLOW_TRACKING_URI": settings.tracking_uri} if settings.tracking_uri else {}
+    tracking |= {"DIGITS_PROMOTION_LOCK_URL": settings.promotion_lock_url} if settings.promotion_lock_url else {}
     racers = [
         context.Process(target=_racer, args=({"DIGITS_HOME": str(home), **tracking, **pause}, version, barrier, results))
         for home, version in zip(homes, versions, strict=True)
@@ -105,15 +111,32 @@ def _race(settings: Settings, homes: list[Path], versions: list[str]) -> None:
 
 def test_two_promotions_on_one_machine_leave_exactly_one_winner(tmp_path, monkeypatch):
     settings = _settings(monkeypatch, tmp_path / "project", None)
-    versions = _versions(settings, tmp_path / "model")
+    versions = _versions(settings, _model_folder(tmp_path))
     _race(settings, [settings.home, settings.home], versions)
 
 
-def test_two_machines_sharing_a_postgresql_store_leave_exactly_one_winner(tmp_path, monkeypatch, postgres):
-    """Two project folders (two machines: no file lock in common) on one PostgreSQL-backed store."""
-    url = postgres.create_database("race")
+def test_two_machines_sharing_a_postgresql_store_leave_exactly_one_winner(tmp_path, monkeypatch, infra):
+    """Two project folders (two machines: no file lock in common) on one PostgreSQL store, named by the tracking URI."""
+    url = infra.postgres.create_database("race")
     settings = _settings(monkeypatch, tmp_path / "machine-a", url)
-    versions = _versions(settings, tmp_path / "model")
+    versions = _versions(settings, _model_folder(tmp_path))
+    _race(settings, [tmp_path / "machine-a", tmp_path / "machine-b"], versions)
+
+
+def test_two_machines_on_a_tracking_server_lock_in_its_database(tmp_path, monkeypatch, infra):
+    """The scale-out set-up: MLflow over HTTP, and the lock in the server's database through a role that can only lock."""
+    import psycopg2
+
+    connection = psycopg2.connect(infra.postgres.url("postgres", driver="postgresql"))
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute("CREATE ROLE digits_lock LOGIN")  # no rights on MLflow's tables
+    finally:
+        connection.close()
+    lock_url = f"postgresql+psycopg2://digits_lock@127.0.0.1:{infra.postgres.port}/{infra.database}"
+    settings = _settings(monkeypatch, tmp_path / "machine-a", infra.server.url, lock_url)
+    versions = _versions(settings, "s3://stand-in/model")  # the server accepts no local path; nothing is read
     _race(settings, [tmp_path / "machine-a", tmp_path / "machine-b"], versions)
 
 
@@ -128,7 +151,7 @@ def _promote_and_stop(env: dict[str, str], version: str, expected: str) -> None:
 
 def test_a_promotion_killed_between_its_alias_writes_is_finished_at_the_next_start(tmp_path, monkeypatch):
     settings = _settings(monkeypatch, tmp_path / "project", None)
-    first, second = _versions(settings, tmp_path / "model")
+    first, second = _versions(settings, _model_folder(tmp_path))
     client = registry.connect(settings)
     registry.move_champion(client, settings, first, None, "the first champion")
     marker = tmp_path / "paused"
@@ -162,7 +185,7 @@ def test_a_promotion_killed_between_its_alias_writes_is_finished_at_the_next_sta
 def test_an_intent_whose_champion_never_moved_is_dropped(tmp_path, monkeypatch):
     """Killed after recording its intent but before the champion alias: nothing changed, nothing is finished."""
     settings = _settings(monkeypatch, tmp_path / "project", None)
-    first, second = _versions(settings, tmp_path / "model")
+    first, second = _versions(settings, _model_folder(tmp_path))
     client = registry.connect(settings)
     registry.move_champion(client, settings, first, None, "the first champion")
     intent = {"version": second, "from": first, "at": "2000-01-01T00:00:00+00:00", "by": "x", "run_id": None, "reason": "r"}
