@@ -305,7 +305,8 @@ def _finish_interrupted(client: MlflowClient, name: str) -> str | None:
     intent = json.loads(raw)
     if alias_version(client, name, CHAMPION) == intent["version"]:
         _complete(client, name, intent)
-        done = f"finished the interrupted promotion of v{intent['version']} (was v{intent['from'] or 'none'})"
+        was = f"v{intent['from']}" if intent["from"] else "none"
+        done = f"finished the interrupted promotion of v{intent['version']} (was {was})"
     else:  # the champion alias never moved (or was moved by hand since): nothing of it is left to undo
         client.delete_registered_model_tag(name, INTENT_TAG)
         done = f"dropped the interrupted promotion of v{intent['version']}: the champion never moved to it"

@@ -173,7 +173,7 @@ def test_a_promotion_killed_between_its_alias_writes_is_finished_at_the_next_sta
     done = registry.repair_promotion(client, settings)
     assert registry.alias_version(client, settings.model_name) == second
     assert registry.alias_version(client, settings.model_name, registry.PREVIOUS) == first
-    assert done and f"finished the interrupted promotion of v{second}" in done
+    assert done and f"finished the interrupted promotion of v{second} (was v{first})" in done
     history = registry.promotion_history(client, settings.model_name)
     assert [(entry["version"], entry["from"]) for entry in history] == [(first, None), (second, first)]
     promoted = registry.get_version(client, settings.model_name, second)
