@@ -125,7 +125,8 @@ def monitor(settings: Settings, params: Params, window: str = "24h", now: dateti
     since = until - monitoring.parse_window(window)
     client = registry.connect(settings.model_copy(update={"experiment": settings.monitoring_experiment}))
     experiment = client.get_experiment_by_name(settings.monitoring_experiment)
-    run_id = client.create_run(experiment.experiment_id, run_name=f"monitor-{window}").info.run_id
+    # the process is named so that a monitor killed outright is marked FAILED by the next retrain
+    run_id = client.create_run(experiment.experiment_id, run_name=f"monitor-{window}", tags=tracking.process_tags()).info.run_id
     folder = settings.reports_dir / "monitoring" / f"{until:%Y%m%d-%H%M%S}-{run_id[:8]}"
     with tracking.run_context(settings, run_id, stage="reading the prediction log") as run:
         engine = open_log(settings)

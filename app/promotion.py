@@ -23,6 +23,7 @@ from pipeline.data import load_dataset
 from pipeline.evaluate import predict_classes
 from pipeline.gate import Check, GateDecision, Paired, decide
 from pipeline.params import Params
+from pipeline.pause import pause_point
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
@@ -110,6 +111,7 @@ def promote(settings: Settings, candidate: Candidate, decision: GateDecision) ->
             "gate_reasons": "; ".join(decision.reasons)[:4000],
         },
     )
+    pause_point("registered")  # a test kills the process here: a version registered, the champion not moved
     decision = decision.with_check(_smoke_check(version.uri, load_dataset(settings.data_dir), candidate.smoke_digits))
     decision = _move_champion(client, settings, version.version, decision, "; ".join(decision.reasons), candidate.run_id)
     client.set_model_version_tag(settings.model_name, version.version, "gate", "promote" if decision.promote else "reject")

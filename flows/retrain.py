@@ -8,7 +8,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from app import data, promotion, stages, summaries, training
+from app import data, promotion, recovery, stages, summaries, training
 from app.promotion import Outcome
 from app.training import Candidate
 from pipeline import tracking
@@ -26,6 +26,11 @@ _task = dict(cache_policy=NO_CACHE)
 PROMOTION_TAG = "digits-promotion"
 # what starts a retrain: a person, the deployment's schedule, or the monitor (drift, or enough new feedback)
 Trigger = Literal["manual", "schedule", "drift", "feedback"]
+
+
+@task(name="recover from killed runs", **_task)
+def recover(settings: Settings) -> list[str]:
+    return recovery.recover(settings)
 
 
 @task(name="version dataset (DVC)", retries=2, retry_delay_seconds=5, **_task)
@@ -78,6 +83,8 @@ def retrain(overrides: dict[str, Any] | None = None, trigger: Trigger = "manual"
     """
     settings = get_settings()
     params = load_params(settings.params_path, overrides)
+    for line in recover(settings):  # runs left RUNNING by a killed process, a promotion stopped half-way
+        print(line)
     data_version = version_data(settings, params)
     with tracking.run_context(settings, open_run(settings, params, data_version, trigger), stage="validation") as run:
         validate(settings, params, run.run_id)

@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from app import summaries, training
 from app import sweep as sweeps
 from app.training import Candidate, TrainedModel
-from flows.retrain import gate, promote, validate, version_data
+from flows.retrain import gate, promote, recover, validate, version_data
 from flows.temporary_server import TemporaryPrefectServer, prefect_api
 from pipeline import tracking
 from pipeline.model import limit_threads
@@ -118,6 +118,8 @@ def sweep_flow(overrides: dict[str, Any] | None = None, tf_threads: int | None =
     params = load_params(settings.params_path, overrides)
     points = grid_points(params)
     logger.info("%d candidate(s) on %s: %s", len(points), where or "the task runner", "; ".join(p.label for p in points))
+    for line in recover(settings):
+        logger.warning("%s", line)
     data_version = version_data(settings, params)
     with ExitStack() as runs:
         # closed in reverse: point runs still open when something fails are marked FAILED, then the sweep's run

@@ -4,7 +4,7 @@ Canonical layout under ``data/`` (byte-for-byte deterministic, so ``data.dvc`` m
 machine that ingests the same source)::
 
     data/mnist/{train,test}_{images,labels}.npy   uint8 images (n, 28, 28), uint8 labels
-    data/added/{images,labels}.npy                labelled images added with ``digits data add``
+    data/added/added.npz                          labelled images added with ``digits data add`` (images, labels)
     data/feedback/{train,test}_{images,labels}.npy  corrections harvested from the prediction log
 """
 
@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
 import logging
 import os
 import pickle
+import stat
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field, replace
@@ -24,12 +26,17 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.params import DataParams, KerasUrlSource, PypiWheelSource
-from pipeline.preprocess import ImageError, image_bytes_to_mnist
+from pipeline.pause import pause_point
+from pipeline.preprocess import MAX_BYTES, ImageError, image_bytes_to_mnist
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# files one `digits data add` reads at most: more is a dataset of its own (a local data source)
+MAX_ADD_FILES = 100_000
+# images and labels added with `digits data add`, in one file so that they change together
+ADDED_FILE = "added.npz"
 
 
 class DataError(RuntimeError):
@@ -220,6 +227,7 @@ def ingest(params: DataParams, data_dir: Path, cache_dir: Path) -> Path:
         _check_arrays(x, y, split)
         _save_npy(data_dir / "mnist" / f"{split}_images.npy", x.astype(np.uint8))
         _save_npy(data_dir / "mnist" / f"{split}_labels.npy", y.astype(np.uint8))
+        pause_point("ingest")  # a test kills the process here: half a dataset on disk, no version recorded
     log.info("wrote %d training and %d test images to %s", len(x_train), len(x_test), data_dir / "mnist")
     return data_dir
 
@@ -241,11 +249,9 @@ def load_dataset(data_dir: Path) -> Dataset:
     """Load MNIST plus any added images (they join the training split)."""
     arrays = {f"{s}_{k}": _load_npy(data_dir / "mnist" / f"{s}_{k}.npy") for s in SPLITS for k in ("images", "labels")}
     x_train, y_train = arrays["train_images"], arrays["train_labels"]
-    added = data_dir / "added"
-    if (added / "images.npy").exists():
-        x_add, y_add = _load_npy(added / "images.npy"), _load_npy(added / "labels.npy")
-        _check_arrays(x_add, y_add, "added")
-        x_train, y_train = np.concatenate([x_train, x_add]), np.concatenate([y_train, y_add])
+    added = _load_added(data_dir / "added")
+    if added is not None:
+        x_train, y_train = np.concatenate([x_train, added[0]]), np.concatenate([y_train, added[1]])
     _check_arrays(x_train, y_train, "train")
     _check_arrays(arrays["test_images"], arrays["test_labels"], "test")
     return Dataset(x_train, y_train, arrays["test_images"], arrays["test_labels"], *_load_feedback(data_dir))
@@ -277,25 +283,32 @@ def write_feedback(data_dir: Path, x_train: np.ndarray, y_train: np.ndarray, x_t
 
 
 def read_labelled_folder(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``folder/<digit>/*.png|jpg`` into MNIST-style images; every problem is reported at once."""
+    """Read ``folder/<digit>/*.png|jpg`` into MNIST-style images; every problem is reported at once.
+
+    Links are followed only within ``folder``; a file's size is checked before it is read, and a
+    folder of more than ``MAX_ADD_FILES`` files is refused before they are read.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder: give a folder holding one sub-folder per digit (0 ... 9)")
-    images, labels, problems = [], [], []
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        if not (sub.name.isdigit() and 0 <= int(sub.name) <= 9):
+    root = folder.resolve()
+    images, labels, problems, loose = [], [], [], []
+    entries = _capped_listing(folder, root)
+    for sub in entries:
+        if not _inside(sub, root):
+            problems.append(f"{sub.name}{'/' if sub.is_dir() else ''}: a link to outside the folder, not followed")
+        elif not sub.is_dir():
+            loose += [sub.name] if sub.suffix.lower() in IMAGE_SUFFIXES else []
+        elif not (sub.name.isdigit() and 0 <= int(sub.name) <= 9):
             problems.append(f"{sub.name}/: label outside 0-9 (sub-folders must be named 0 ... 9)")
-            continue
-        for file in sorted(p for p in sub.iterdir() if p.is_file()):
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                problems.append(f"{sub.name}/{file.name}: not an image file ({file.suffix or 'no suffix'})")
-                continue
-            try:
-                images.append(image_bytes_to_mnist(file.read_bytes()))
-                labels.append(int(sub.name))
-            except ImageError as err:
-                problems.append(f"{sub.name}/{file.name}: {err}")
-    loose = [p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        else:
+            for file in entries[sub]:
+                image, problem = _read_image(file, root)
+                if problem:
+                    problems.append(f"{sub.name}/{file.name}: {problem}")
+                elif image is not None:
+                    images.append(image)
+                    labels.append(int(sub.name))
     if loose:
         problems.append(f"images outside a digit sub-folder have no label: {', '.join(sorted(loose)[:5])}")
     if problems:
@@ -305,15 +318,91 @@ def read_labelled_folder(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), np.asarray(labels, dtype=np.uint8)
 
 
+def _capped_listing(folder: Path, root: Path) -> dict[Path, list[Path]]:
+    """The folder's entries, each sub-folder with its files, sorted; DataError past ``MAX_ADD_FILES`` files in all."""
+    listing: dict[Path, list[Path]] = {}
+    seen = 0
+    for entry in sorted(itertools.islice(folder.iterdir(), MAX_ADD_FILES + 1)):
+        files: list[Path] = []
+        if entry.is_dir() and _inside(entry, root):
+            files = sorted(itertools.islice(entry.iterdir(), MAX_ADD_FILES + 1 - seen))
+        seen += max(len(files), 1)
+        if seen > MAX_ADD_FILES:
+            raise DataError(
+                f"{folder} holds more than {MAX_ADD_FILES:,} files; add at most that many at a time. Nothing was added."
+            )
+        listing[entry] = files
+    return listing
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, links followed, stays within ``root``."""
+    return path.resolve().is_relative_to(root)
+
+
+def _read_image(file: Path, root: Path) -> tuple[np.ndarray | None, str | None]:
+    """The normalised image in ``file``, or the problem with it; (None, None) for what is not a file (skipped)."""
+    if not _inside(file, root):
+        return None, "a link to outside the folder, not followed"
+    target = file.resolve()
+    if not target.is_file():  # a sub-sub-folder, a device or a pipe: never opened
+        return None, None
+    if file.suffix.lower() not in IMAGE_SUFFIXES:
+        return None, f"not an image file ({file.suffix or 'no suffix'})"
+    size = target.stat().st_size
+    if size > MAX_BYTES:
+        return None, f"{size:,} bytes; the limit is {MAX_BYTES:,} (scale it down first)"
+    # opened without following a link swapped in since the checks, and read no further than the limit
+    try:
+        descriptor = os.open(target, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as err:
+        return None, f"cannot be read ({err.strerror})"
+    with os.fdopen(descriptor, "rb") as opened:
+        if not stat.S_ISREG(os.fstat(opened.fileno()).st_mode):
+            return None, "not a regular file"
+        content = opened.read(MAX_BYTES + 1)
+    try:
+        return image_bytes_to_mnist(content), None
+    except ImageError as err:
+        return None, str(err)
+
+
+def _load_added(added: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """Images and labels added so far, or None: one file, or the two files of projects older than it."""
+    if (added / ADDED_FILE).exists():
+        try:
+            with np.load(added / ADDED_FILE, allow_pickle=False) as npz:
+                x, y = np.asarray(npz["images"]), np.asarray(npz["labels"])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+            raise DataError(f"{added / ADDED_FILE} is corrupt ({err}): restore it with `dvc checkout data.dvc`") from None
+    elif (added / "images.npy").exists():
+        x, y = _load_npy(added / "images.npy"), _load_npy(added / "labels.npy")
+    else:
+        return None
+    _check_arrays(x, y, "added")
+    return x, y
+
+
 def add_images(folder: Path, data_dir: Path) -> int:
-    """Append labelled images from ``folder`` to ``data/added``; returns how many were added."""
+    """Append labelled images from ``folder`` to ``data/added``; returns how many there are in all.
+
+    Images and labels go into one file, written then renamed over the old one: a process killed at
+    any point leaves the old images with their labels, or the new ones with theirs.
+    """
     x_new, y_new = read_labelled_folder(folder)
     if not has_dataset(data_dir):
         raise DataError(f"no dataset in {data_dir}: run `digits data ingest` (or `dvc pull`) first")
     added = data_dir / "added"
-    if (added / "images.npy").exists():
-        x_new = np.concatenate([_load_npy(added / "images.npy"), x_new])
-        y_new = np.concatenate([_load_npy(added / "labels.npy"), y_new])
-    _save_npy(added / "labels.npy", y_new)
-    _save_npy(added / "images.npy", x_new)
+    before = _load_added(added)
+    if before is not None:
+        x_new, y_new = np.concatenate([before[0], x_new]), np.concatenate([before[1], y_new])
+    added.mkdir(parents=True, exist_ok=True)
+    tmp = added / f"{ADDED_FILE}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, images=np.ascontiguousarray(x_new, np.uint8), labels=np.ascontiguousarray(y_new, np.uint8))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, added / ADDED_FILE)
+    for old in ("labels.npy", "images.npy"):  # the older layout, now inside the new file
+        (added / old).unlink(missing_ok=True)
     return len(x_new)

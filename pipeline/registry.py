@@ -5,11 +5,14 @@ reachable for rollback. Moving ``champion`` is a compare-and-set under a lock, s
 that finish at once can never both promote.
 
 The MLflow registry has no compare-and-set of its own, so the lock is what makes the check and
-the move one step. It is a file lock in the project folder (``mlflow/promotion.lock``): it covers
-the processes of one machine that work in that folder, with the embedded store or a tracking
-server alike. Promotions from several machines that share a tracking server are serialised by
-Prefect instead: ``digits deploy`` gives the promote task's tag a concurrency limit of one on the
-Prefect server. A ``digits promote`` on another machine at the same moment is covered by neither.
+the move one step. When the store is PostgreSQL (``MLFLOW_TRACKING_URI`` names it, or
+``DIGITS_PROMOTION_LOCK_URL`` names the tracking server's database) it is an advisory lock in that
+database: every machine sharing the store takes the same one. Otherwise it is a file lock in the
+project folder (``mlflow/promotion.lock``), which covers the processes of one machine.
+
+A promotion's writes are not one transaction either: the intent is recorded first, and whatever
+the process did not finish is finished by the next promotion, or by ``repair_promotion`` at the
+start of a retrain.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from __future__ import annotations
 import getpass
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from pipeline.pause import pause_point
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
@@ -35,6 +41,11 @@ CHAMPION = "champion"
 PREVIOUS = "previous-champion"
 # a version the service also runs on live traffic, after answering, without its answers being served
 CHALLENGER = "challenger"
+# a registered-model tag: the promotion under way, written before its first alias write, removed after its last
+INTENT_TAG = "promotion_in_progress"
+# PostgreSQL advisory lock key of promotions (the prediction log's migrations use another)
+PROMOTION_LOCK_KEY = 0x64696770
+LOCK_WAIT_SECONDS = 120
 
 
 class PromotionError(RuntimeError):
@@ -226,61 +237,166 @@ def move_champion(
 ) -> ModelRef:
     """Make ``version`` the champion if the champion is still ``expected_champion``.
 
-    The check and the move happen under one lock: a retrain that compared itself with a champion
-    that has since moved must not overwrite it without being compared with the new one. The lock
-    is per machine (see the module docstring for what guards it across machines).
+    The check and the move happen under one lock (``promotion_lock``): a retrain that compared
+    itself with a champion that has since moved must not overwrite it without being compared with
+    the new one. The move is written as an intent first, then the ``champion`` alias, then the rest
+    (version tags, ``previous-champion``, the history): a promotion killed part-way is finished by
+    the next one, or by ``repair_promotion`` when a retrain starts.
     """
+    name = settings.model_name
+    with promotion_lock(settings):
+        _finish_interrupted(client, name)
+        current_version = alias_version(client, name, CHAMPION)
+        pause_point("champion-read")
+        if current_version != expected_champion:
+            raise PromotionError(
+                f"the champion moved during this run (expected {expected_champion or 'none'}, "
+                f"now v{current_version}); it was not replaced. Retrain to compare with the new champion."
+            )
+        if current_version == str(version):
+            raise PromotionError(f"v{version} is already the champion")
+        intent = {
+            "version": str(version),
+            "from": current_version,
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "by": settings.promoted_by or getpass.getuser(),
+            "run_id": run_id,
+            "reason": reason[:4000],
+        }
+        client.set_registered_model_tag(name, INTENT_TAG, json.dumps(intent))
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+        pause_point("alias-writes")
+        _complete(client, name, intent)
+    log.info("champion: v%s (was %s)", version, f"v{current_version}" if current_version else "none")
+    return get_version(client, name, str(version))
+
+
+def _complete(client: MlflowClient, name: str, intent: dict) -> None:
+    """Everything a promotion writes after the ``champion`` alias; each write can be done twice."""
+    version, previous = intent["version"], intent["from"]
+    for key, value in {
+        "promoted_at": intent["at"],
+        "promoted_by": intent["by"],
+        "promotion_reason": intent["reason"],
+        "promoted_from": previous or "none",
+        **({"promotion_run_id": intent["run_id"]} if intent["run_id"] else {}),
+    }.items():
+        client.set_model_version_tag(name, version, key, value)
+    if previous:
+        client.set_registered_model_alias(name, PREVIOUS, previous)
+    if alias_version(client, name, CHALLENGER) == version:  # the challenger won: its shadow run is over
+        client.delete_registered_model_alias(name, CHALLENGER)
+    entry = {"version": version, "from": previous, "at": intent["at"], "by": intent["by"], "run_id": intent["run_id"]}
+    history = _history(client, name)
+    if entry not in history[-1:]:
+        history.append(entry)
+        client.set_registered_model_tag(name, "promotion_history", json.dumps(history[-40:]))
+    client.delete_registered_model_tag(name, INTENT_TAG)
+
+
+def _finish_interrupted(client: MlflowClient, name: str) -> str | None:
+    """Finish or drop a promotion whose process died after writing its intent; says what was done (None: nothing)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        raw = client.get_registered_model(name).tags.get(INTENT_TAG)
+    except MlflowException:  # no model registered yet
+        return None
+    if not raw:
+        return None
+    intent = json.loads(raw)
+    if alias_version(client, name, CHAMPION) == intent["version"]:
+        _complete(client, name, intent)
+        was = f"v{intent['from']}" if intent["from"] else "none"
+        done = f"finished the interrupted promotion of v{intent['version']} (was {was})"
+    else:  # the champion alias never moved (or was moved by hand since): nothing of it is left to undo
+        client.delete_registered_model_tag(name, INTENT_TAG)
+        done = f"dropped the interrupted promotion of v{intent['version']}: the champion never moved to it"
+    log.warning("%s: %s", name, done)
+    return done
+
+
+def repair_promotion(client: MlflowClient, settings: Settings) -> str | None:
+    """At start: finish a promotion killed between its writes (see ``move_champion``); says what was done, or None."""
+    with promotion_lock(settings):
+        return _finish_interrupted(client, settings.model_name)
+
+
+@contextmanager
+def promotion_lock(settings: Settings) -> Iterator[None]:
+    """The lock every move of an alias takes: in PostgreSQL when the store is there, else a file in the project.
+
+    A PostgreSQL advisory lock is held by the database connection, so it covers every machine that
+    shares the store and is released when its process dies, even by ``kill -9``. The file lock
+    covers the processes of one machine (the embedded SQLite store).
+    """
+    url = settings.promotion_lock_database
+    if url is None:
+        yield from _file_lock(settings)
+    else:
+        yield from _database_lock(url)
+
+
+def _file_lock(settings: Settings) -> Iterator[None]:
     from filelock import FileLock, Timeout
 
     settings.promotion_lock.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(settings.promotion_lock)
     try:
-        with FileLock(settings.promotion_lock, timeout=120):
-            current = get_alias(client, settings.model_name, CHAMPION)
-            current_version = current.version if current else None
-            if current_version != expected_champion:
-                raise PromotionError(
-                    f"the champion moved during this run (expected {expected_champion or 'none'}, "
-                    f"now v{current_version}); it was not replaced. Retrain to compare with the new champion."
-                )
-            if current_version == str(version):
-                raise PromotionError(f"v{version} is already the champion")
-            name = settings.model_name
-            now = datetime.now(UTC).isoformat(timespec="seconds")
-            who = settings.promoted_by or getpass.getuser()
-            for key, value in {
-                "promoted_at": now,
-                "promoted_by": who,
-                "promotion_reason": reason[:4000],
-                "promoted_from": current_version or "none",
-                **({"promotion_run_id": run_id} if run_id else {}),
-            }.items():
-                client.set_model_version_tag(name, str(version), key, value)
-            if current_version:
-                client.set_registered_model_alias(name, PREVIOUS, current_version)
-            client.set_registered_model_alias(name, CHAMPION, str(version))
-            if alias_version(client, name, CHALLENGER) == str(version):  # the challenger won: its shadow run is over
-                client.delete_registered_model_alias(name, CHALLENGER)
-            history = _history(client, name)
-            history.append({"version": str(version), "from": current_version, "at": now, "by": who, "run_id": run_id})
-            client.set_registered_model_tag(name, "promotion_history", json.dumps(history[-40:]))
+        lock.acquire(timeout=LOCK_WAIT_SECONDS)
     except Timeout:
         raise PromotionError(f"another promotion holds {settings.promotion_lock}; try again") from None
-    log.info("champion: v%s (was %s)", version, f"v{current_version}" if current_version else "none")
-    return get_version(client, settings.model_name, str(version))
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _database_lock(url: str) -> Iterator[None]:
+    import sqlalchemy as sa
+    from sqlalchemy.pool import NullPool
+
+    from pipeline.prediction_log import safe_url
+
+    if sa.make_url(url).get_backend_name() != "postgresql":
+        raise PromotionError(
+            f"the promotion lock needs PostgreSQL; DIGITS_PROMOTION_LOCK_URL is {safe_url(url)}. "
+            "Point it at the tracking server's database, or unset it for the file lock of one machine."
+        )
+    engine = sa.create_engine(url, poolclass=NullPool)
+    try:
+        connection = engine.connect()
+    except sa.exc.OperationalError as err:
+        engine.dispose()
+        raise PromotionError(f"cannot take the promotion lock in {safe_url(url)}: {str(err.orig).strip()}") from None
+    try:
+        with connection.begin():  # the lock is the transaction's: released at its end, or with the connection
+            try:
+                connection.execute(sa.text(f"SET LOCAL lock_timeout = '{LOCK_WAIT_SECONDS}s'"))
+                connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": PROMOTION_LOCK_KEY})
+            except sa.exc.OperationalError as err:
+                if getattr(err.orig, "pgcode", None) == "55P03":  # lock_not_available: the wait timed out
+                    raise PromotionError("another promotion holds the lock in the tracking database; try again") from None
+                raise PromotionError(f"cannot take the promotion lock in {safe_url(url)}: {str(err.orig).strip()}") from None
+            yield
+    finally:
+        connection.close()
+        engine.dispose()
 
 
 def set_challenger(client: MlflowClient, settings: Settings, version: str | None) -> ModelRef | None:
     """Point ``challenger`` at ``version`` (the service then runs it in the shadows), or remove it with None."""
     name = settings.model_name
-    if version is None:
-        if alias_version(client, name, CHALLENGER) is not None:
-            client.delete_registered_model_alias(name, CHALLENGER)
-        return None
-    ref = get_version(client, name, version)
-    if alias_version(client, name, CHAMPION) == ref.version:
-        raise PromotionError(f"v{ref.version} is the champion: a challenger must be another version")
-    client.set_registered_model_alias(name, CHALLENGER, ref.version)
-    client.set_model_version_tag(name, ref.version, "shadow_since", datetime.now(UTC).isoformat(timespec="seconds"))
+    with promotion_lock(settings):  # the champion must not become this version meanwhile
+        if version is None:
+            if alias_version(client, name, CHALLENGER) is not None:
+                client.delete_registered_model_alias(name, CHALLENGER)
+            return None
+        ref = get_version(client, name, version)
+        if alias_version(client, name, CHAMPION) == ref.version:
+            raise PromotionError(f"v{ref.version} is the champion: a challenger must be another version")
+        client.set_registered_model_alias(name, CHALLENGER, ref.version)
+        client.set_model_version_tag(name, ref.version, "shadow_since", datetime.now(UTC).isoformat(timespec="seconds"))
     log.info("challenger: v%s, run in the shadows of the champion", ref.version)
     return ref
 

@@ -24,7 +24,15 @@ class Settings(BaseSettings):
         validation_alias="MLFLOW_TRACKING_URI",
         description="MLflow tracking/registry URI; default: the sqlite store under mlflow/",
     )
+    promotion_lock_url: str | None = Field(
+        None,
+        description="PostgreSQL URL (SQLAlchemy) where promotions take their lock, shared by every machine: the tracking "
+        "server's database; default: MLFLOW_TRACKING_URI when it names PostgreSQL, else a file lock in mlflow/",
+    )
     experiment: str = "digits"
+    stale_run_hours: float = Field(
+        24.0, gt=0, description="a run another machine opened and left RUNNING this long is marked FAILED by the next retrain"
+    )
     monitoring_experiment: str = Field("digits-monitoring", description="MLflow experiment of `digits monitor`: a run a call")
     model_name: str = "digits-cnn"
     promoted_by: str | None = Field(default=None, description="who promotes; default: the OS user")
@@ -129,6 +137,14 @@ class Settings(BaseSettings):
     @property
     def promotion_lock(self) -> Path:
         return self.mlflow_dir / "promotion.lock"
+
+    @property
+    def promotion_lock_database(self) -> str | None:
+        """The database promotions lock in (PostgreSQL), or None for the file lock of one machine."""
+        if self.promotion_lock_url:
+            return self.promotion_lock_url
+        uri = self.tracking_uri or ""
+        return uri if uri.split(":", 1)[0].split("+", 1)[0].lower() == "postgresql" else None
 
 
 @lru_cache(maxsize=1)

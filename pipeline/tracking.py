@@ -2,11 +2,18 @@
 
 Steps of one run may live in different processes (Prefect tasks, Dask workers), so a run travels as
 its id, and each step makes it the active run only while it logs.
+
+A process killed outright (``kill -9``, the out-of-memory killer) never closes its run: the run
+records the process that opened it and the stage it is in (tags ``host``, ``pid``,
+``pid_started``, ``stage``), and ``mark_stale_runs``, called when a retrain starts, marks FAILED
+the runs whose process is gone, with the stage they died in.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -16,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from pipeline import registry, reproduce, versioning
 from pipeline.params import Params
+from pipeline.pause import pause_point
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
@@ -48,6 +56,7 @@ def start_run(
         mlflow.log_params({**params.flat(), "data_version": data_version.short})
         mlflow.set_tags(
             {"data_version": data_version.md5, "git_commit": commit, "data_pushed": str(data_version.pushed)}
+            | process_tags()
             | reproduce.as_tags(reproduce.environment())  # what `digits reproduce` compares machines by
             | (tags or {})
         )
@@ -75,14 +84,71 @@ def finish_run(settings: Settings, run_id: str, failed: bool = False, stopped_at
     client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
+def process_tags() -> dict[str, str]:
+    """What identifies this process for ``mark_stale_runs``: machine, pid, and its start time (pids are reused)."""
+    import psutil
+
+    return {"host": socket.gethostname(), "pid": str(os.getpid()), "pid_started": f"{psutil.Process().create_time():.2f}"}
+
+
+def _process_alive(tags: dict[str, str]) -> bool | None:
+    """Whether the process that opened a run still runs; None when that cannot be known here (another machine)."""
+    import psutil
+
+    if tags.get("host") != socket.gethostname() or "pid" not in tags:
+        return None
+    try:
+        process = psutil.Process(int(tags["pid"]))
+        return abs(process.create_time() - float(tags.get("pid_started", "0"))) < 1.0  # else: a reused pid
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+
+
+def mark_stale_runs(settings: Settings) -> list[str]:
+    """Mark FAILED the RUNNING runs (training and monitoring) whose process is gone; returns a line about each.
+
+    A run opened on this machine is stale when its process no longer runs. A run opened on another
+    machine cannot be checked from here: it is stale once it has been RUNNING for
+    ``settings.stale_run_hours``. Each gets ``stopped_at`` (the stage it died in) and ``failure``.
+    """
+    client = registry.connect(settings)
+    experiments = [client.get_experiment_by_name(name) for name in (settings.experiment, settings.monitoring_experiment)]
+    ids = [experiment.experiment_id for experiment in experiments if experiment is not None]
+    running = client.search_runs(ids, "attributes.status = 'RUNNING'", max_results=1000) if ids else []
+    now, marked = time.time(), []
+    for run in running:
+        tags = run.data.tags
+        alive = _process_alive(tags)
+        if alive or (alive is None and now - run.info.start_time / 1000 < settings.stale_run_hours * 3600):
+            continue
+        stage = tags.get("stage", "unknown")
+        why = "its process ended without closing it (killed, or out of memory)" if alive is False else "no word from it"
+        client.set_tag(run.info.run_id, "stopped_at", stage)
+        client.set_tag(run.info.run_id, "failure", why)
+        client.set_terminated(run.info.run_id, status="FAILED")
+        marked.append(f"run {run.info.run_id} ({run.info.run_name}) marked FAILED: {why}, during {stage}")
+        log.warning("%s", marked[-1])
+    return marked
+
+
 @dataclass
 class TrackedRun:
-    """An open run and the stage it is in; ``close`` ends it early (a sweep candidate that failed)."""
+    """An open run and the stage it is in (its ``stage`` tag too); ``close`` ends it early (a sweep candidate that failed)."""
 
     settings: Settings
     run_id: str
-    stage: str
+    _stage: str
     closed: bool = False
+
+    @property
+    def stage(self) -> str:
+        return self._stage
+
+    @stage.setter
+    def stage(self, stage: str) -> None:
+        """Enter ``stage``: recorded on the run, so a run whose process dies says where."""
+        self._stage = stage
+        _record_stage(self.settings, self.run_id, stage)
 
     def close(self, failed: bool = False, stopped_at: str | None = None) -> None:
         self.closed = True
@@ -93,6 +159,7 @@ class TrackedRun:
 def run_context(settings: Settings, run_id: str, stage: str) -> Iterator[TrackedRun]:
     """Close the run when the block ends: FINISHED, or FAILED with the stage it stopped at (``run.stage``)."""
     run = TrackedRun(settings, run_id, stage)
+    _record_stage(settings, run_id, stage)
     try:
         yield run
     except BaseException:
@@ -104,6 +171,11 @@ def run_context(settings: Settings, run_id: str, stage: str) -> Iterator[Tracked
         raise
     if not run.closed:
         run.close()
+
+
+def _record_stage(settings: Settings, run_id: str, stage: str) -> None:
+    registry.connect(settings).set_tag(run_id, "stage", stage)
+    pause_point(stage)
 
 
 def log_metrics(run_id: str, values: dict[str, float], step: int = 0) -> None:
@@ -118,6 +190,7 @@ def log_metrics(run_id: str, values: dict[str, float], step: int = 0) -> None:
 def log_epoch(run_id: str, epoch: int, values: dict[str, float]) -> None:
     """An epoch's metrics, with the epoch as their step."""
     log_metrics(run_id, values, step=epoch)
+    pause_point("epoch")
 
 
 def ui_command(settings: Settings, port: int) -> list[str]:

@@ -71,6 +71,18 @@ def _git(cwd: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
 
 
+def make_project(home: Path, source: Path) -> Path:
+    """A project folder at ``home``: git + DVC (with a local remote beside it), params.yaml on ``source``."""
+    home.mkdir(parents=True)
+    (home / "params.yaml").write_text(yaml.safe_dump(project_params(source)))
+    (home / ".gitignore").write_text((REPO / ".gitignore").read_text())  # the project's own, as a clone has it
+    _git(home, "init", "-q")
+    _git(home, "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-q", "--allow-empty", "-m", "init")
+    subprocess.run([shutil.which("dvc") or str(Path(os.sys.executable).parent / "dvc"), "init", "-q"], cwd=home, check=True)
+    (home / ".dvc" / "config").write_text("[core]\n    remote = local\n['remote \"local\"']\n    url = ../.dvc-remote\n")
+    return home
+
+
 @pytest.fixture
 def project(tmp_path, slice_npz, monkeypatch) -> Path:
     """A fresh project folder: git + DVC (with a local remote), params.yaml, its own MLflow store.
@@ -79,14 +91,7 @@ def project(tmp_path, slice_npz, monkeypatch) -> Path:
     """
     from pipeline.settings import get_settings
 
-    home = tmp_path / "project"
-    home.mkdir()
-    (home / "params.yaml").write_text(yaml.safe_dump(project_params(slice_npz)))
-    (home / ".gitignore").write_text((REPO / ".gitignore").read_text())  # the project's own, as a clone has it
-    _git(home, "init", "-q")
-    _git(home, "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-q", "--allow-empty", "-m", "init")
-    subprocess.run([shutil.which("dvc") or str(Path(os.sys.executable).parent / "dvc"), "init", "-q"], cwd=home, check=True)
-    (home / ".dvc" / "config").write_text("[core]\n    remote = local\n['remote \"local\"']\n    url = ../.dvc-remote\n")
+    home = make_project(tmp_path / "project", slice_npz)
     monkeypatch.setenv("DIGITS_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     get_settings.cache_clear()

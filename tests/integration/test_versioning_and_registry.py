@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
 import shutil
 
 import numpy as np
@@ -67,6 +66,12 @@ def test_corrupt_added_data_makes_no_new_version(project):
     assert result.exit_code == 1
     assert "3/scan.jpg" in result.output and "nothing was added" in result.output
     assert versioning.read_pointer(project / "data.dvc")["md5"] == before.md5
+    # a link out of the folder is not followed, whatever it points at
+    (folder / "scan.jpg").unlink()
+    (folder / "passwd.png").symlink_to("/etc/passwd")
+    result = CliRunner().invoke(digits, ["data", "add", str(folder.parent)])
+    assert result.exit_code == 1 and "3/passwd.png: a link to outside the folder, not followed" in result.output
+    assert versioning.read_pointer(project / "data.dvc")["md5"] == before.md5
 
 
 def _register_trained(settings, params, epochs: int) -> registry.ModelRef:
@@ -79,46 +84,6 @@ def _register_trained(settings, params, epochs: int) -> registry.ModelRef:
     return registry.register(
         registry.connect(settings), settings.model_name, candidate.model_uri, run_id, {"data_version": data_version.md5}
     )
-
-
-def _promote_in_another_process(home: str, version: str, results) -> None:
-    import os
-
-    os.environ["DIGITS_HOME"] = home
-    from pipeline import registry as reg
-    from pipeline.settings import get_settings as settings_of
-
-    settings = settings_of()
-    client = reg.connect(settings)
-    try:
-        reg.move_champion(client, settings, version, None, f"race for v{version}")
-        results.put((version, "won"))
-    except reg.PromotionError as err:
-        results.put((version, str(err)))
-
-
-def test_concurrent_promotions_leave_exactly_one_winner(project):
-    settings, params = _settings_and_params()
-    first = _register_trained(settings, params, epochs=1)
-    second = registry.register(
-        registry.connect(settings), settings.model_name, f"models:/{settings.model_name}/{first.version}", first.run_id, {}
-    )
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    racers = [
-        context.Process(target=_promote_in_another_process, args=(str(project), v, results))
-        for v in (first.version, second.version)
-    ]
-    for racer in racers:
-        racer.start()
-    for racer in racers:
-        racer.join(timeout=120)
-    outcomes = dict(results.get(timeout=5) for _ in racers)
-    winners = [v for v, outcome in outcomes.items() if outcome == "won"]
-    assert len(winners) == 1, outcomes
-    [loser] = [outcome for outcome in outcomes.values() if outcome != "won"]
-    assert "the champion moved during this run" in loser
-    assert registry.get_alias(registry.connect(settings), settings.model_name).version == winners[0]
 
 
 def test_manual_promote_and_rollback_go_through_the_checks(project):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline import data as data_module
 from pipeline.data import (
     DataError,
     _download,
@@ -21,6 +23,7 @@ from pipeline.data import (
     read_local,
 )
 from pipeline.params import KerasUrlSource
+from pipeline.preprocess import MAX_BYTES
 
 
 def _idx(array: np.ndarray) -> bytes:
@@ -100,6 +103,79 @@ def test_added_images_join_the_training_split(tmp_path):
     dataset = load_dataset(data)
     assert dataset.x_train.shape == (6, 28, 28) and list(dataset.y_train[-2:]) == [7, 7]
     assert dataset.x_train[-1].max() > 0  # the digit survived normalisation
+
+
+def _dataset(tmp_path):
+    data = tmp_path / "data"
+    (data / "mnist").mkdir(parents=True)
+    for split, n in (("train", 4), ("test", 2)):
+        np.save(data / "mnist" / f"{split}_images.npy", np.zeros((n, 28, 28), np.uint8))
+        np.save(data / "mnist" / f"{split}_labels.npy", np.zeros(n, np.uint8))
+    return data
+
+
+def _labelled(folder, digit: int, count: int):
+    (folder / str(digit)).mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        (folder / str(digit) / f"{index}.png").write_bytes(_digit_png(value=200 + index))
+    return folder
+
+
+def test_added_images_and_labels_are_written_together(tmp_path, monkeypatch):
+    """A write that stops part-way (here: the second file rename fails) leaves the images and labels of one version."""
+    data = _dataset(tmp_path)
+    add_images(_labelled(tmp_path / "first", 7, 2), data)
+    real_replace, calls = data_module.os.replace, []
+
+    def replace_then_die(source, target):
+        calls.append(target)
+        if len(calls) == 2:
+            raise OSError("killed")
+        real_replace(source, target)
+
+    monkeypatch.setattr(data_module.os, "replace", replace_then_die)
+    try:
+        add_images(_labelled(tmp_path / "second", 3, 2), data)
+    except OSError:
+        pass
+    dataset = load_dataset(data)  # images and labels of the same add, whichever it is
+    assert len(dataset.x_train) == len(dataset.y_train) in (6, 8)
+
+
+def test_a_link_out_of_the_added_folder_is_not_followed(tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(_digit_png())
+    folder = _labelled(tmp_path / "new", 7, 1)
+    (folder / "7" / "link.png").symlink_to(outside / "secret.png")
+    (folder / "3").symlink_to(outside, target_is_directory=True)
+    (folder / "7" / "inside.png").symlink_to(folder / "7" / "0.png")  # a link within the folder is fine
+    with pytest.raises(DataError) as raised:
+        read_labelled_folder(folder)
+    message = str(raised.value)
+    assert "2 problem(s)" in message and "nothing was added" in message
+    assert "7/link.png: a link to outside the folder" in message and "3/: a link to outside the folder" in message
+
+
+def test_an_oversized_file_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    folder = _labelled(tmp_path / "new", 7, 1)
+    with open(folder / "7" / "huge.png", "wb") as huge:
+        huge.truncate(MAX_BYTES + 1)  # sparse: large on paper, nothing to write
+    opened = []
+    real_open = data_module.os.open
+    monkeypatch.setattr(data_module.os, "open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
+    monkeypatch.setattr(Path, "read_bytes", lambda self: opened.append(str(self)) or b"")
+    with pytest.raises(DataError) as raised:
+        read_labelled_folder(folder)
+    assert f"7/huge.png: {MAX_BYTES + 1:,} bytes; the limit is {MAX_BYTES:,}" in str(raised.value)
+    assert not any(path.endswith("huge.png") for path in opened)
+
+
+def test_a_folder_with_too_many_files_is_refused_without_reading_them_all(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "MAX_ADD_FILES", 3, raising=False)
+    folder = _labelled(tmp_path / "new", 7, 5)
+    with pytest.raises(DataError, match="more than 3 files"):
+        read_labelled_folder(folder)
 
 
 def test_corrupt_dataset_file_says_how_to_restore(tmp_path):
