@@ -108,9 +108,15 @@ def promote(settings: Settings, candidate: Candidate, decision: GateDecision) ->
             "test_accuracy": f"{candidate.metrics.accuracy:.4f}",
             "test_min_class_recall": f"{candidate.metrics.min_class_recall:.4f}",
             "gate_reasons": "; ".join(decision.reasons)[:4000],
+            # the run's params overrides, shown with the version (`digits status`)
+            **({registry.OVERRIDES_TAG: run_tags[registry.OVERRIDES_TAG]} if registry.OVERRIDES_TAG in run_tags else {}),
         },
     )
     decision = decision.with_check(_smoke_check(version.uri, load_dataset(settings.data_dir), candidate.smoke_digits))
+    if decision.promote:  # before the alias moves: the service loads only a version with its verdict and hashes
+        registry.record_verdict(
+            client, settings.model_name, version.version, registry.served_hashes(candidate.run_id, version.uri)
+        )
     decision = _move_champion(client, settings, version.version, decision, "; ".join(decision.reasons), candidate.run_id)
     client.set_model_version_tag(settings.model_name, version.version, "gate", "promote" if decision.promote else "reject")
     if decision.promote:
@@ -139,7 +145,9 @@ def override(settings: Settings, params: Params, version: str, allow_regression:
     dataset = load_dataset(settings.data_dir)
     suite = evaluation.evaluation_sets(settings, params, dataset)
     try:
-        scores = evaluation.score(target.run_id, target.uri, dataset, suite, settings.serve_runtime)
+        # the files as they are now, hashed first and scored through those hashes: what passes is what gets recorded
+        hashes = registry.served_hashes(target.run_id, target.uri)
+        scores = evaluation.score(target.run_id, target.uri, dataset, suite, settings.serve_runtime, expected=hashes)
     except Exception as err:  # a version that cannot load or answer is not promotable
         raise registry.PromotionError(f"v{target.version} failed the smoke check: {type(err).__name__}: {err}") from None
     metrics = scores.metrics
@@ -164,6 +172,8 @@ def override(settings: Settings, params: Params, version: str, allow_regression:
         mlflow.set_tags({"kind": "manual-promotion", "target_version": target.version})
         mlflow.log_metrics(metrics.flat())
     reason = "manual: " + "; ".join(decision.reasons)
+    if decision.promote:  # only a version that passed these checks gets the verdict the service requires
+        registry.record_verdict(client, settings.model_name, target.version, hashes)
     decision = _move_champion(client, settings, target.version, decision, reason, run.info.run_id)
     return Outcome(decision, target, registry.get_alias(client, settings.model_name))
 

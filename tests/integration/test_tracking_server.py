@@ -161,6 +161,8 @@ def test_retrain_status_and_serving_through_the_tracking_server(
         with pytest.raises(registry.PromotionError, match="champion moved"):
             registry.move_champion(client, settings, second.version, None, "compared with no champion")
         assert registry.get_alias(client, name).version == "1"
+        # what a gated promotion records first: the service loads only a version with its verdict and hashes
+        registry.record_verdict(client, name, second.version, registry.served_hashes(run_id, second.uri))
         registry.move_champion(client, settings, second.version, "1", "test: compared with v1", run_id)
         assert registry.get_alias(client, name).version == "2"
         assert registry.get_alias(client, name, registry.PREVIOUS).version == "1"
