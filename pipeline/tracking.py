@@ -6,16 +6,17 @@ its id, and each step makes it the active run only while it logs.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline import registry, versioning
-from pipeline.params import Params
+from pipeline.params import Params, unsafe_overrides
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
@@ -51,6 +52,14 @@ def start_run(
         )
         mlflow.log_dict(params.model_dump(), "params.json")
     return run_id
+
+
+def override_tags(overrides: dict[str, Any] | None) -> dict[str, str]:
+    """Tags that record a run's params overrides (``overrides``: JSON, "{}" for none), copied to the version it registers."""
+    tags = {registry.OVERRIDES_TAG: json.dumps(overrides or {}, sort_keys=True, default=str)[:5000]}
+    if unsafe := unsafe_overrides(overrides):
+        tags["unsafe_overrides"] = ", ".join(unsafe)[:5000]
+    return tags
 
 
 @contextmanager
