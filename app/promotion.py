@@ -175,6 +175,8 @@ def override(settings: Settings, params: Params, version: str, allow_regression:
     if decision.promote:  # only a version that passed these checks gets the verdict the service requires
         registry.record_verdict(client, settings.model_name, target.version, hashes)
     decision = _move_champion(client, settings, target.version, decision, reason, run.info.run_id)
+    if not decision.promote and target.verdict != registry.PROMOTE:  # the champion moved meanwhile: not passed after all
+        client.set_model_version_tag(settings.model_name, target.version, registry.VERDICT_TAG, "reject")
     return Outcome(decision, target, registry.get_alias(client, settings.model_name))
 
 
