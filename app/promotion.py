@@ -133,15 +133,20 @@ def override(settings: Settings, params: Params, version: str, allow_regression:
 
     The version is re-scored as served, on the test set and the suite, against the floors, and
     compared with the champion unless ``allow_regression``; loading it is the smoke check. The decision is
-    logged as an MLflow run of its own.
+    logged as an MLflow run of its own. The champion itself is accepted only when it carries no verdict
+    (promoted before verdicts were recorded, so the service refuses it): it is checked against the
+    floors and, when it passes, gets its verdict and hashes where it stands.
     """
     import mlflow
 
     client = registry.connect(settings)
     champion = registry.get_alias(client, settings.model_name)
     target = registry.get_version(client, settings.model_name, version)
-    if champion is not None and champion.version == target.version:
+    recheck = champion is not None and champion.version == target.version
+    if recheck and target.verdict == registry.PROMOTE and target.served_sha256:
         raise registry.PromotionError(f"v{target.version} is already the champion")
+    if recheck:
+        champion, allow_regression = None, True  # nothing to compare it with but itself
     dataset = load_dataset(settings.data_dir)
     suite = evaluation.evaluation_sets(settings, params, dataset)
     try:
@@ -174,6 +179,10 @@ def override(settings: Settings, params: Params, version: str, allow_regression:
     reason = "manual: " + "; ".join(decision.reasons)
     if decision.promote:  # only a version that passed these checks gets the verdict the service requires
         registry.record_verdict(client, settings.model_name, target.version, hashes)
+    if recheck:  # it stays where it is: only its verdict was missing
+        _log_decision(client, run.info.run_id, decision)
+        log.info("champion v%s re-checked: %s", target.version, "passed" if decision.promote else "failed")
+        return Outcome(decision, target, registry.get_alias(client, settings.model_name))
     decision = _move_champion(client, settings, target.version, decision, reason, run.info.run_id)
     if not decision.promote and target.verdict != registry.PROMOTE:  # the champion moved meanwhile: not passed after all
         client.set_model_version_tag(settings.model_name, target.version, registry.VERDICT_TAG, "reject")

@@ -76,6 +76,19 @@ def test_first_run_promotes_and_worse_runs_leave_the_champion(project):
     assert champion.version == "1" and champion.data_version == first["data_version"] and champion.promoted_at
     # params.yaml as it is: no overrides, recorded as such on the run and the version, with the gate's verdict
     assert run.data.tags["overrides"] == "{}" and champion.overrides == {} and champion.verdict == "promote"
+    # a champion promoted before verdicts were recorded (the service refuses it) is re-checked where it stands
+    from app import promotion
+
+    name = get_settings().model_name
+    for tag in (registry.VERDICT_TAG, registry.HASHES_TAG):
+        client.delete_model_version_tag(name, "1", tag)
+    settings, params = get_settings(), load_params(get_settings().params_path)
+    rechecked = promotion.override(settings, params, "1")
+    assert rechecked.decision.promote and rechecked.champion.version == "1"
+    again = registry.get_version(client, name, "1")
+    assert again.verdict == "promote" and again.served_sha256 == champion.served_sha256
+    with pytest.raises(registry.PromotionError, match="already the champion"):
+        promotion.override(settings, params, "1")
 
     # the gate scored the served form on the out-of-distribution suite: every family, a table and a chart
     from pipeline.suite import FAMILY_NAMES
