@@ -83,8 +83,9 @@ class ChampionWatcher:
 
     ``current`` is the model that answers; it is replaced in one assignment, only by a model that
     loaded and answered a warm-up, and (for the champion) that carries the gate's verdict and whose
-    downloaded files match the hashes recorded at its promotion. When the alias disappears or the registry cannot be read, the
-    loaded model keeps answering (and ``problem`` says what is wrong).
+    downloaded files match the hashes recorded at its promotion. When the alias disappears, names a
+    version that is refused, or the registry cannot be read, the loaded model keeps answering (and
+    ``problem`` says what is wrong).
     """
 
     def __init__(
