@@ -98,12 +98,20 @@ def evaluation_sets(settings: Settings, params: Params, dataset: Dataset) -> dic
 
 
 def score(
-    run_id: str | None, model_uri: str, dataset: Dataset, suite: dict[str, SuiteImages], runtime: str = "tflite-int8"
+    run_id: str | None,
+    model_uri: str,
+    dataset: Dataset,
+    suite: dict[str, SuiteImages],
+    runtime: str = "tflite-int8",
+    expected: dict[str, str] | None = None,
 ) -> Scores:
-    """A training run's model as the service would run it (its export and calibration) on the test set and the suite."""
+    """A training run's model as the service would run it (its export and calibration) on the test set and the suite.
+
+    With ``expected`` (served file -> sha256) only files with those hashes are used, as the service does.
+    """
     from pipeline.served import run_predictor
 
-    predictor, runtime, calibration = run_predictor(run_id, model_uri, runtime)
+    predictor, runtime, calibration = run_predictor(run_id, model_uri, runtime, expected=expected)
     mnist, digits = predict_classes(predictor, dataset.x_test)
     families, refused, by_family = {}, {}, {}
     for name, images in suite.items():

@@ -109,10 +109,16 @@ def promote(settings: Settings, candidate: Candidate, decision: GateDecision) ->
             "test_accuracy": f"{candidate.metrics.accuracy:.4f}",
             "test_min_class_recall": f"{candidate.metrics.min_class_recall:.4f}",
             "gate_reasons": "; ".join(decision.reasons)[:4000],
+            # the run's params overrides, shown with the version (`digits status`)
+            **({registry.OVERRIDES_TAG: run_tags[registry.OVERRIDES_TAG]} if registry.OVERRIDES_TAG in run_tags else {}),
         },
     )
     pause_point("registered")  # a test kills the process here: a version registered, the champion not moved
     decision = decision.with_check(_smoke_check(version.uri, load_dataset(settings.data_dir), candidate.smoke_digits))
+    if decision.promote:  # before the alias moves: the service loads only a version with its verdict and hashes
+        registry.record_verdict(
+            client, settings.model_name, version.version, registry.served_hashes(candidate.run_id, version.uri)
+        )
     decision = _move_champion(client, settings, version.version, decision, "; ".join(decision.reasons), candidate.run_id)
     client.set_model_version_tag(settings.model_name, version.version, "gate", "promote" if decision.promote else "reject")
     if decision.promote:
@@ -129,19 +135,26 @@ def override(settings: Settings, params: Params, version: str, allow_regression:
 
     The version is re-scored as served, on the test set and the suite, against the floors, and
     compared with the champion unless ``allow_regression``; loading it is the smoke check. The decision is
-    logged as an MLflow run of its own.
+    logged as an MLflow run of its own. The champion itself is accepted only when it carries no verdict
+    (promoted before verdicts were recorded, so the service refuses it): it is checked against the
+    floors and, when it passes, gets its verdict and hashes where it stands.
     """
     import mlflow
 
     client = registry.connect(settings)
     champion = registry.get_alias(client, settings.model_name)
     target = registry.get_version(client, settings.model_name, version)
-    if champion is not None and champion.version == target.version:
+    recheck = champion is not None and champion.version == target.version
+    if recheck and target.verdict == registry.PROMOTE and target.served_sha256:
         raise registry.PromotionError(f"v{target.version} is already the champion")
+    if recheck:
+        champion, allow_regression = None, True  # nothing to compare it with but itself
     dataset = load_dataset(settings.data_dir)
     suite = evaluation.evaluation_sets(settings, params, dataset)
     try:
-        scores = evaluation.score(target.run_id, target.uri, dataset, suite, settings.serve_runtime)
+        # the files as they are now, hashed first and scored through those hashes: what passes is what gets recorded
+        hashes = registry.served_hashes(target.run_id, target.uri)
+        scores = evaluation.score(target.run_id, target.uri, dataset, suite, settings.serve_runtime, expected=hashes)
     except Exception as err:  # a version that cannot load or answer is not promotable
         raise registry.PromotionError(f"v{target.version} failed the smoke check: {type(err).__name__}: {err}") from None
     metrics = scores.metrics
@@ -166,7 +179,15 @@ def override(settings: Settings, params: Params, version: str, allow_regression:
         mlflow.set_tags({"kind": "manual-promotion", "target_version": target.version})
         mlflow.log_metrics(metrics.flat())
     reason = "manual: " + "; ".join(decision.reasons)
+    if decision.promote:  # only a version that passed these checks gets the verdict the service requires
+        registry.record_verdict(client, settings.model_name, target.version, hashes)
+    if recheck:  # it stays where it is: only its verdict was missing
+        _log_decision(client, run.info.run_id, decision)
+        log.info("champion v%s re-checked: %s", target.version, "passed" if decision.promote else "failed")
+        return Outcome(decision, target, registry.get_alias(client, settings.model_name))
     decision = _move_champion(client, settings, target.version, decision, reason, run.info.run_id)
+    if not decision.promote and target.verdict != registry.PROMOTE:  # the champion moved meanwhile: not passed after all
+        client.set_model_version_tag(settings.model_name, target.version, registry.VERDICT_TAG, "reject")
     return Outcome(decision, target, registry.get_alias(client, settings.model_name))
 
 

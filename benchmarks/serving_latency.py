@@ -440,6 +440,8 @@ def promote(ref: ModelRef, previous: ModelRef | None, reason: str) -> None:
 
     settings = get_settings()
     client = registry.store_client(settings)
+    # the benchmark's versions were gated when the pipeline promoted them: recorded as such, so the service loads them
+    registry.record_verdict(client, settings.model_name, ref.version, registry.served_hashes(ref.run_id, ref.uri))
     registry.move_champion(client, settings, ref.version, previous.version if previous else None, reason, ref.run_id)
 
 

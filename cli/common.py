@@ -22,6 +22,14 @@ SetOption = Annotated[
     typer.Option("--set", help="Override a params.yaml value for this run: --set train.epochs=3 (repeatable)."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+UnsafeOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unsafe-overrides",
+        help="Let --set change more than model.* and train.* (gate.*, data.* ...) for this local run; "
+        "recorded on the run and its version. Never allowed for runs on the deployment.",
+    ),
+]
 
 
 def quiet_libraries() -> None:
@@ -65,6 +73,17 @@ def parse_sets(sets: list[str] | None) -> dict[str, Any]:
             fail(f"--set takes KEY=VALUE with a dotted params.yaml key, e.g. train.epochs=3; got {item!r}", 2)
         overrides[key.strip()] = yaml.safe_load(value)
     return overrides
+
+
+def check_overrides(overrides: dict[str, Any], deployment: bool, allow_unsafe: bool = False, sweep: bool = False) -> None:
+    """Refuse overrides the run may not take (``pipeline.params.check_overrides``): exit 2 with the reason."""
+    from pipeline.params import SAFE_OVERRIDE_SECTIONS, SWEEP_OVERRIDE_SECTIONS, OverrideRefused
+    from pipeline.params import check_overrides as check
+
+    try:
+        check(overrides, deployment, allow_unsafe, SWEEP_OVERRIDE_SECTIONS if sweep else SAFE_OVERRIDE_SECTIONS)
+    except OverrideRefused as err:
+        fail(f"{err}\n{NOTHING_DONE}", 2)
 
 
 def load(overrides: dict[str, Any] | None = None, progress: bool = False) -> tuple[Settings, Params]:

@@ -30,6 +30,7 @@ def status(
     typer.echo(f"{report['model_name']} champion: v{champion['version']} (previous: {report['previous_champion'] or 'none'})")
     for key in ("run_id", "data_version", "git_commit", "promoted_at", "promoted_by", "promotion_reason"):
         typer.echo(f"  {key:<17} {champion[key]}")
+    typer.echo(f"  {'overrides':<17} {_overrides(champion['overrides'])}")
     for key, value in champion["metrics"].items():
         typer.echo(f"  {key:<17} {value:.4f}")
     if challenger := report["challenger"]:
@@ -50,7 +51,7 @@ def status(
         typer.echo(
             f"  v{version['version']}: accuracy {version['metrics'].get('test_accuracy', float('nan')):.4f}, "
             f"data {str(version['data_version'])[:12]}, promoted {version['promoted_at'] or '-'}, "
-            f"reproduced {version['reproduced'] or '-'}"
+            f"overrides {_overrides(version['overrides'])}, reproduced {version['reproduced'] or '-'}"
         )
 
 
@@ -161,3 +162,10 @@ def reproduce(
         typer.echo(result.comparison.summary())
     if not result.comparison.reproduced:
         raise typer.Exit(1)
+
+
+def _overrides(overrides: dict | None) -> str:
+    """A version's params overrides as --set options; "none" for params.yaml as it was, "unknown" when not recorded."""
+    if overrides is None:
+        return "unknown"
+    return " ".join(f"--set {key}={json.dumps(value)}" for key, value in overrides.items()) or "none"

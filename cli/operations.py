@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import SetOption, fail, load, parse_sets, quiet_libraries, reported_errors
+from cli.common import SetOption, check_overrides, fail, load, parse_sets, quiet_libraries, reported_errors
 
 
 def ui(
@@ -57,7 +57,7 @@ def deploy(
 
     Creates (or updates) a process work pool, a concurrency limit of one on promotion across all
     workers, and the deployment retrain-digits/<name>: the flow from this code folder, run for the
-    project in DIGITS_HOME, on a schedule, with --set values as default parameters. Beside it,
+    project in DIGITS_HOME, on a schedule, with --set values (model.* and train.* only) as default parameters. Beside it,
     monitor-digits/<name> runs `digits monitor --retrain-when-needed` every DIGITS_MONITOR_CRON (hourly)
     and starts the retraining deployment on drift or when enough corrections are ready. Then start a
     worker (`prefect worker start --pool digits`) and trigger runs with `digits retrain --deployment`,
@@ -70,6 +70,7 @@ def deploy(
 
     settings = get_settings()
     overrides = parse_sets(sets)
+    check_overrides(overrides, deployment=True)  # the worker would refuse every run
     if overrides and settings.params_path.exists():
         load(overrides)
     with reported_errors():

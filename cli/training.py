@@ -8,7 +8,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cli.common import NOTHING_DONE, JsonOption, SetOption, fail, load, parse_sets, quiet_libraries, reported_errors
+from cli.common import (
+    NOTHING_DONE,
+    JsonOption,
+    SetOption,
+    UnsafeOption,
+    check_overrides,
+    fail,
+    load,
+    parse_sets,
+    quiet_libraries,
+    reported_errors,
+)
 
 if TYPE_CHECKING:
     from pipeline.settings import Settings
@@ -28,6 +39,7 @@ def retrain(
     wait: Annotated[
         bool, typer.Option("--wait/--no-wait", help="With --deployment: follow the run to its end, or only start it.")
     ] = True,
+    allow_unsafe: UnsafeOption = False,
 ) -> None:
     """Run the retraining flow end to end with Prefect (no server to start).
 
@@ -38,8 +50,13 @@ def retrain(
 
     With --deployment the same flow runs on a Prefect worker (see `digits deploy`); --set values
     are added to the deployment's default ones for this run.
+
+    --set takes model.* and train.* keys; others (gate.*, data.* ...) can lower the bar or change
+    the data, and need --allow-unsafe-overrides, here only: a deployment's runs never take them.
+    Every override is recorded on the run and on the version it registers (`digits status`).
     """
     overrides = parse_sets(sets)
+    check_overrides(overrides, deployment=on_deployment, allow_unsafe=allow_unsafe)
     if on_deployment:
         _retrain_on_deployment(overrides, wait, as_json)
         return
@@ -55,7 +72,7 @@ def retrain(
     with reported_errors(NOTHING_DONE), prefect_api(server) as api_url:
         if server is not None:
             typer.echo(f"Prefect API: a temporary server on {api_url}, stopped at exit", err=True)
-        summary = retrain_flow(overrides=overrides)
+        summary = retrain_flow(overrides=overrides, allow_unsafe_overrides=allow_unsafe)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
 
@@ -139,6 +156,7 @@ def sweep(
         ),
     ] = None,
     as_json: JsonOption = False,
+    allow_unsafe: UnsafeOption = False,
 ) -> None:
     """Train every combination of the grid in params.yaml (sweep.grid) in parallel, and gate the best.
 
@@ -146,11 +164,13 @@ def sweep(
     (a local cluster, one worker per core; or the scheduler in --dask-address), each its own MLflow
     run nested under the sweep's run -> choose the best validation accuracy (the train.validation_split
     hold-out; the test set takes no part) -> test it, gate it and promote it exactly like `digits retrain`.
-    --set changes what every candidate starts from; grid values win over it.
+    --set changes what every candidate starts from; grid values win over it. As with `digits retrain`,
+    keys outside model.*, train.* and sweep.* need --allow-unsafe-overrides.
     """
     overrides = parse_sets(sets)
     if grid:
         overrides["sweep.grid"] = _parse_grid(grid)
+    check_overrides(overrides, deployment=False, allow_unsafe=allow_unsafe, sweep=True)
     _, params = load(overrides)  # bad keys or values stop before any cluster or engine
     if not params.sweep.grid:
         fail(
@@ -169,6 +189,8 @@ def sweep(
     with reported_errors(NOTHING_DONE):
         from flows.sweep import sweep as sweep_flow
 
-        summary = sweep_flow(overrides=overrides, dask_address=dask_address, params=params, server=server)
+        summary = sweep_flow(
+            overrides=overrides, dask_address=dask_address, params=params, server=server, allow_unsafe_overrides=allow_unsafe
+        )
     if as_json:  # the flow printed the summary already
         typer.echo(json.dumps(summary, indent=2))

@@ -13,7 +13,7 @@ from app.promotion import Outcome
 from app.training import Candidate
 from pipeline import tracking
 from pipeline.gate import GateDecision
-from pipeline.params import Params, load_params
+from pipeline.params import Params, check_overrides, load_params
 from pipeline.settings import Settings, get_settings
 from pipeline.validation import DataValidationError
 from pipeline.versioning import DataVersion
@@ -39,8 +39,11 @@ def version_data(settings: Settings, params: Params) -> DataVersion:
 
 
 @task(name="open MLflow run", retries=2, retry_delay_seconds=2, **_task)
-def open_run(settings: Settings, params: Params, data_version: DataVersion, trigger: Trigger) -> str:
-    return tracking.start_run(settings, params, data_version, run_name=f"retrain-{data_version.short}", tags={"trigger": trigger})
+def open_run(
+    settings: Settings, params: Params, data_version: DataVersion, trigger: Trigger, overrides: dict[str, Any] | None = None
+) -> str:
+    tags = {"trigger": trigger, **tracking.override_tags(overrides)}
+    return tracking.start_run(settings, params, data_version, run_name=f"retrain-{data_version.short}", tags=tags)
 
 
 @task(name="validate dataset (Great Expectations)", **_task)
@@ -74,19 +77,32 @@ def record_stages(settings: Settings, candidate: Candidate, decision: GateDecisi
     return stages.record(settings, candidate, decision)
 
 
+def started_by_deployment() -> bool:
+    """Whether this flow run belongs to a deployment (started by its schedule, the UI, the API or another flow)."""
+    from prefect.runtime import deployment
+
+    return deployment.id is not None
+
+
 @flow(name="retrain-digits", log_prints=True)
-def retrain(overrides: dict[str, Any] | None = None, trigger: Trigger = "manual") -> dict[str, Any]:
+def retrain(
+    overrides: dict[str, Any] | None = None, trigger: Trigger = "manual", allow_unsafe_overrides: bool = False
+) -> dict[str, Any]:
     """Retrain on the current data version and promote the result if it passes the gate.
 
     ``overrides`` maps dotted params keys to values, e.g. ``{"train.epochs": 1}``; ``trigger`` says
-    what started the run (the run's ``trigger`` tag).
+    what started the run (the run's ``trigger`` tag). Overrides outside ``model.*`` and ``train.*``
+    need ``allow_unsafe_overrides`` (``digits retrain --allow-unsafe-overrides``), and a deployment's
+    runs never take them, whatever their parameters say. Overrides are tagged on the run and the version.
     """
     settings = get_settings()
+    check_overrides(overrides, deployment=started_by_deployment(), allow_unsafe=allow_unsafe_overrides)
     params = load_params(settings.params_path, overrides)
     for line in recover(settings):  # runs left RUNNING by a killed process, a promotion stopped half-way
         print(line)
     data_version = version_data(settings, params)
-    with tracking.run_context(settings, open_run(settings, params, data_version, trigger), stage="validation") as run:
+    opened = open_run(settings, params, data_version, trigger, overrides)
+    with tracking.run_context(settings, opened, stage="validation") as run:
         validate(settings, params, run.run_id)
         run.stage = "training"
         candidate = train(settings, params, run.run_id)

@@ -20,11 +20,11 @@ from prefect.cache_policies import NO_CACHE
 from app import summaries, training
 from app import sweep as sweeps
 from app.training import Candidate, TrainedModel
-from flows.retrain import gate, promote, recover, validate, version_data
+from flows.retrain import gate, promote, recover, started_by_deployment, validate, version_data
 from flows.temporary_server import TemporaryPrefectServer, prefect_api
-from pipeline import tracking
+from pipeline import registry, tracking
 from pipeline.model import limit_threads
-from pipeline.params import GridPoint, Params, grid_points, load_params
+from pipeline.params import SWEEP_OVERRIDE_SECTIONS, GridPoint, Params, check_overrides, grid_points, load_params
 from pipeline.settings import Settings, get_settings
 from pipeline.versioning import DataVersion
 
@@ -106,15 +106,29 @@ def _train_all(
     return trained, failures
 
 
+@task(name="record the overrides on the runs", retries=2, retry_delay_seconds=2, **_task)
+def record_overrides(settings: Settings, run_ids: list[str], overrides: dict[str, Any] | None) -> None:
+    client = registry.connect(settings)
+    for run_id in run_ids:
+        for key, value in tracking.override_tags(overrides).items():
+            client.set_tag(run_id, key, value)
+
+
 @flow(name="sweep-digits", log_prints=True)
-def sweep_flow(overrides: dict[str, Any] | None = None, tf_threads: int | None = None, where: str = "") -> dict[str, Any]:
+def sweep_flow(
+    overrides: dict[str, Any] | None = None, tf_threads: int | None = None, where: str = "", allow_unsafe_overrides: bool = False
+) -> dict[str, Any]:
     """Train every grid point in parallel, gate the one with the best validation accuracy, promote it if it passes.
 
     ``overrides`` maps dotted params keys to values (``{"sweep.grid": {...}, "train.epochs": 2}``);
-    ``tf_threads`` sizes TensorFlow in each training; ``where`` names the cluster, for the log.
+    ``tf_threads`` sizes TensorFlow in each training; ``where`` names the cluster, for the log. As in
+    the retraining flow, overrides outside ``model.*``, ``train.*`` and ``sweep.*`` need ``allow_unsafe_overrides``.
     """
     logger = get_run_logger()
     settings = get_settings()
+    check_overrides(
+        overrides, deployment=started_by_deployment(), allow_unsafe=allow_unsafe_overrides, safe=SWEEP_OVERRIDE_SECTIONS
+    )
     params = load_params(settings.params_path, overrides)
     points = grid_points(params)
     logger.info("%d candidate(s) on %s: %s", len(points), where or "the task runner", "; ".join(p.label for p in points))
@@ -134,6 +148,7 @@ def sweep_flow(overrides: dict[str, Any] | None = None, tf_threads: int | None =
             )
             for p in points
         ]
+        record_overrides(settings, [sweep_run.run_id, *(r.run_id for r in point_runs)], overrides)
         trained, failures = _train_all(settings, points, point_runs, tf_threads)
         if not trained:
             raise RuntimeError(f"every sweep candidate failed: {failures}")
@@ -167,6 +182,7 @@ def sweep(
     dask_address: str | None = None,
     params: Params | None = None,
     server: TemporaryPrefectServer | None = None,
+    allow_unsafe_overrides: bool = False,
 ) -> dict[str, Any]:
     """Run the sweep flow on a Dask cluster: ``dask_address`` (or DIGITS_DASK_ADDRESS), else a local one.
 
@@ -184,4 +200,9 @@ def sweep(
                 api_url,
             )
         run = sweep_flow.with_options(task_runner=task_runner(cluster))
-        return run(overrides=overrides, tf_threads=cluster.tf_threads, where=cluster.describe())
+        return run(
+            overrides=overrides,
+            tf_threads=cluster.tf_threads,
+            where=cluster.describe(),
+            allow_unsafe_overrides=allow_unsafe_overrides,
+        )

@@ -205,6 +205,53 @@ class ParamsError(ValueError):
     """params.yaml is unreadable, has an unknown key or a value of the wrong type."""
 
 
+class OverrideRefused(ParamsError):
+    """An override this run may not take: it could lower the bar a model must clear, or change what it learns from."""
+
+
+# what any run may change for itself: how the model is built and trained. Every other section sets the
+# bar a model must clear (gate, suite, validation, confidence) or what it learns from (data, feedback):
+# params.yaml holds those, and only a person at their own machine overrides them, saying so.
+SAFE_OVERRIDE_SECTIONS = ("model", "train")
+# a sweep's own overrides add its grid (of model.* and train.* values)
+SWEEP_OVERRIDE_SECTIONS = (*SAFE_OVERRIDE_SECTIONS, "sweep")
+UNSAFE_FLAG = "--allow-unsafe-overrides"
+
+
+def unsafe_overrides(overrides: dict[str, Any] | None, safe: tuple[str, ...] = SAFE_OVERRIDE_SECTIONS) -> list[str]:
+    """The override keys outside the ``safe`` sections, sorted."""
+    return sorted(key for key in overrides or {} if key.split(".", 1)[0] not in safe)
+
+
+def check_overrides(
+    overrides: dict[str, Any] | None,
+    deployment: bool,
+    allow_unsafe: bool = False,
+    safe: tuple[str, ...] = SAFE_OVERRIDE_SECTIONS,
+) -> None:
+    """Refuse overrides outside ``safe`` (``model.*``, ``train.*``): always on a deployment, locally without ``allow_unsafe``.
+
+    A deployment's runs are started by anyone who reaches the Prefect server (its UI included), so the
+    flag cannot be passed to them at all.
+    """
+    unsafe = unsafe_overrides(overrides, safe)
+    if not unsafe:
+        return
+    keys = ", ".join(unsafe)
+    allowed = " and ".join(f"{section}.*" for section in safe)
+    if deployment:
+        raise OverrideRefused(
+            f"override of {keys} refused: runs started through the deployment take {allowed} overrides only. "
+            f"Change params.yaml (and run `digits deploy` again), or run here with `digits retrain --set ... {UNSAFE_FLAG}`."
+        )
+    if not allow_unsafe:
+        raise OverrideRefused(
+            f"override of {keys} refused: it can lower the bar a model must clear or change the data it learns from. "
+            f"Add {UNSAFE_FLAG} to use it for this run (it is recorded on the run and on any version it registers), "
+            "or change params.yaml."
+        )
+
+
 def _describe(err: ValidationError) -> str:
     lines = []
     for e in err.errors():

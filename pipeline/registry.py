@@ -18,13 +18,15 @@ start of a retrain.
 from __future__ import annotations
 
 import getpass
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pipeline.pause import pause_point
 from pipeline.settings import Settings
@@ -46,10 +48,22 @@ INTENT_TAG = "promotion_in_progress"
 # PostgreSQL advisory lock key of promotions (the prediction log's migrations use another)
 PROMOTION_LOCK_KEY = 0x64696770
 LOCK_WAIT_SECONDS = 120
+# version tags written at promotion: the gate's verdict, and the sha256 of every file the service can load
+VERDICT_TAG = "gate"
+PROMOTE = "promote"
+HASHES_TAG = "served_sha256"
+# the params overrides of the run that trained the version (JSON), "{}" when it used params.yaml as it is
+OVERRIDES_TAG = "overrides"
+# the Keras model's files are recorded under this prefix, the run's serving exports under theirs ("serving/...")
+KERAS_PREFIX = "model/"
 
 
 class PromotionError(RuntimeError):
     """The champion could not be moved as asked; the message says why. Nothing was changed."""
+
+
+class IntegrityError(RuntimeError):
+    """A version that must not be served: the gate never passed it, or its files changed since. Says which, without paths."""
 
 
 @dataclass(frozen=True)
@@ -66,13 +80,19 @@ class ModelRef:
     promoted_by: str | None
     promotion_reason: str | None
     reproduced: str | None = None  # the verdict of `digits reproduce`, with its date
+    verdict: str | None = None  # "promote" once the gate (or `digits promote`'s checks) passed it
+    overrides: dict[str, Any] | None = None  # the params overrides its run was trained and gated with
+    # what the gate passed: served file -> sha256 (not shown: the service checks it)
+    served_sha256: dict[str, str] | None = field(default=None, repr=False)
 
     @property
     def uri(self) -> str:
         return f"models:/{self.model_name}/{self.version}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        shown = asdict(self)
+        shown.pop("served_sha256")
+        return shown
 
 
 def store_client(settings: Settings) -> MlflowClient:
@@ -131,7 +151,18 @@ def _version_ref(client: MlflowClient, model_name: str, version) -> ModelRef:
         promoted_by=tags.get("promoted_by"),
         promotion_reason=tags.get("promotion_reason"),
         reproduced=tags.get("reproduced"),
+        verdict=tags.get(VERDICT_TAG),
+        overrides=_json_tag(tags, OVERRIDES_TAG),
+        served_sha256=_json_tag(tags, HASHES_TAG),
     )
+
+
+def _json_tag(tags: dict[str, str], key: str) -> dict | None:
+    try:
+        value = json.loads(tags[key])
+    except (KeyError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def get_alias(client: MlflowClient, model_name: str, alias: str = CHAMPION) -> ModelRef | None:
@@ -215,6 +246,80 @@ def load_calibration(run_id: str | None) -> Calibration | None:
 
     content = _serving_file(run_id, CALIBRATION_FILE)
     return None if content is None else Calibration.from_dict(json.loads(content))
+
+
+def served_hashes(run_id: str | None, model_uri: str) -> dict[str, str]:
+    """The sha256 of every file the service can load for a version: Keras model, TensorFlow Lite exports, calibration.
+
+    Keys are artifact paths (``model/data/model.keras``, ``serving/model.tflite``); recorded at
+    promotion, compared by the service with what it downloads before it loads anything.
+    """
+    import tempfile
+
+    from pipeline.export import CALIBRATION_FILE, RUNTIME_FILES, TFLITE_ARTIFACT_DIR
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hashes = _keras_hashes(_download_model(model_uri, Path(tmp)))
+    for file in (*RUNTIME_FILES.values(), CALIBRATION_FILE):
+        if (content := _serving_file(run_id, file)) is not None:
+            hashes[f"{TFLITE_ARTIFACT_DIR}/{file}"] = _sha256(content)
+    return hashes
+
+
+def record_verdict(client: MlflowClient, model_name: str, version: str, hashes: dict[str, str]) -> None:
+    """Mark a version as passed by the gate, with the hashes of the files it was passed with (the hashes first)."""
+    client.set_model_version_tag(model_name, str(version), HASHES_TAG, json.dumps(hashes, sort_keys=True))
+    client.set_model_version_tag(model_name, str(version), VERDICT_TAG, PROMOTE)
+
+
+def check_served(expected: dict[str, str], key: str, content: bytes) -> None:
+    """IntegrityError unless ``content`` is the file recorded as ``key`` when the version was promoted."""
+    if key not in expected:
+        raise IntegrityError(f"its {describe_served(key)} was not among the files the gate passed")
+    if _sha256(content) != expected[key]:
+        raise IntegrityError(f"its {describe_served(key)} differs from the one the gate passed")
+
+
+def load_keras_checked(model_uri: str, expected: dict[str, str]) -> keras.Model:
+    """The Keras model of a version, loaded from a download whose every file matches the recorded hashes."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = _download_model(model_uri, Path(tmp))
+        recorded = {k: v for k, v in expected.items() if k.startswith(KERAS_PREFIX)}
+        if _keras_hashes(local) != recorded:
+            raise IntegrityError(f"its {describe_served(KERAS_PREFIX)} differs from the one the gate passed")
+        return load_keras(str(local))
+
+
+def describe_served(key: str) -> str:
+    """A served file, named for people: what it is, not where it lies."""
+    from pipeline.export import CALIBRATION_FILE, INT8_FILE, TFLITE_FILE
+
+    names = {INT8_FILE: "int8 TensorFlow Lite export", TFLITE_FILE: "TensorFlow Lite export", CALIBRATION_FILE: "calibration"}
+    return "Keras model" if key.startswith(KERAS_PREFIX) else names.get(key.rpartition("/")[2], "served file")
+
+
+def _download_model(model_uri: str, dst: Path) -> Path:
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+
+
+# written by MLflow's client into every download of a registered version (its name and number), not stored
+_CLIENT_WRITTEN = {"registered_model_meta"}
+
+
+def _keras_hashes(folder: Path) -> dict[str, str]:
+    return {
+        KERAS_PREFIX + path.relative_to(folder).as_posix(): _sha256(path.read_bytes())
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.relative_to(folder).as_posix() not in _CLIENT_WRITTEN
+    }
+
+
+def _sha256(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
 
 
 def register(client: MlflowClient, model_name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> ModelRef:

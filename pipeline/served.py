@@ -6,6 +6,7 @@ gate measures is what clients get.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,7 +67,9 @@ class LoadedModel:
         }
 
 
-def load(ref: ModelRef, runtime: str = "tflite-int8", threads: int = 1, unsure_threshold: float = 0.9) -> LoadedModel:
+def load(
+    ref: ModelRef, runtime: str = "tflite-int8", threads: int = 1, unsure_threshold: float = 0.9, verify: bool = False
+) -> LoadedModel:
     """Load one registered version (by version, not by alias) and warm it.
 
     ``runtime`` is the fastest allowed: with ``"tflite-int8"`` the version's int8 TensorFlow Lite
@@ -78,9 +81,22 @@ def load(ref: ModelRef, runtime: str = "tflite-int8", threads: int = 1, unsure_t
     threshold below which an answer is unsure; versions without one answer as they are, unsure below
     ``unsure_threshold``. Warming runs one image and batches, so the first requests after a swap are
     as fast as the rest.
+
+    With ``verify`` (what the service and ``digits predict`` do with the champion) the version must
+    carry the gate's "promote" verdict, and every file is checked against the hashes recorded at its
+    promotion before it is used; ``IntegrityError`` otherwise, with nothing loaded.
     """
+    from pipeline.registry import PROMOTE, IntegrityError
+
     started = time.perf_counter()
-    predictor, runtime, calibration = run_predictor(ref.run_id, ref.uri, runtime, threads)
+    expected = None
+    if verify:
+        if ref.verdict != PROMOTE:
+            raise IntegrityError('it was not promoted through the gate (no "promote" verdict recorded on it)')
+        if not ref.served_sha256:
+            raise IntegrityError("no hashes of its served files were recorded when it was promoted")
+        expected = ref.served_sha256
+    predictor, runtime, calibration = run_predictor(ref.run_id, ref.uri, runtime, threads, expected)
     if calibration is not None:
         unsure_threshold = calibration.threshold
     for n in (1, 2, 3, 32):
@@ -99,25 +115,57 @@ def load(ref: ModelRef, runtime: str = "tflite-int8", threads: int = 1, unsure_t
 
 
 def run_predictor(
-    run_id: str | None, model_uri: str, runtime: str = "tflite-int8", threads: int = 1
+    run_id: str | None,
+    model_uri: str,
+    runtime: str = "tflite-int8",
+    threads: int = 1,
+    expected: dict[str, str] | None = None,
 ) -> tuple[Callable[[np.ndarray], np.ndarray], str, Calibration | None]:
     """A training run's model as served: (predictor of calibrated probabilities, runtime, calibration).
 
     The fastest export the run kept that ``runtime`` allows, else the Keras model at ``model_uri``.
+    With ``expected`` (served file -> sha256, as recorded at promotion) only recorded files are used,
+    each checked before use: a recorded file that is gone or changed raises ``IntegrityError``.
     """
-    from pipeline.export import RUNTIME_FILES, tflite_predictor
-    from pipeline.registry import load_calibration, load_keras, load_tflite
+    from pipeline.export import CALIBRATION_FILE, RUNTIME_FILES, TFLITE_ARTIFACT_DIR, tflite_predictor
+    from pipeline.registry import (
+        IntegrityError,
+        check_served,
+        describe_served,
+        load_calibration,
+        load_keras,
+        load_keras_checked,
+        load_tflite,
+    )
     from pipeline.train import compiled_predictor
+
+    def served(file: str) -> bytes | None:
+        key = f"{TFLITE_ARTIFACT_DIR}/{file}"
+        if expected is not None and key not in expected:
+            return None  # not what the gate passed: never looked at
+        content = load_tflite(run_id, file)
+        if expected is not None:
+            if content is None:
+                raise IntegrityError(f"its {describe_served(key)}, which the gate passed, is missing")
+            check_served(expected, key, content)
+        return content
 
     runtimes = list(RUNTIME_FILES)  # fastest first
     allowed = runtimes[runtimes.index(runtime) :] if runtime in runtimes else []
     for candidate in allowed:
-        if (content := load_tflite(run_id, RUNTIME_FILES[candidate])) is not None:
+        if (content := served(RUNTIME_FILES[candidate])) is not None:
             predictor, runtime = tflite_predictor(content, threads), candidate
             break
     else:
-        predictor, runtime = compiled_predictor(load_keras(model_uri)), "keras"
-    calibration = load_calibration(run_id)
+        model = load_keras(model_uri) if expected is None else load_keras_checked(model_uri, expected)
+        predictor, runtime = compiled_predictor(model), "keras"
+    if expected is None:
+        calibration = load_calibration(run_id)
+    else:
+        from pipeline.calibration import Calibration as Fitted
+
+        content = served(CALIBRATION_FILE)
+        calibration = None if content is None else Fitted.from_dict(json.loads(content))
     if calibration is not None:
         predictor = _with_calibration(predictor, calibration)
     return predictor, runtime, calibration

@@ -11,6 +11,7 @@ the runs whose process is gone, with the stage they died in.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -19,10 +20,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline import registry, reproduce, versioning
-from pipeline.params import Params
+from pipeline.params import Params, unsafe_overrides
 from pipeline.pause import pause_point
 from pipeline.settings import Settings
 
@@ -62,6 +63,14 @@ def start_run(
         )
         mlflow.log_dict(params.model_dump(), "params.json")
     return run_id
+
+
+def override_tags(overrides: dict[str, Any] | None) -> dict[str, str]:
+    """Tags that record a run's params overrides (``overrides``: JSON, "{}" for none), copied to the version it registers."""
+    tags = {registry.OVERRIDES_TAG: json.dumps(overrides or {}, sort_keys=True, default=str)[:5000]}
+    if unsafe := unsafe_overrides(overrides):
+        tags["unsafe_overrides"] = ", ".join(unsafe)[:5000]
+    return tags
 
 
 @contextmanager

@@ -67,18 +67,25 @@ def load_champion(settings: Settings) -> LoadedModel:
 
     if reason := missing_store(settings):
         raise ModelUnavailable(reason)
+    from pipeline.registry import IntegrityError
+
     ref = get_alias(store_client(settings), settings.model_name)
     if ref is None:
         raise ModelUnavailable(f"{NO_CHAMPION} (model {settings.model_name} in {settings.resolved_tracking_uri})")
-    return load(ref, settings.serve_runtime, settings.serve_tf_threads, settings.unsure_threshold)
+    try:
+        return load(ref, settings.serve_runtime, settings.serve_tf_threads, settings.unsure_threshold, verify=True)
+    except IntegrityError as err:
+        raise ModelUnavailable(f"champion v{ref.version} refused: {err}") from None
 
 
 class ChampionWatcher:
     """Keeps the champion loaded and follows the alias every ``poll_seconds`` in a daemon thread.
 
     ``current`` is the model that answers; it is replaced in one assignment, only by a model that
-    loaded and answered a warm-up. When the alias disappears or the registry cannot be read, the
-    loaded model keeps answering (and ``problem`` says what is wrong).
+    loaded and answered a warm-up, and (for the champion) that carries the gate's verdict and whose
+    downloaded files match the hashes recorded at its promotion. When the alias disappears, names a
+    version that is refused, or the registry cannot be read, the loaded model keeps answering (and
+    ``problem`` says what is wrong).
     """
 
     def __init__(
@@ -144,7 +151,7 @@ class ChampionWatcher:
         return self.current
 
     def _check(self) -> None:
-        from pipeline.registry import alias_version, get_version, store_client
+        from pipeline.registry import IntegrityError, alias_version, get_version, store_client
 
         if self._client is None:
             if reason := missing_store(self.settings):
@@ -178,7 +185,21 @@ class ChampionWatcher:
         log.info("loading %s %s v%s (run %s)", self.alias, ref.model_name, ref.version, ref.run_id)
         self._prepare_tensorflow()
         try:
-            loaded = load(ref, self.settings.serve_runtime, self.tf_threads or 1, self.settings.unsure_threshold)
+            # the champion answers clients: only what the gate passed, byte for byte (a challenger answers nobody)
+            loaded = load(
+                ref,
+                self.settings.serve_runtime,
+                self.tf_threads or 1,
+                self.settings.unsure_threshold,
+                verify=self.alias == CHAMPION,
+            )
+        except IntegrityError as err:
+            self._failed[ref.version] = time.monotonic()
+            self._report(
+                f"{self.alias} v{ref.version} refused: {err}; "
+                + (f"still serving v{current.ref.version}" if current else "no model is served until a gated promotion")
+            )
+            return
         except Exception as err:
             self._failed[ref.version] = time.monotonic()
             self._report(

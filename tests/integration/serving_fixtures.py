@@ -115,13 +115,17 @@ def log_model(model, dataset, accuracy: float, tflite: bool = True) -> tuple[str
 
 
 def register_and_promote(run_id: str, model_uri: str, reason: str = "test") -> str:
-    """Register the logged model as a new version and move ``champion`` to it; returns the version."""
+    """Register the logged model as a new version and move ``champion`` to it; returns the version.
+
+    The version gets what a gated promotion records (the verdict and its files' hashes), so the service loads it.
+    """
     from pipeline import registry
     from pipeline.settings import get_settings
 
     settings = get_settings()
     client = registry.connect(settings)
     version = registry.register(client, settings.model_name, model_uri, run_id, {"data_version": "test-data"})
+    registry.record_verdict(client, settings.model_name, version.version, registry.served_hashes(run_id, version.uri))
     current = registry.get_alias(client, settings.model_name)
     registry.move_champion(client, settings, version.version, current.version if current else None, reason, run_id)
     return version.version

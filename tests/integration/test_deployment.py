@@ -7,6 +7,7 @@ gets no DIGITS_HOME and runs from a folder of its own: the deployment alone must
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -148,8 +149,15 @@ def test_a_worker_runs_the_deployment_and_promotion_waits_for_the_limit(project,
     with pytest.raises(deployments.DeploymentError, match=r"no deployment retrain-digits/digits .*`digits deploy`"):
         deployments.trigger(get_settings())
 
+    # a lower floor is a reviewed change of params.yaml, not an override (runs of the deployment refuse those)
+    import yaml
+
+    reviewed = yaml.safe_load((project / "params.yaml").read_text())
+    reviewed["gate"]["min_accuracy"] = 0.7
+    (project / "params.yaml").write_text(yaml.safe_dump(reviewed))
+
     # 2. `digits deploy`: pool, promotion limit, deployment with a (paused) schedule and default parameters
-    options = ["--pool", POOL, "--cron", "0 3 * * 1", "--paused", "--set", "gate.max_accuracy_drop=0.01"]
+    options = ["--pool", POOL, "--cron", "0 3 * * 1", "--paused", "--set", "train.epochs=3"]
     deploy = _digits(prefect_server, project, "deploy", *options)
     out, err = deploy.communicate(timeout=600)
     assert deploy.returncode == 0, out + err
@@ -158,7 +166,7 @@ def test_a_worker_runs_the_deployment_and_promotion_waits_for_the_limit(project,
     assert api.read_concurrency_limit_by_tag(PROMOTION_TAG).concurrency_limit == 1
     deployment = api.read_deployment_by_name("retrain-digits/digits")
     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * 1"] and deployment.paused
-    assert deployment.parameters == {"trigger": "schedule", "overrides": {"gate.max_accuracy_drop": 0.01}}
+    assert deployment.parameters == {"trigger": "schedule", "overrides": {"train.epochs": 3}}
     assert deployment.job_variables["env"]["DIGITS_HOME"] == str(project)
     assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
     # beside it, the monitor: hourly, and it starts the retraining deployment when production needs it
@@ -167,20 +175,46 @@ def test_a_worker_runs_the_deployment_and_promotion_waits_for_the_limit(project,
     assert monitor.parameters == {"window": "24h", "retrain_when_needed": True, "via_deployment": True}
     assert monitor.job_variables["env"]["DIGITS_HOME"] == str(project) and monitor.work_pool_name == POOL
 
+    # 3. a run started as the UI or the API would, with a lowered floor (and the flag, which it may not take):
+    # the worker refuses it before anything is trained
+    lowered = api.create_flow_run_from_deployment(
+        deployment.id,
+        parameters={"overrides": {"gate.min_accuracy": 0.5}, "allow_unsafe_overrides": True},
+    )
+    try:
+        refused = _wait_for(lambda: (r := api.read_flow_run(lowered.id)).state.is_final() and r, 900, "the lowered run ending")
+    except TimeoutError as failure:
+        pytest.fail(f"{failure}\nworker log:\n{_tail(worker_log)}")
+    assert refused.state.is_failed(), f"a run with gate.min_accuracy=0.5 ended {refused.state.name}: it was not refused"
+    assert "runs started through the deployment take model.* and train.* overrides only" in refused.state.message
+    store = registry.connect(get_settings())
+    assert registry.get_alias(store, get_settings().model_name) is None
+    assert not store.search_runs([store.get_experiment_by_name(get_settings().experiment).experiment_id])  # nothing trained
+    # the CLI refuses them before asking the server: as defaults, and for one run, with the flag or without
+    for args in (
+        ("deploy", "--pool", POOL, "--set", "gate.max_accuracy_drop=0.5"),
+        ("retrain", "--deployment", "--set", "data.sources.local.sha256=" + "0" * 64, "--allow-unsafe-overrides"),
+    ):
+        cli = _digits(prefect_server, project, *args)
+        out, err = cli.communicate(timeout=300)
+        assert cli.returncode == 2 and "take model.* and train.* overrides only" in err, (args, out, err)
+    assert api.read_deployment_by_name("retrain-digits/digits").parameters == deployment.parameters
+
     lease = None
     retrain = None
     try:
-        # 3. another promotion holds the only slot: the run must train, then wait at promotion
+        # 4. another promotion holds the only slot: the run must train, then wait at promotion
         lease = api.increment_concurrency_slots_with_lease(
             names=[f"tag:{PROMOTION_TAG}"], slots=1, mode="concurrency", lease_duration=1800
         ).json()["lease_id"]
-        retrain = _digits(prefect_server, project, "retrain", "--deployment", "--set", "gate.min_accuracy=0.7")
+        retrain = _digits(prefect_server, project, "retrain", "--deployment", "--set", "train.batch_size=32")
 
         def promote_task_run():
             assert retrain.poll() is None, f"`digits retrain --deployment` ended early:\n{retrain.communicate()}"
             assert worker.poll() is None, f"the worker died:\n{_tail(worker_log)}"
             of_deployment = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
             runs = api.read_flow_runs(deployment_filter=of_deployment, sort=FlowRunSort.ID_DESC, limit=10)
+            runs = [r for r in runs if r.id != refused.id]  # the run refused above
             if not runs:
                 return None
             of_run = FlowRunFilter(id=FlowRunFilterId(any_=[runs[0].id]))
@@ -198,7 +232,7 @@ def test_a_worker_runs_the_deployment_and_promotion_waits_for_the_limit(project,
         assert PROMOTION_TAG in task_run.tags
         assert registry.get_alias(registry.connect(get_settings()), get_settings().model_name) is None
 
-        # 4. the slot frees: the run promotes and the CLI prints the same summary as a local run
+        # 5. the slot frees: the run promotes and the CLI prints the same summary as a local run
         api.release_concurrency_slots_with_lease(lease)
         lease = None
         try:
@@ -217,14 +251,18 @@ def test_a_worker_runs_the_deployment_and_promotion_waits_for_the_limit(project,
     flow_run = api.read_flow_run(flow_run.id)
     assert flow_run.state.is_completed()
     # the deployment's default parameters and this run's --set both reached the worker
-    assert flow_run.parameters == {
-        "trigger": "manual",
-        "overrides": {"gate.max_accuracy_drop": 0.01, "gate.min_accuracy": 0.7},
-    }
+    assert flow_run.parameters == {"trigger": "manual", "overrides": {"train.epochs": 3, "train.batch_size": 32}}
 
     client = registry.connect(get_settings())
     champion = registry.get_alias(client, get_settings().model_name)
     assert champion is not None and champion.version == "1"
     run = client.get_run(champion.run_id)
-    assert run.data.params["gate.max_accuracy_drop"] == "0.01" and run.data.params["gate.min_accuracy"] == "0.7"
+    assert run.data.params["train.epochs"] == "3" and run.data.params["train.batch_size"] == "32"
+    # the overrides, recorded on the run and on the version, and shown by `digits status`
+    recorded = {"train.batch_size": 32, "train.epochs": 3}
+    assert json.loads(run.data.tags["overrides"]) == recorded and "unsafe_overrides" not in run.data.tags
+    assert champion.overrides == recorded and champion.verdict == "promote"
     assert run.info.run_id in out
+    status = _digits(prefect_server, project, "status")
+    shown, err = status.communicate(timeout=300)
+    assert status.returncode == 0 and "--set train.batch_size=32 --set train.epochs=3" in shown, shown + err

@@ -20,9 +20,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_engine")
 
 
 def _retrain(**overrides):
+    """A local run, as `digits retrain --set ... --allow-unsafe-overrides` starts it."""
     from flows.retrain import retrain
 
-    return retrain(overrides=overrides or None)
+    return retrain(overrides=overrides or None, allow_unsafe_overrides=True)
 
 
 def _client() -> MlflowClient:
@@ -73,6 +74,21 @@ def test_first_run_promotes_and_worse_runs_leave_the_champion(project):
 
     champion = registry.get_alias(client, get_settings().model_name)
     assert champion.version == "1" and champion.data_version == first["data_version"] and champion.promoted_at
+    # params.yaml as it is: no overrides, recorded as such on the run and the version, with the gate's verdict
+    assert run.data.tags["overrides"] == "{}" and champion.overrides == {} and champion.verdict == "promote"
+    # a champion promoted before verdicts were recorded (the service refuses it) is re-checked where it stands
+    from app import promotion
+
+    name = get_settings().model_name
+    for tag in (registry.VERDICT_TAG, registry.HASHES_TAG):
+        client.delete_model_version_tag(name, "1", tag)
+    settings, params = get_settings(), load_params(get_settings().params_path)
+    rechecked = promotion.override(settings, params, "1")
+    assert rechecked.decision.promote and rechecked.champion.version == "1"
+    again = registry.get_version(client, name, "1")
+    assert again.verdict == "promote" and again.served_sha256 == champion.served_sha256
+    with pytest.raises(registry.PromotionError, match="already the champion"):
+        promotion.override(settings, params, "1")
 
     # the gate scored the served form on the out-of-distribution suite: every family, a table and a chart
     from pipeline.suite import FAMILY_NAMES
@@ -95,9 +111,21 @@ def test_first_run_promotes_and_worse_runs_leave_the_champion(project):
     missing = CliRunner().invoke(digits, ["evaluate", "7"])
     assert missing.exit_code == 1 and "has no version 7" in missing.output
 
-    # an impossible floor: nothing is promoted, the reason names the floor
+    # a floor override without the flag is refused before anything starts
+    from flows.retrain import retrain
+    from pipeline.params import OverrideRefused
+
+    with pytest.raises(OverrideRefused, match="gate.min_accuracy refused.*--allow-unsafe-overrides"):
+        retrain(overrides={"gate.min_accuracy": 0.0, "train.epochs": 1})
+
+    # an impossible floor: nothing is promoted, the reason names the floor; the override is on the run
     strict = _retrain(**{"gate.min_accuracy": 1.0})
     assert not strict["promoted"] and strict["registered_version"] is None
+    strict_tags = client.get_run(strict["run_id"]).data.tags
+    assert (
+        json.loads(strict_tags["overrides"]) == {"gate.min_accuracy": 1.0}
+        and strict_tags["unsafe_overrides"] == "gate.min_accuracy"
+    )
     assert any("accuracy floor" in reason for reason in strict["reasons"])
 
     # a clearly worse model clears the floors but loses to the champion re-scored on the same data

@@ -33,7 +33,7 @@ def test_candidates_train_in_parallel_and_the_best_on_validation_is_gated_and_pr
     from flows.sweep import sweep
 
     monkeypatch.delenv("DIGITS_DASK_ADDRESS", raising=False)
-    summary = sweep(overrides=OVERRIDES)
+    summary = sweep(overrides=OVERRIDES, allow_unsafe_overrides=True)  # its floors are lowered for two short epochs
 
     client: MlflowClient = registry.connect(get_settings())
     experiment = client.get_experiment_by_name(get_settings().experiment).experiment_id
@@ -74,6 +74,11 @@ def test_candidates_train_in_parallel_and_the_best_on_validation_is_gated_and_pr
     champion = registry.get_alias(client, get_settings().model_name)
     assert champion.version == "1" and champion.run_id == best.info.run_id
     assert champion.data_version == summary["data_version"] and champion.promoted_at
+    # the overrides, lowered floors included, on the sweep's run, every candidate's and the version
+    for run in (parent, *children):
+        assert json.loads(run.data.tags["overrides"]) == json.loads(json.dumps(OVERRIDES)), run.info.run_id
+        assert run.data.tags["unsafe_overrides"] == "gate.min_accuracy, gate.min_class_recall, sweep.grid"
+    assert champion.overrides == json.loads(json.dumps(OVERRIDES)) and champion.verdict == "promote"
     assert parent.data.tags["promoted_version"] == "1" and parent.data.tags["gate"] == "promote"
     assert [r["selected"] for r in summary["candidates"]].count(True) == 1
     table = json.loads(open(client.download_artifacts(parent.info.run_id, "sweep/candidates.json")).read())

@@ -1,5 +1,6 @@
 """The same code on shared infrastructure: a real MLflow tracking server with a PostgreSQL backend
-store and a served artifact store, chosen by ``MLFLOW_TRACKING_URI`` alone.
+store, a served artifact store and basic auth, chosen by ``MLFLOW_TRACKING_URI`` (and the user's
+``MLFLOW_TRACKING_USERNAME``/``PASSWORD``) alone.
 
 The retraining flow (the real Prefect engine), ``digits status``, ``digits ui`` and the BentoML
 service all work against the server; nothing is written to the project's embedded store.
@@ -28,7 +29,7 @@ from pipeline import registry
 from pipeline.settings import get_settings
 from tests.conftest import TRAIN_IMAGES
 from tests.integration.serving_fixtures import Server
-from tests.integration.tracking_server import Infrastructure, postgres_bin, tracking_infrastructure
+from tests.integration.tracking_server import ADMIN, READER, Infrastructure, postgres_bin, tracking_infrastructure
 
 # PostgreSQL, an MLflow server and three retrains through it: longer than the suite's timeout
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
@@ -50,8 +51,10 @@ def infra(tmp_path_factory) -> Iterator[Infrastructure]:
 
 @pytest.fixture
 def on_server(project, infra, monkeypatch) -> Iterator[Path]:
-    """The throw-away project, with MLFLOW_TRACKING_URI pointing at the tracking server."""
+    """The throw-away project, with MLFLOW_TRACKING_URI pointing at the tracking server, as its admin user."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", infra.server.url)
+    for key, value in infra.server.credentials(ADMIN).items():
+        monkeypatch.setenv(key, value)
     get_settings.cache_clear()
     yield project
     get_settings.cache_clear()
@@ -89,7 +92,10 @@ def test_retrain_status_and_serving_through_the_tracking_server(
     # the prediction log in PostgreSQL too, in a database of its own
     log_url = postgres.create_database("predictions")
     # the service boots (importing TensorFlow) while the flow trains, and finds the first champion on the server
-    with Server(service_home, tracking_uri=server.url, extra_env={"DIGITS_LOG_DB_URL": log_url}) as service:
+    # the service reads the registry as the read-only user
+    with Server(
+        service_home, tracking_uri=server.url, extra_env={"DIGITS_LOG_DB_URL": log_url, **server.credentials(READER)}
+    ) as service:
         summary = retrain()
         assert summary["promoted"], summary["reasons"]
         assert summary["registered_version"] == summary["champion_version"] == "1"
@@ -162,11 +168,32 @@ def test_retrain_status_and_serving_through_the_tracking_server(
         with pytest.raises(registry.PromotionError, match="champion moved"):
             registry.move_champion(client, settings, second.version, None, "compared with no champion")
         assert registry.get_alias(client, name).version == "1"
+        # what a gated promotion records first: the service loads only a version with its verdict and hashes
+        registry.record_verdict(client, name, second.version, registry.served_hashes(run_id, second.uri))
         registry.move_champion(client, settings, second.version, "1", "test: compared with v1", run_id)
         assert registry.get_alias(client, name).version == "2"
         assert registry.get_alias(client, name, registry.PREVIOUS).version == "1"
         # and the service follows the alias on the server
         assert _wait_for_version(service, "2")["run_id"] == run_id
+
+        # basic auth: no credentials, no answer; the serving replicas' user reads the registry and changes nothing
+        anonymous = httpx.get(f"{server.url}/api/2.0/mlflow/registered-models/alias", params={"name": name, "alias": "champion"})
+        assert anonymous.status_code == 401
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        with monkeypatch.context() as as_reader:
+            for key, value in server.credentials(READER).items():
+                as_reader.setenv(key, value)
+            reader = MlflowClient(server.url, server.url)
+            assert reader.get_model_version_by_alias(name, "champion").version == "2"
+            for forge in (
+                lambda: reader.set_registered_model_alias(name, "champion", "1"),
+                lambda: reader.set_model_version_tag(name, "1", registry.VERDICT_TAG, registry.PROMOTE),
+            ):
+                with pytest.raises(MlflowException, match="(?i)permission"):
+                    forge()
+        assert registry.get_alias(client, name).version == "2"
 
         # the loop on shared infrastructure: corrections of digits the slice never trained on, recorded in
         # PostgreSQL, become a data version, and the monitor retrains on them through the tracking server
@@ -205,8 +232,10 @@ def test_digits_ui_points_at_the_servers_ui(infra, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"serves the MLflow UI: open {server.url}\n" in result.stdout
     assert not (tmp_path / "mlflow").exists()  # no local store either
-    # the server's UI: the page and its application script (a browser test elsewhere clicks through a UI)
-    page = httpx.get(server.url + "/", timeout=30)
+    # the server's UI, behind its basic auth: the page and its application script (a browser test elsewhere clicks
+    # through a UI)
+    assert httpx.get(server.url + "/", timeout=30).status_code == 401
+    page = httpx.get(server.url + "/", timeout=30, auth=(READER, server.passwords[READER]))
     assert page.status_code == 200 and "<title>MLflow</title>" in page.text, page.text[:500]
     script = re.search(r'src="(static-files/[^"]+\.js)"', page.text)
     assert script, page.text[:500]

@@ -8,7 +8,9 @@ PostgreSQL is Debian's ``postgresql`` package: a throw-away cluster (``initdb``)
 listening on 127.0.0.1 only, with its unix socket in that folder too. PostgreSQL refuses to run as
 root, so under root it runs as the ``postgres`` system user the package creates. The MLflow server
 keeps runs and the registry in that database and serves artifacts from a folder of its own
-(``--artifacts-destination``), so clients read and write artifacts only through HTTP.
+(``--artifacts-destination``), so clients read and write artifacts only through HTTP. It runs
+MLflow's basic auth (``--app-name basic-auth``, its users in a database of their own): an admin
+user for training and promotion, a read-only user for serving replicas, nothing for anyone else.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import subprocess
@@ -28,6 +31,7 @@ from pathlib import Path
 
 from conftest import bound_port, free_port, stop_process_group, wait_for_http
 
+ADMIN, READER = "digits-admin", "digits-reader"  # MLflow users: training and promotion; serving replicas
 SUPERUSER = "digits"  # the cluster's superuser (initdb -U); trust authentication on 127.0.0.1 only
 INSTALL_HINT = "apt-get install postgresql (tests/run does it when it runs as root on Debian)"
 
@@ -195,14 +199,39 @@ class Postgres:
                 shutil.rmtree(self.root, ignore_errors=True)
 
 
+def auth_config(path: Path, database_uri: str) -> Path:
+    """MLflow's basic-auth configuration: users in ``database_uri``; every user may read, none may write by default."""
+    path.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = {database_uri}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # a password check costs a PBKDF2 hash: the service asks every few seconds
+        "auth_cache_ttl_seconds = 60\n"
+    )
+    return path
+
+
 @dataclass
 class TrackingServer:
-    """``mlflow server`` with a PostgreSQL backend store and a served artifact store, in its own process group."""
+    """``mlflow server`` with a PostgreSQL backend store, a served artifact store and basic auth, in its own process group.
+
+    With ``auth_database_uri`` the server runs MLflow's basic auth with its users there: ``ADMIN`` (an
+    admin) and ``READER`` (default permission READ: reads everything, changes nothing it did not create).
+    """
 
     backend_store_uri: str
     artifacts: Path
+    auth_database_uri: str | None = None
     port: int = 0  # read back once the server listens
     process: subprocess.Popen | None = None
+    passwords: dict[str, str] = field(
+        default_factory=lambda: {ADMIN: secrets.token_urlsafe(16), READER: secrets.token_urlsafe(16)}
+    )
+
+    def credentials(self, user: str) -> dict[str, str]:
+        """The environment an MLflow client needs to act as ``user``."""
+        return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": self.passwords[user]}
 
     @property
     def url(self) -> str:
@@ -237,6 +266,14 @@ class TrackingServer:
         # no background job runner: it serves GenAI features this project does not use, and costs processes
         env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         env.pop("MLFLOW_TRACKING_URI", None)
+        if self.auth_database_uri:
+            command += ["--app-name", "basic-auth"]
+            env.update(
+                MLFLOW_AUTH_CONFIG_PATH=str(auth_config(self.artifacts.parent / "basic_auth.ini", self.auth_database_uri)),
+                MLFLOW_AUTH_ADMIN_USERNAME=ADMIN,  # created on the first start
+                MLFLOW_AUTH_ADMIN_PASSWORD=self.passwords[ADMIN],
+                MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
+            )
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 command, cwd=self.artifacts.parent, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -246,7 +283,22 @@ class TrackingServer:
             wait_for_http(f"{self.url}/health", self.process, timeout=timeout)
         except (RuntimeError, TimeoutError) as err:
             raise RuntimeError(f"{err}\n{self.log()[-4000:]}") from None
+        if self.auth_database_uri:
+            self._create_user(READER)
         return self
+
+    def _create_user(self, user: str) -> None:
+        """A user with the default permission (READ), created by the admin through the server's API."""
+        import httpx
+
+        response = httpx.post(
+            f"{self.url}/api/2.0/mlflow/users/create",
+            json={"username": user, "password": self.passwords[user]},
+            auth=(ADMIN, self.passwords[ADMIN]),
+            timeout=60,
+        )
+        if response.status_code != 200:
+            raise RuntimeError(f"creating the MLflow user {user} failed ({response.status_code}): {response.text[:500]}")
 
     def stop(self) -> None:
         if self.process is not None:  # `mlflow server` runs its web server as a child: the whole group goes
@@ -262,13 +314,14 @@ class Infrastructure:
 
 @contextlib.contextmanager
 def tracking_infrastructure(workdir: Path, database: str = "mlflow") -> Iterator[Infrastructure]:
-    """PostgreSQL, a database in it, and an MLflow server on it; both stopped on exit, even after a failure."""
+    """PostgreSQL, a database in it (and one for MLflow's users), and an MLflow server with basic auth on it; both
+    stopped on exit, even after a failure."""
     postgres = Postgres()
     server: TrackingServer | None = None
     try:
         postgres.start()
         backend = postgres.create_database(database)
-        server = TrackingServer(backend, workdir / "artifacts")
+        server = TrackingServer(backend, workdir / "artifacts", postgres.create_database(f"{database}_auth"))
         server.start()
         yield Infrastructure(postgres, database, server)
     finally:
