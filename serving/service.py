@@ -469,9 +469,10 @@ class DigitClassifier:
             self._explaining = anyio.Lock()
         async with self._explaining:
             if self._explainer is None or self._explainer[0] != ref.version:
-                from pipeline.registry import load_keras
+                from pipeline.registry import load_keras_checked
 
-                model = await anyio.to_thread.run_sync(load_keras, ref.uri)
+                # the files the gate passed, as the served model's are: explaining another model would mislead
+                model = await anyio.to_thread.run_sync(load_keras_checked, ref.uri, ref.served_sha256 or {})
                 self._explainer = (ref.version, Explainer(model))
             return self._explainer[1]
 

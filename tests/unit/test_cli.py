@@ -124,15 +124,15 @@ def test_a_sweep_with_nothing_to_sweep_or_a_bad_grid_stops_before_any_work(args,
 
 def test_serve_on_port_0_lets_the_server_bind_a_free_port(tmp_path, monkeypatch):
     """`digits serve --port 0` hands 0 to BentoML, which binds a free port (tests read it back), not the default 3000."""
-    import cli.serving
+    import cli.processes
 
     started: list[list[str]] = []
 
-    def become(path, command, env):  # what `digits serve` would exec
-        started.append(command)
-        raise SystemExit(0)
+    def run(command, env=None, grace=None):  # what `digits serve` would start and watch
+        started.append(list(command))
+        return 0
 
-    monkeypatch.setattr(cli.serving.os, "execve", become)
+    monkeypatch.setattr(cli.processes, "run_server", run)
     monkeypatch.setenv("DIGITS_HOME", str(tmp_path))
     get_settings.cache_clear()
     try:
