@@ -120,6 +120,7 @@ def _describe(err: Exception) -> tuple[int, str] | None:
     """The exit code and message for an error a command expects; None for any other."""
     # imported now that an error is here: a command that succeeds never pays for these imports
     from app.reproduce import ReproduceError
+    from app.trace import TraceError
     from flows.deployment import DeploymentError
     from flows.temporary_server import TemporaryServerError
     from pipeline.data import DataError
@@ -143,6 +144,7 @@ def _describe(err: Exception) -> tuple[int, str] | None:
         ImageError,
         PredictionLogError,
         ReproduceError,
+        TraceError,
     )
     if isinstance(err, expected):
         return 1, str(err)

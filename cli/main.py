@@ -44,6 +44,7 @@ for command in (
     models.promote,
     models.rollback,
     models.reproduce,
+    models.trace,
     operations.ui,
     operations.deploy,
     stages.validate,

@@ -169,3 +169,22 @@ def _overrides(overrides: dict | None) -> str:
     if overrides is None:
         return "unknown"
     return " ".join(f"--set {key}={json.dumps(value)}" for key, value in overrides.items()) or "none"
+
+
+def trace(
+    target: Annotated[str, typer.Argument(help="A request id (from an answer) or a registered version number.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Follow an answer (or a version) back to its origins, with MLflow UI links.
+
+    answer -> model version (gate verdict, reproduced?) -> training run (what started it) -> the data
+    versions it used (DVC digests) -> the validation report -> the git commit -> who promoted it, when
+    and why. The links open in `digits ui` (or on the tracking server's UI).
+    """
+    quiet_libraries()
+    from app.trace import render, trace
+    from pipeline.settings import get_settings
+
+    with reported_errors():
+        chain = trace(get_settings(), target)
+    typer.echo(json.dumps(chain, indent=2, default=str) if as_json else render(chain))

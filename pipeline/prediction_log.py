@@ -667,3 +667,28 @@ def prune(engine: Engine, days: float, now: datetime | None = None) -> int:
             sa.delete(predictions).where(predictions.c.created_at < cutoff, predictions.c.request_id.not_in(corrected))
         )
     return result.rowcount
+
+
+def answer_record(engine: Engine, request_id: str) -> dict[str, Any] | None:
+    """One logged answer and its correction, if any (None for an unknown request id)."""
+    query = (
+        sa.select(
+            predictions.c.request_id,
+            predictions.c.created_at,
+            predictions.c.route,
+            predictions.c.model_name,
+            predictions.c.model_version,
+            predictions.c.run_id,
+            predictions.c.runtime,
+            predictions.c.digit,
+            predictions.c.confidence,
+            predictions.c.unsure,
+            feedback.c.label,
+            feedback.c.status.label("correction_status"),
+        )
+        .select_from(predictions.outerjoin(feedback, feedback.c.request_id == predictions.c.request_id))
+        .where(predictions.c.request_id == check_request_id(request_id))
+    )
+    with engine.connect() as connection:
+        row = connection.execute(query).first()
+    return None if row is None else row._asdict() | {"created_at": row.created_at.isoformat()}
