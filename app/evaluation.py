@@ -52,6 +52,7 @@ class Scores:
     refused: dict[str, int]
     confidence: dict[str, ConfidenceFigures] = field(default_factory=dict)  # on "mnist" and the photographed family
     ece: dict[str, float] = field(default_factory=dict)
+    answers: dict[str, np.ndarray] = field(default_factory=dict)  # its digit for every image of each family
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,13 +67,9 @@ class Scores:
 
 def suite_images(settings: Settings, params: Params, dataset: Dataset) -> dict[str, SuiteImages]:
     """Every family of the suite through the service's photo path, from the cache when it is current."""
-    from pipeline import preprocess, suite
+    from pipeline import suite
 
-    key = hashlib.sha256(dataset.x_test.tobytes() + dataset.y_test.tobytes())
-    key.update(f"{params.suite.size}:{params.suite.seed}".encode())
-    for module in (preprocess, suite):
-        key.update(Path(module.__file__).read_bytes())
-    cache = settings.reports_dir / "suite" / f"{key.hexdigest()[:16]}.npz"
+    cache = settings.reports_dir / "suite" / f"{suite_digest(params, dataset)[:16]}.npz"
     if cache.exists():
         with np.load(cache) as stored:
             return {name: SuiteImages(*(stored[f"{name}/{part}"] for part in SuiteImages._fields)) for name in suite.FAMILY_NAMES}
@@ -86,6 +83,17 @@ def suite_images(settings: Settings, params: Params, dataset: Dataset) -> dict[s
         cache, **{f"{name}/{part}": getattr(i, part) for name, i in images.items() for part in SuiteImages._fields}
     )
     return images
+
+
+def suite_digest(params: Params, dataset: Dataset) -> str:
+    """What the suite is rendered from and by: the test set, the suite's params, the rendering and preprocessing code."""
+    from pipeline import preprocess, suite
+
+    key = hashlib.sha256(dataset.x_test.tobytes() + dataset.y_test.tobytes())
+    key.update(f"{params.suite.size}:{params.suite.seed}".encode())
+    for module in (preprocess, suite):
+        key.update(Path(module.__file__).read_bytes())
+    return key.hexdigest()
 
 
 def evaluation_sets(settings: Settings, params: Params, dataset: Dataset) -> dict[str, SuiteImages]:
@@ -119,7 +127,8 @@ def score(
         by_family[name] = answers
         families[name] = float(np.mean((answers.argmax(axis=1) == images.labels) & ~images.refused))
         refused[name] = int(images.refused.sum())
-    scores = Scores(runtime, compute_metrics(dataset.y_test, digits), digits, families, refused)
+    answers = {name: probabilities.argmax(axis=1) for name, probabilities in by_family.items()}
+    scores = Scores(runtime, compute_metrics(dataset.y_test, digits), digits, families, refused, answers=answers)
     if calibration is not None:
         shown = {"mnist": (mnist, dataset.y_test)}
         if PHOTOGRAPHED in suite:
@@ -157,6 +166,42 @@ def log_scores(
         scores.metrics.accuracy, scores.families, champion.families if champion else None, champion_version
     )
     client.log_figure(run_id, figure, "plots/suite.png")
+
+
+def log_evaluation_data(
+    settings: Settings, params: Params, run_id: str, dataset: Dataset, sets: dict[str, SuiteImages], scores: Scores
+) -> None:
+    """What a run was evaluated on, as its MLflow dataset inputs, and its mistakes on the weakest families (a figure).
+
+    Bookkeeping: a failure is logged, and the gate goes on.
+    """
+    from app import lineage
+    from pipeline import plots
+
+    suite = {name: images for name, images in sets.items() if name != FEEDBACK}
+    try:
+        lineage.log_evaluation_data(settings, run_id, dataset, suite, suite_digest(params, dataset)[:32], params.suite.size)
+        examples = weakest_family_mistakes(sets, scores)
+        if examples:
+            registry.connect(settings).log_figure(run_id, plots.family_mistakes(examples), "plots/suite_mistakes.png")
+    except Exception as err:  # the datasets and the figure describe the run; they must not stop its gate
+        log.warning("could not log the evaluation data of run %s: %s: %s", run_id, type(err).__name__, err)
+
+
+def weakest_family_mistakes(
+    sets: dict[str, SuiteImages], scores: Scores, families: int = 3, per_family: int = 8
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The first mistakes on the ``families`` least accurate families (refused images left out: they have no digit)."""
+    weakest = sorted((name for name in scores.families if name in scores.answers), key=lambda name: scores.families[name])
+    examples = {}
+    for name in weakest:
+        images, predicted = sets[name], scores.answers[name]
+        wrong = np.flatnonzero((predicted != images.labels) & ~images.refused)[:per_family]
+        if len(wrong):
+            examples[name] = (images.pixels[wrong], images.labels[wrong], predicted[wrong])
+        if len(examples) == families:
+            break
+    return examples
 
 
 def evaluate_version(settings: Settings, params: Params, version: str | None = None) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from app import evaluation
+from app import cards, evaluation
 from app.training import SMOKE_IMAGES, Candidate
 from pipeline import registry, tracking
 from pipeline.data import load_dataset
@@ -53,6 +53,7 @@ def gate(settings: Settings, params: Params, candidate: Candidate) -> GateDecisi
     suite = evaluation.evaluation_sets(settings, params, dataset)
     scores = evaluation.score(candidate.run_id, candidate.model_uri, dataset, suite, settings.serve_runtime)
     log.info("candidate as served (%s): accuracy %.4f; suite %s", scores.runtime, scores.metrics.accuracy, _families(scores))
+    evaluation.log_evaluation_data(settings, params, candidate.run_id, dataset, suite, scores)
     if champion is None:
         evaluation.log_scores(client, candidate.run_id, scores)
         return decide(scores.metrics, params.gate, families=scores.families)
@@ -121,6 +122,7 @@ def promote(settings: Settings, candidate: Candidate, decision: GateDecision) ->
         )
     decision = _move_champion(client, settings, version.version, decision, "; ".join(decision.reasons), candidate.run_id)
     client.set_model_version_tag(settings.model_name, version.version, "gate", "promote" if decision.promote else "reject")
+    cards.write_at_registration(settings, version.version)
     if decision.promote:
         client.set_tag(candidate.run_id, "promoted_version", version.version)
     return Outcome(

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from app import lineage
 from pipeline import registry, tracking
 from pipeline.calibration import Calibration
 from pipeline.data import Dataset, load_dataset
@@ -112,6 +113,7 @@ def _fit(
     registry.connect(settings)
     keras.utils.disable_interactive_logging()  # no progress bars from MLflow's input-example checks
     dataset = load_dataset(settings.data_dir)
+    lineage.log_training_data(settings, run_id, dataset)
     result = fit(dataset, params, on_epoch=lambda epoch, values: tracking.log_epoch(run_id, epoch, values))
     validation = {k: result.history[k][-1] for k in ("val_accuracy", "val_loss") if result.history.get(k)}
     if validation:

@@ -7,7 +7,7 @@ import gc
 
 import typer
 
-from cli import data, feedback, models, monitoring, operations, serving, stages, training
+from cli import cards, data, feedback, models, monitoring, operations, serving, stages, training
 from cli.processes import interrupt_on_stop_signals
 
 digits = typer.Typer(
@@ -41,6 +41,7 @@ for command in (
     training.sweep,
     models.status,
     models.evaluate,
+    cards.card,
     models.promote,
     models.rollback,
     models.reproduce,

@@ -190,3 +190,27 @@ def monitoring_inputs(reference: pd.DataFrame, window: pd.DataFrame, drifted: di
     fig.axes[0].legend()
     fig.suptitle("input statistics of the normalised digits (pipeline/image_stats.py)")
     return fig
+
+
+def family_mistakes(examples: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], per_family: int = 8) -> Figure:
+    """A row of mistakes per family, as the model saw them (the normalised digit): ``{family: (pixels, true, predicted)}``.
+
+    One picture of tiles on a single Axes, like ``misclassified_grid``.
+    """
+    rows = max(1, len(examples))
+    side, gap, label, heading = 28, 7, 21, 16
+    cell_width, cell_height = side + gap, side + label
+    tiles = np.zeros((rows * (cell_height + heading), per_family * cell_width), dtype=np.float32)
+    fig = _figure(per_family * 1.15, rows * 1.9 + 0.4)
+    fig.suptitle("mistakes on the weakest families of the suite, as the model saw them")
+    ax = fig.subplots()
+    ax.axis("off")
+    for row, (family, (pixels, y_true, y_pred)) in enumerate(examples.items()):
+        base = row * (cell_height + heading)
+        ax.text(0, base + heading - 4, f"{family}: {len(pixels)} shown", ha="left", va="bottom", fontsize=9, weight="bold")
+        for column, (image, true, predicted) in enumerate(zip(pixels[:per_family], y_true, y_pred, strict=False)):
+            top, left = base + heading + label, column * cell_width + gap // 2
+            tiles[top : top + side, left : left + side] = image
+            ax.text(left + side / 2, top - 1, f"true {true}\npred {predicted}", ha="center", va="bottom", fontsize=7)
+    ax.imshow(tiles, cmap="gray_r", vmin=0, vmax=max(float(tiles.max()), 1.0), interpolation="nearest")
+    return fig

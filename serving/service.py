@@ -7,6 +7,7 @@ POST /predict         multipart field ``image``: a PNG/JPEG photo, scan or drawi
 POST /predict_pixels  JSON ``{"pixels": ...}``: one 28x28 array or a batch (n, 28, 28), 0-255
 POST /feedback        JSON ``{"request_id": "...", "label": 7}``: the true digit of an answer (201)
 GET  /model           the champion being served: version, run, metrics, data version, promoted-at
+GET  /model/card      the champion's model card (HTML): data, metrics, gate decision, known limits
 GET  /livez           liveness (the process answers)
 GET  /readyz          readiness (200 once a model is loaded, 503 before)
 GET  /draw            a drawing pad: draw a digit, see the prediction and its probabilities
@@ -79,6 +80,11 @@ GC_THRESHOLDS = (10_000, 20, 100)
 SOURCE_HEADER = "x-digits-source"
 # images waiting for the challenger; beyond it the shadow skips requests (and counts them) rather than fall behind
 SHADOW_BACKLOG = 2000
+# the served version's model card (app/cards.py), linked from /model and the drawing page
+MODEL_CARD_ROUTE = "/model/card"
+CARD_POLICY = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 # ---------------------------------------------------------------- inputs and answers
@@ -541,6 +547,7 @@ class DigitClassifier:
                 "promoted_at": ref.promoted_at,
                 "promoted_by": ref.promoted_by,
                 "promotion_reason": ref.promotion_reason,
+                "model_card": MODEL_CARD_ROUTE,
                 "loaded_at": current.loaded_at,
                 "load_seconds": round(current.load_seconds, 3),
                 **status,
@@ -549,6 +556,23 @@ class DigitClassifier:
                 "challenger": self._challenger_info(),
             }
         )
+
+    @ui.get(MODEL_CARD_ROUTE, include_in_schema=False)
+    async def model_card(self):
+        """The served version's model card (HTML, from its run in the registry)."""
+        try:
+            ref = self.watcher.require().ref
+        except ModelUnavailable as err:
+            return _error(503, str(err))
+        from app import cards
+
+        try:
+            _, page = await anyio.to_thread.run_sync(cards.card_html, self.settings, ref.version)
+        except Exception as err:  # the registry or the run's artifacts could not be read: say so, without a trace
+            log.warning("model card of v%s: %s: %s", ref.version, type(err).__name__, err)
+            return _error(503, f"the model card of v{ref.version} cannot be read from the registry right now; retry later")
+        # the card is a page of its own: inline style and embedded images, no script, no framing
+        return Response(page, media_type="text/html", headers={"Content-Security-Policy": CARD_POLICY})
 
     def _challenger_info(self) -> dict | None:
         model = self.challenger.current

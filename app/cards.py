@@ -1,0 +1,165 @@
+"""Model card use cases: write a registered version's card from what its run logged, and fetch it back.
+
+The card (``pipeline.model_card``) goes two places at registration: the model version's description
+in the MLflow registry (short markdown, shown on the model page) and the run's ``model_card/``
+artifacts (the full HTML page with the plots, and its markdown). ``digits card`` and the service's
+``GET /model/card`` read the HTML back; a version registered before cards existed gets one rendered
+from its run on demand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline import model_card, registry
+from pipeline.model_card import CardFacts, DataInput
+from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
+
+CARD_DIR = "model_card"
+CARD_HTML = f"{CARD_DIR}/model_card.html"
+CARD_MARKDOWN = f"{CARD_DIR}/model_card.md"
+# where `digits ui` serves the MLflow UI of the embedded store
+LOCAL_UI = "http://127.0.0.1:5000/"
+
+
+def ui_address(settings: Settings) -> str:
+    """The MLflow UI's address, for links from a card read outside it: the tracking server's, or `digits ui`'s."""
+    return f"{settings.tracking_server}/" if settings.tracking_server else LOCAL_UI
+
+
+def card_link(facts: CardFacts, ui: str = "") -> str:
+    """The HTML card in the MLflow UI's artifact viewer (relative inside the UI when ``ui`` is '')."""
+    return f"{ui}#/experiments/{facts.experiment_id}/runs/{facts.run_id}/artifacts/{CARD_HTML}"
+
+
+def _json_artifact(client: MlflowClient, run_id: str, path: str, present: set[str]) -> Any:
+    if path not in present:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text())
+
+
+def _listing(client: MlflowClient, run_id: str, *folders: str) -> set[str]:
+    return {a.path for folder in folders for a in client.list_artifacts(run_id, folder)}
+
+
+def _datasets(run) -> tuple[DataInput, ...]:
+    out = []
+    for item in run.inputs.dataset_inputs if run.inputs else []:
+        tags = {t.key: t.value for t in item.tags}
+        try:
+            rows = json.loads(item.dataset.profile or "{}").get("features_shape", [None])[0]
+            source = json.loads(item.dataset.source).get("uri", item.dataset.source)
+        except (ValueError, AttributeError, IndexError):
+            rows, source = None, item.dataset.source
+        out.append(DataInput(item.dataset.name, tags.get("mlflow.data.context", "-"), item.dataset.digest, str(source), rows))
+    return tuple(out)
+
+
+def gather(client: MlflowClient, model_name: str, version: str) -> tuple[CardFacts, dict[str, bytes]]:
+    """What the version's run logged, and its plots (PNG bytes by artifact path)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version(model_name, str(version))
+    except MlflowException:
+        raise registry.PromotionError(f"{model_name} has no version {version}: see `digits status --all`") from None
+    run_id = mv.run_id or (mv.tags or {}).get("source_run_id")
+    if not run_id:
+        raise registry.PromotionError(f"{model_name} v{version} names no run: there is nothing to write its card from")
+    run = client.get_run(run_id)
+    present = _listing(client, run_id, "", "evaluation", "gate", "plots", "validation_report")
+    params = _json_artifact(client, run_id, "params.json", present) or _nested(run.data.params)
+    report = next((p for p in sorted(present) if p.startswith("validation_report/") and p.endswith("index.html")), None)
+    registered = (
+        datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(timespec="seconds") if mv.creation_timestamp else None
+    )
+    facts = CardFacts(
+        model_name=model_name,
+        version=str(mv.version),
+        run_id=run_id,
+        experiment_id=run.info.experiment_id,
+        params=params,
+        metrics=dict(run.data.metrics),
+        tags=dict(run.data.tags),
+        version_tags=dict(mv.tags or {}),
+        datasets=_datasets(run),
+        per_class=_json_artifact(client, run_id, "evaluation/metrics.json", present),
+        suite=_json_artifact(client, run_id, "evaluation/suite.json", present),
+        gate=_json_artifact(client, run_id, "gate/gate_decision.json", present),
+        validation_report=report,
+        registered_at=registered,
+    )
+    images = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in model_card.PLOTS:
+            if path in present:
+                images[path] = Path(client.download_artifacts(run_id, path, tmp)).read_bytes()
+    return facts, images
+
+
+def _nested(flat: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Dotted run params back into sections (values as logged, strings): for runs without params.json."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        section, _, name = key.partition(".")
+        if name:
+            out.setdefault(section, {})[name] = value
+    return out
+
+
+def write(settings: Settings, version: str) -> CardFacts:
+    """Render the version's card and store it: the version's description, and the HTML and markdown in its run."""
+    client = registry.connect(settings)
+    facts, images = gather(client, settings.model_name, version)
+    description = model_card.to_markdown(facts, card_url=card_link(facts))
+    page = model_card.to_html(facts, images, ui_address(settings))
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "model_card.html").write_text(page)
+        Path(tmp, "model_card.md").write_text(model_card.to_markdown(facts, ui_address(settings), limit=10**6))
+        client.log_artifacts(facts.run_id, tmp, CARD_DIR)
+    client.update_model_version(settings.model_name, facts.version, description=description)
+    log.info("model card of v%s: the version's description and %s in run %s", facts.version, CARD_HTML, facts.run_id)
+    return facts
+
+
+def write_at_registration(settings: Settings, version: str) -> None:
+    """``write``, as bookkeeping of a registration: a failure is logged and the registration stands."""
+    try:
+        write(settings, version)
+    except Exception as err:  # the card describes the version; it must not undo its registration
+        log.warning("could not write the model card of v%s: %s: %s", version, type(err).__name__, err)
+
+
+def card_html(settings: Settings, version: str | None = None) -> tuple[registry.ModelRef, str]:
+    """A version's HTML card (default: the champion's), as stored in its run, or rendered now when it has none."""
+    client = registry.store_client(settings)
+    ref = (
+        registry.get_version(client, settings.model_name, version) if version else registry.get_alias(client, settings.model_name)
+    )
+    if ref is None:
+        raise registry.PromotionError("there is no champion yet: run `digits retrain`, or name a version")
+    if ref.run_id and CARD_HTML in _listing(client, ref.run_id, CARD_DIR):
+        with tempfile.TemporaryDirectory() as tmp:
+            return ref, Path(client.download_artifacts(ref.run_id, CARD_HTML, tmp)).read_text()
+    facts, images = gather(client, settings.model_name, ref.version)  # registered before cards existed
+    return ref, model_card.to_html(facts, images, ui_address(settings))
+
+
+def export(settings: Settings, version: str | None = None, out: Path | None = None) -> Path:
+    """``digits card``: the HTML card written to ``out`` (default: reports/cards/<model>-v<version>.html)."""
+    ref, page = card_html(settings, version)
+    path = out or settings.reports_dir / "cards" / f"{ref.model_name}-v{ref.version}.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page)
+    return path
