@@ -42,11 +42,9 @@ def card_link(facts: CardFacts, ui: str = "") -> str:
     return f"{ui}#/experiments/{facts.experiment_id}/runs/{facts.run_id}/artifacts/{CARD_HTML}"
 
 
-def _json_artifact(client: MlflowClient, run_id: str, path: str, present: set[str]) -> Any:
-    if path not in present:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        return json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text())
+def _read_json(folder: Path, path: str) -> Any:
+    file = folder / path
+    return json.loads(file.read_text()) if file.is_file() else None
 
 
 def _listing(client: MlflowClient, run_id: str, *folders: str) -> set[str]:
@@ -78,33 +76,33 @@ def gather(client: MlflowClient, model_name: str, version: str) -> tuple[CardFac
     if not run_id:
         raise registry.PromotionError(f"{model_name} v{version} names no run: there is nothing to write its card from")
     run = client.get_run(run_id)
-    present = _listing(client, run_id, "", "evaluation", "gate", "plots", "validation_report")
-    params = _json_artifact(client, run_id, "params.json", present) or _nested(run.data.params)
+    present = _listing(client, run_id, "", "validation_report")
     report = next((p for p in sorted(present) if p.startswith("validation_report/") and p.endswith("index.html")), None)
-    registered = (
-        datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(timespec="seconds") if mv.creation_timestamp else None
-    )
-    facts = CardFacts(
-        model_name=model_name,
-        version=str(mv.version),
-        run_id=run_id,
-        experiment_id=run.info.experiment_id,
-        params=params,
-        metrics=dict(run.data.metrics),
-        tags=dict(run.data.tags),
-        version_tags=dict(mv.tags or {}),
-        datasets=_datasets(run),
-        per_class=_json_artifact(client, run_id, "evaluation/metrics.json", present),
-        suite=_json_artifact(client, run_id, "evaluation/suite.json", present),
-        gate=_json_artifact(client, run_id, "gate/gate_decision.json", present),
-        validation_report=report,
-        registered_at=registered,
-    )
-    images = {}
+    created = mv.creation_timestamp
+    registered = datetime.fromtimestamp(created / 1000, UTC).isoformat(timespec="seconds") if created else None
     with tempfile.TemporaryDirectory() as tmp:
-        for path in model_card.PLOTS:
+        local = Path(tmp)
+        # a folder at a time: one call each instead of one a file
+        for path in ("params.json", "evaluation", "gate", "plots"):
             if path in present:
-                images[path] = Path(client.download_artifacts(run_id, path, tmp)).read_bytes()
+                client.download_artifacts(run_id, path, tmp)
+        facts = CardFacts(
+            model_name=model_name,
+            version=str(mv.version),
+            run_id=run_id,
+            experiment_id=run.info.experiment_id,
+            params=_read_json(local, "params.json") or _nested(run.data.params),
+            metrics=dict(run.data.metrics),
+            tags=dict(run.data.tags),
+            version_tags=dict(mv.tags or {}),
+            datasets=_datasets(run),
+            per_class=_read_json(local, "evaluation/metrics.json"),
+            suite=_read_json(local, "evaluation/suite.json"),
+            gate=_read_json(local, "gate/gate_decision.json"),
+            validation_report=report,
+            registered_at=registered,
+        )
+        images = {path: (local / path).read_bytes() for path in model_card.PLOTS if (local / path).is_file()}
     return facts, images
 
 

@@ -66,7 +66,7 @@ def test_the_run_lists_the_data_versions_it_trained_and_was_evaluated_on(trained
     inputs = _inputs(summary["run_id"])
     assert set(inputs) == {"mnist-train", "mnist-test", "ood-suite"}  # no added images, no feedback in this version
     data_version = summary["data_version"]
-    remote = (home.parent / ".dvc-remote").resolve()
+    remote = (home / ".dvc-remote").resolve()  # data.dvc's remote: ../.dvc-remote from .dvc/
     for name, context in (("mnist-train", "training"), ("mnist-test", "evaluation")):
         digest, source, tags, _ = inputs[name]
         assert digest == data_version and tags["mlflow.data.context"] == context
@@ -144,9 +144,11 @@ def test_the_mlflow_ui_shows_the_datasets_and_the_card_and_the_card_renders(trai
         wait = WebDriverWait(browser, 60)
         experiment = _client().get_run(summary["run_id"]).info.experiment_id
         browser.get(f"{base}/#/experiments/{experiment}/runs/{summary['run_id']}")
-        wait.until(seen.text_to_be_present_in_element((By.TAG_NAME, "body"), "mnist-train"))
+        # the run's "Datasets": the first input with its digest and context, and how many more
+        listed = f"mnist-train ({summary['data_version']})"
+        wait.until(seen.text_to_be_present_in_element((By.TAG_NAME, "body"), listed))
         body = browser.find_element(By.TAG_NAME, "body").text
-        assert "ood-suite" in body and "Datasets: None" not in body
+        assert "Training" in body and "+2" in body
 
         browser.get(f"{base}/#/models/{MODEL}/versions/1")
         wait.until(seen.text_to_be_present_in_element((By.TAG_NAME, "body"), f"Model card: {MODEL} v1"))
