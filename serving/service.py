@@ -564,10 +564,10 @@ class DigitClassifier:
             ref = self.watcher.require().ref
         except ModelUnavailable as err:
             return _error(503, str(err))
-        from app import cards
+        from pipeline import card_store
 
         try:
-            _, page = await anyio.to_thread.run_sync(cards.card_html, self.settings, ref.version)
+            _, page = await anyio.to_thread.run_sync(card_store.card_html, self.settings, ref.version)
         except Exception as err:  # the registry or the run's artifacts could not be read: say so, without a trace
             log.warning("model card of v%s: %s: %s", ref.version, type(err).__name__, err)
             return _error(503, f"the model card of v{ref.version} cannot be read from the registry right now; retry later")
