@@ -77,6 +77,8 @@ class Block:
     content: Any
     header: tuple[str, ...] = ()
     full_only: bool = False  # left out of the short (markdown) card, which the description's limit constrains
+    short_only: bool = False  # in the short card only
+    optional: bool = False  # the short card drops it first when it is too long
 
 
 # ---------------------------------------------------------------- facts -> figures
@@ -213,7 +215,12 @@ def blocks(facts: CardFacts, ui: str = "") -> list[Block]:
         ]
         out.append(Block("table", rows, ("digit", "precision", "recall", "F1", "images"), full_only=True))
         out.append(
-            Block("p", "Recall per digit: " + ", ".join(f"{d} {_num(r, 3)}" for d, r in enumerate(pc["class_recall"])) + ".")
+            Block(
+                "p",
+                "Recall per digit: " + ", ".join(f"{d} {_num(r, 3)}" for d, r in enumerate(pc["class_recall"])) + ".",
+                short_only=True,
+                optional=True,
+            )
         )
     if facts.suite and facts.suite.get("families"):
         floors = (p.get("gate") or {}).get("min_family_accuracy") or {}
@@ -223,7 +230,12 @@ def blocks(facts: CardFacts, ui: str = "") -> list[Block]:
         rows = [[name, _pct(value), str(refused.get(name, 0)), _pct(floors.get(name))] for name, value in families.items()]
         out.append(Block("table", rows, ("family", "accuracy", "refused", "floor"), full_only=True))
         out.append(
-            Block("p", "Out-of-distribution suite, as served: " + ", ".join(f"{k} {_pct(v)}" for k, v in families.items()) + ".")
+            Block(
+                "p",
+                "Out-of-distribution suite, as served: " + ", ".join(f"{k} {_pct(v)}" for k, v in families.items()) + ".",
+                short_only=True,
+                optional=True,
+            )
         )
         if FEEDBACK in facts.suite["families"]:
             out.append(
@@ -245,6 +257,19 @@ def blocks(facts: CardFacts, ui: str = "") -> list[Block]:
         ["photographed: marked unsure", _pct(m.get("served_photographed_unsure_share"))],
     ]
     out.append(Block("table", [r for r in calibration if r[1] not in ("-", "- / -")], ("figure", "value")))
+
+    out.append(Block("h2", "Known limits"))
+    limits: list[Inline] = []
+    if facts.per_class:
+        for digit, recall, confused, times in weakest_classes(facts.per_class):
+            read_as = f", most often read as {confused} ({times} images)" if confused is not None else ""
+            limits.append(f"digit {digit}: recall {_num(recall, 3)}{read_as}")
+    if facts.suite:
+        for name, accuracy in weakest_families(facts.suite):
+            limits.append(f"{name}: {_pct(accuracy)} of the suite's {name} images right")
+    limits.append("trained on MNIST-style digits only: anything that is not a single digit still gets a digit (often unsure)")
+    out.append(Block("ul", limits))
+    out.append(Block("p", "Examples of its mistakes are in the full card's figures.", short_only=True))
 
     out.append(Block("h2", "Gate decision"))
     if facts.gate:
@@ -274,18 +299,6 @@ def blocks(facts: CardFacts, ui: str = "") -> list[Block]:
     out.append(Block("p", f"Git commit `{commit}`{note}. The retrain with this version's code, data version and params:"))
     out.append(Block("code", reproduce_command(facts)))
 
-    out.append(Block("h2", "Known limits"))
-    limits: list[Inline] = []
-    if facts.per_class:
-        for digit, recall, confused, times in weakest_classes(facts.per_class):
-            read_as = f", most often read as {confused} ({times} images)" if confused is not None else ""
-            limits.append(f"digit {digit}: recall {_num(recall, 3)}{read_as}")
-    if facts.suite:
-        for name, accuracy in weakest_families(facts.suite):
-            limits.append(f"{name}: {_pct(accuracy)} of the suite's {name} images right")
-    limits.append("trained on MNIST-style digits only: anything that is not a single digit still gets a digit (often unsure)")
-    out.append(Block("ul", limits))
-    out.append(Block("p", "Examples of its mistakes are in the full card's last figures.", full_only=False))
     return out
 
 
@@ -305,12 +318,30 @@ def _md_cell(value: Inline) -> str:
 
 
 def to_markdown(facts: CardFacts, ui: str = "", card_url: str | None = None, limit: int = DESCRIPTION_LIMIT) -> str:
-    """The short card, for the model version's description (at most ``limit`` characters)."""
+    """The short card, for the model version's description (at most ``limit`` characters).
+
+    Too long, it shortens long table cells, then drops the optional paragraphs, then is cut (the
+    sections a reader needs most come first; the full card has everything).
+    """
+    text = ""
+    for cell_limit, optional in ((None, True), (160, True), (160, False)):
+        text = _markdown(facts, ui, card_url, cell_limit, optional)
+        if len(text) <= limit:
+            return text
+    cut = "\n\n(shortened to fit the description: see the full card)\n"
+    return text[: limit - len(cut)].rsplit("\n", 1)[0] + cut
+
+
+def _markdown(facts: CardFacts, ui: str, card_url: str | None, cell_limit: int | None, optional: bool) -> str:
+    def cell(value: Inline) -> str:
+        text = _md_cell(value)
+        return text if cell_limit is None or len(text) <= cell_limit else text[: cell_limit - 1].rstrip("\\") + "…"
+
     lines = [f"# Model card: {facts.model_name} v{facts.version}", ""]
     if card_url:
         lines += [f"The full card, with its figures and example mistakes: [model card]({card_url}).", ""]
     for block in blocks(facts, ui):
-        if block.full_only:
+        if block.full_only or (block.optional and not optional):
             continue
         if block.kind == "h2":
             lines += [f"## {block.content}", ""]
@@ -322,12 +353,8 @@ def to_markdown(facts: CardFacts, ui: str = "", card_url: str | None = None, lim
             lines += ["```sh", block.content, "```", ""]
         elif block.kind == "table":
             lines += ["| " + " | ".join(block.header) + " |", "|" + "---|" * len(block.header)]
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in block.content] + [""]
-    text = "\n".join(lines).rstrip() + "\n"
-    if len(text) > limit:
-        cut = "\n\n(shortened to fit the description: see the full card)\n"
-        text = text[: limit - len(cut)].rsplit("\n", 1)[0] + cut
-    return text
+            lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in block.content] + [""]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def _html_inline(value: Inline) -> str:
@@ -363,6 +390,8 @@ def to_html(facts: CardFacts, images: dict[str, bytes], ui: str = "") -> str:
     title = f"Model card: {facts.model_name} v{facts.version}"
     body = [f"<h1>{html.escape(title)}</h1>"]
     for block in blocks(facts, ui):
+        if block.short_only:
+            continue
         if block.kind == "h2":
             body.append(f"<h2>{html.escape(block.content)}</h2>")
         elif block.kind == "p":

@@ -140,7 +140,22 @@ def test_markdown_fits_the_description_limit_however_long_the_facts():
     text = model_card.to_markdown(facts)
     assert len(text) <= model_card.DESCRIPTION_LIMIT
     assert text.rstrip().endswith("(shortened to fit the description: see the full card)")
+    assert "## Known limits" in text  # before the gate's details, which are cut
     assert len(model_card.to_markdown(facts, limit=10**6)) > model_card.DESCRIPTION_LIMIT
+
+
+def test_a_long_card_shortens_its_details_before_its_limits():
+    families = {f"family_{i}": 0.9 + i / 200 for i in range(14)}
+    detail = ", ".join(f"{name} {value:.4f} vs floor 0.9000" for name, value in families.items())
+    checks = [{"name": f"check {i}", "passed": True, "detail": detail} for i in range(4)]
+    params = {**_facts().params, "train": {f"knob_{i}": i for i in range(30)}}
+    facts = _facts(gate={"promote": True, "checks": checks, "notes": []}, suite={"families": families}, params=params)
+    assert len(model_card.to_markdown(facts, limit=10**6)) > model_card.DESCRIPTION_LIMIT
+    text = model_card.to_markdown(facts)
+    assert len(text) <= model_card.DESCRIPTION_LIMIT and "shortened" not in text
+    assert "digit 4: recall 0.930, most often read as 9 (7 images)" in text and "family_0: 90.00 %" in text
+    assert detail not in text and detail[:100] in text and "…" in text  # the gate's long details, cut
+    assert "--set train.knob_29=29" in text  # the command that reproduces it stays whole
 
 
 def test_a_card_without_gate_suite_or_per_class_still_renders():
@@ -192,3 +207,4 @@ def test_html_embeds_the_plots_and_escapes_what_the_run_logged():
     assert "Known limits" in text and "digit 4" in text and "Per" not in parsed.links
     # the full card has what the short one leaves out: the per-class table and the family floors
     assert "<th>precision</th>" in page and "<th>floor</th>" in page
+    assert "Recall per digit" not in page and "full card" not in page  # the short card's own lines
