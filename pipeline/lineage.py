@@ -60,7 +60,7 @@ class DataPart:
 
 
 def stored_version(root: Path, md5: str) -> StoredVersion:
-    """Ask DVC where ``md5`` lives: in the default remote when there is one, else in the local cache."""
+    """Ask DVC where ``md5`` lives: in the default remote when it holds the version, else in the local cache."""
     try:
         from dvc.repo import Repo
 
@@ -72,9 +72,12 @@ def stored_version(root: Path, md5: str) -> StoredVersion:
         files = _manifest(repo.cache.local.oid_to_path(md5))
         try:
             remote = repo.cloud.get_remote_odb()
-            return StoredVersion(md5, remote.fs.unstrip_protocol(remote.oid_to_path(md5)), "remote", files)
-        except Exception:  # no default remote: the cache is all there is
-            return StoredVersion(md5, repo.cache.local.oid_to_path(md5), "cache", files)
+            path = remote.oid_to_path(md5)
+            if remote.fs.exists(path):  # a failed `dvc push` left it in the cache only
+                return StoredVersion(md5, remote.fs.unstrip_protocol(path), "remote", files)
+        except Exception as err:  # no default remote, or it cannot be reached: the cache is what is known
+            log.info("data version %s: no DVC remote holding it could be checked (%s)", md5, err)
+        return StoredVersion(md5, repo.cache.local.oid_to_path(md5), "cache", files)
     finally:
         repo.close()
 

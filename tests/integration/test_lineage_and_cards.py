@@ -184,3 +184,22 @@ def test_the_service_links_the_card_and_serves_it(trained, browser):
         link.click()
         widths = _images_loaded(browser)
         assert len(widths) >= 6 and all(width > 0 for width in widths), widths
+
+
+def test_a_version_the_remote_lacks_is_located_in_the_cache(project):
+    import numpy as np
+
+    from pipeline import lineage, versioning
+
+    folder = project / "data" / "mnist"
+    folder.mkdir(parents=True)
+    for name in ("train_images", "test_images"):
+        np.save(folder / f"{name}.npy", np.zeros((2, 28, 28), np.uint8))
+    version = versioning.record(project, project / "data", push=False)
+    cached = lineage.stored_version(project, version.md5)
+    assert cached.stored_in == "cache" and Path(cached.location).is_file()
+    assert set(cached.files) == {"mnist/train_images.npy", "mnist/test_images.npy"}
+    assert versioning.record(project, project / "data", push=True).pushed
+    pushed = lineage.stored_version(project, version.md5)
+    assert pushed.stored_in == "remote" and pushed.location.startswith(str((project / ".dvc-remote").resolve()))
+    assert Path(pushed.location).is_file() and pushed.files == cached.files
