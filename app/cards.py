@@ -2,9 +2,10 @@
 
 The card (``pipeline.model_card``) goes two places at registration: the model version's description
 in the MLflow registry (short markdown, shown on the model page) and the run's ``model_card/``
-artifacts (the full HTML page with the plots, and its markdown). ``digits card`` and the service's
-``GET /model/card`` read the HTML back (``pipeline.card_store``); a version registered before cards
-existed gets one rendered from its run on demand.
+artifacts (the full HTML page with the plots, and its markdown): the card as registered.
+``digits card`` and the service's ``GET /model/card`` render it again from the run and the version's
+tags (``pipeline.card_store``), so that they also show what happened since, and versions registered
+before cards existed get one.
 """
 
 from __future__ import annotations

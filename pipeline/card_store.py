@@ -1,7 +1,7 @@
 """Model cards in the MLflow store: what a registered version's run logged, and the card stored with it.
 
 The card itself is rendered by ``pipeline.model_card`` (pure); ``app.cards`` writes it at registration.
-The service reads a version's card through ``card_html`` (it ships ``pipeline`` and ``serving`` only).
+The service renders a version's card through ``card_html`` (it ships ``pipeline`` and ``serving`` only).
 """
 
 from __future__ import annotations
@@ -114,15 +114,16 @@ def _nested(flat: dict[str, str]) -> dict[str, dict[str, Any]]:
 
 
 def card_html(settings: Settings, version: str | None = None) -> tuple[registry.ModelRef, str]:
-    """A version's HTML card (default: the champion's), as stored in its run, or rendered now when it has none."""
+    """A version's HTML card (default: the champion's), rendered now from its run and the version's tags.
+
+    Rendered rather than read from the run's ``model_card/``: the card then shows what happened since
+    registration too (a promotion, a rollback, a reproduction), and versions from before cards have one.
+    """
     client = registry.store_client(settings)
     ref = (
         registry.get_version(client, settings.model_name, version) if version else registry.get_alias(client, settings.model_name)
     )
     if ref is None:
         raise registry.PromotionError("there is no champion yet: run `digits retrain`, or name a version")
-    if ref.run_id and CARD_HTML in _listing(client, ref.run_id, CARD_DIR):
-        with tempfile.TemporaryDirectory() as tmp:
-            return ref, Path(client.download_artifacts(ref.run_id, CARD_HTML, tmp)).read_text()
-    facts, images = gather(client, settings.model_name, ref.version)  # registered before cards existed
+    facts, images = gather(client, settings.model_name, ref.version)
     return ref, model_card.to_html(facts, images, ui_address(settings))

@@ -28,6 +28,8 @@ PLOTS = {
 }
 # params that decide what training produces, and so belong in the command that reproduces it
 REPRODUCING_SECTIONS = ("model", "train", "confidence")
+# the run's tags that describe the machine it trained on (pipeline/reproduce.py records them)
+ENVIRONMENT_TAG = "env."
 # the suite's families are shown beside this slice of harvested corrections when the data version has one
 FEEDBACK = "feedback"
 
@@ -104,7 +106,7 @@ def weakest_families(suite: dict[str, Any], count: int = 3) -> list[tuple[str, f
 
 
 def reproduce_command(facts: CardFacts) -> str:
-    """The commands that retrain this version: its code, its data version, its params (``digits reproduce`` will do it)."""
+    """The commands that retrain this version by hand: its code, its data version, its params."""
     commit = facts.tags.get("git_commit", "unknown")
     sets = []
     for section in REPRODUCING_SECTIONS:
@@ -196,7 +198,6 @@ def blocks(facts: CardFacts, ui: str = "") -> list[Block]:
     if facts.datasets:
         rows = [[d.name, d.context, f"`{d.digest[:12]}`", "-" if d.rows is None else f"{d.rows:,}"] for d in facts.datasets]
         out.append(Block("table", rows, ("dataset", "used for", "digest", "images")))
-        out.append(Block("p", "Stored in: " + ", ".join(sorted({d.source for d in facts.datasets})), full_only=True))
 
     out.append(Block("h2", "Performance"))
     overall = [
@@ -296,8 +297,19 @@ def blocks(facts: CardFacts, ui: str = "") -> list[Block]:
     out.append(Block("h2", "Reproduce"))
     commit = tags.get("git_commit", "unknown")
     note = " (the working tree had uncommitted changes: they are not in the commit)" if commit.endswith("-dirty") else ""
-    out.append(Block("p", f"Git commit `{commit}`{note}. The retrain with this version's code, data version and params:"))
+    out.append(
+        Block(
+            "p",
+            f"Git commit `{commit}`{note}. `digits reproduce {facts.version}` retrains it from this record (a clone at "
+            "the commit, the data version from DVC, the params and seed) and compares weights and answers; by hand:",
+        )
+    )
     out.append(Block("code", reproduce_command(facts)))
+    machine = {k.removeprefix(ENVIRONMENT_TAG): v for k, v in sorted(tags.items()) if k.startswith(ENVIRONMENT_TAG)}
+    if machine:
+        out.append(Block("p", "Trained on: " + ", ".join(f"{k} {v}" for k, v in machine.items()) + ".", full_only=True))
+    if facts.version_tags.get("reproduced"):
+        out.append(Block("p", f"`digits reproduce` said: {facts.version_tags['reproduced']}."))
 
     return out
 

@@ -547,7 +547,6 @@ class DigitClassifier:
                 "promoted_at": ref.promoted_at,
                 "promoted_by": ref.promoted_by,
                 "promotion_reason": ref.promotion_reason,
-                "model_card": MODEL_CARD_ROUTE,
                 "loaded_at": current.loaded_at,
                 "load_seconds": round(current.load_seconds, 3),
                 **status,
@@ -555,7 +554,7 @@ class DigitClassifier:
                 "prediction_log": self.answer_log.info(),
                 "challenger": self._challenger_info(),
             }
-        )
+        ) | {"model_card": MODEL_CARD_ROUTE}  # the service's own route: not a server path to hide
 
     @ui.get(MODEL_CARD_ROUTE, include_in_schema=False)
     async def model_card(self):

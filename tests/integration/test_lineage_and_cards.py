@@ -176,6 +176,9 @@ def test_the_service_links_the_card_and_serves_it(trained, browser):
         assert info["model_version"] == "1" and info["model_card"] == "/model/card"
         answer = httpx.get(server.url + info["model_card"], timeout=60)
         assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/html")
+        # its own policy: inline style and embedded images, and no script at all
+        policy = answer.headers["content-security-policy"]
+        assert "default-src 'none'" in policy and "script-src" not in policy and "img-src data:" in policy
         assert f"Model card: {MODEL} v1" in answer.text
 
         browser.get(server.url + "/draw")
@@ -184,6 +187,9 @@ def test_the_service_links_the_card_and_serves_it(trained, browser):
         link.click()
         widths = _images_loaded(browser)
         assert len(widths) >= 6 and all(width > 0 for width in widths), widths
+        # the page's style applies under that policy
+        style = browser.execute_script("return getComputedStyle(document.querySelector('table')).borderCollapse")
+        assert style == "collapse"
 
 
 def test_a_version_the_remote_lacks_is_located_in_the_cache(project):

@@ -129,7 +129,7 @@ def test_markdown_holds_every_section_and_links_inside_the_ui():
     assert "| mnist-train | training | `627efe430bc4` | 60,000 |" in text
     assert "digit 4: recall 0.930, most often read as 9 (7 images)" in text
     assert "rotated: 91.00 %" in text and "Feedback slice" in text and "88.00 %" in text
-    assert "`0123abcd-dirty` (the working tree had uncommitted changes" in text
+    assert "`0123abcd-dirty` (the working tree had uncommitted changes" in text and "`digits reproduce 3` retrains it" in text
     assert "only the candidate right on 12 \\| p = 0.02" in text  # a pipe in a cell does not break the table
     assert "**promoted** against champion v2" in text
 
@@ -193,7 +193,8 @@ def _png() -> bytes:
 
 def test_html_embeds_the_plots_and_escapes_what_the_run_logged():
     png = _png()
-    facts = _facts(tags={**_facts().tags, "serving_runtime": "<script>alert(1)</script>"})
+    tags = {**_facts().tags, "serving_runtime": "<script>alert(1)</script>", "env.cpu": "AVX2", "env.tensorflow": "2.21.0"}
+    facts = _facts(tags=tags, version_tags={"reproduced": "identical (2026-12-06 10:00 UTC)"})
     page = model_card.to_html(
         facts, {"plots/confusion_matrix.png": png, "plots/misclassified.png": png}, "http://127.0.0.1:5000/"
     )
@@ -208,3 +209,4 @@ def test_html_embeds_the_plots_and_escapes_what_the_run_logged():
     # the full card has what the short one leaves out: the per-class table and the family floors
     assert "<th>precision</th>" in page and "<th>floor</th>" in page
     assert "Recall per digit" not in page and "full card" not in page  # the short card's own lines
+    assert "Trained on: cpu AVX2, tensorflow 2.21.0." in page and "digits reproduce</code> said: identical" in page
