@@ -201,6 +201,7 @@ def _evaluate(trained: TrainedModel, model: keras.Model, dataset: Dataset) -> Ca
     )
     with tracking.active(trained.run_id):
         _log_evaluation(dataset, metrics, probabilities)
+        _log_explained_mistakes(model, dataset, probabilities)
         _log_confidence(dataset, probabilities, trained.calibration)
         _export_for_serving(model, dataset, probabilities)
     return Candidate(trained.run_id, trained.model_uri, metrics, tuple(int(d) for d in predicted[:SMOKE_IMAGES]))
@@ -227,6 +228,24 @@ def _log_evaluation(dataset: Dataset, metrics: Metrics, probabilities: np.ndarra
     mlflow.log_figure(plots.confusion_matrix(metrics), "plots/confusion_matrix.png")
     mlflow.log_figure(plots.per_class_scores(metrics), "plots/per_class_scores.png")
     mlflow.log_figure(plots.misclassified_grid(dataset.x_test, dataset.y_test, probabilities), "plots/misclassified.png")
+
+
+def _log_explained_mistakes(model: keras.Model, dataset: Dataset, probabilities: np.ndarray, limit: int = 8) -> None:
+    """The most confident mistakes with their saliency maps, for the model card's known limits."""
+    import mlflow
+
+    from pipeline import plots
+    from pipeline.explain import Explainer
+
+    predicted = probabilities.argmax(axis=1)
+    mistakes = np.flatnonzero(predicted != dataset.y_test)
+    shown = mistakes[np.argsort(-probabilities[mistakes, predicted[mistakes]])][:limit]
+    if not len(shown):
+        return
+    explained = Explainer(model).explain(dataset.x_test[shown], [int(d) for d in predicted[shown]])
+    saliencies = np.stack([e.saliency for e in explained])
+    figure = plots.explained_mistakes(dataset.x_test[shown], dataset.y_test[shown], probabilities[shown], saliencies)
+    mlflow.log_figure(figure, "plots/mistakes_explained.png")
 
 
 def _log_confidence(dataset: Dataset, probabilities: np.ndarray, calibration: Calibration | None) -> None:

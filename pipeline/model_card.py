@@ -24,6 +24,7 @@ PLOTS = {
     "plots/reliability.png": "Reliability on the test set, before and after calibration",
     "plots/learning_curves.png": "Learning curves",
     "plots/misclassified.png": "Known limits: the most confident mistakes on the test set",
+    "plots/mistakes_explained.png": "Known limits: the most confident mistakes, and where their ink counted for the wrong answer",
     "plots/suite_mistakes.png": "Known limits: mistakes on the weakest families of the suite, as the model saw them",
 }
 # params that decide what training produces, and so belong in the command that reproduces it

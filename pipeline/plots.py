@@ -95,6 +95,26 @@ def misclassified_grid(images: np.ndarray, y_true: np.ndarray, probabilities: np
     return fig
 
 
+def explained_mistakes(images: np.ndarray, y_true: np.ndarray, probabilities: np.ndarray, saliencies: np.ndarray) -> Figure:
+    """Mistakes over two rows: each digit as the model saw it, and below it where its ink counted for the wrong answer."""
+    count = len(images)
+    fig = _figure(max(count, 1) * 1.3, 3.2)
+    fig.suptitle("The most confident mistakes, and where the ink counted for the wrong answer (integrated gradients)")
+    axes = np.asarray(fig.subplots(2, max(count, 1), squeeze=False))
+    predicted = probabilities.argmax(axis=1)
+    for column, ax in enumerate(axes.T):
+        for a in ax:
+            a.axis("off")
+        if column >= count:
+            continue
+        ax[0].imshow(images[column], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        confidence = probabilities[column, predicted[column]]
+        ax[0].set_title(f"true {y_true[column]} / pred {predicted[column]}\n{confidence:.0%}", fontsize=8)
+        ax[1].imshow(images[column], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax[1].imshow(saliencies[column], cmap="inferno", alpha=np.clip(saliencies[column], 0, 1) * 0.8, interpolation="bilinear")
+    return fig
+
+
 def reliability_diagram(panels: dict[str, Reliability], title: str = "reliability") -> Figure:
     """One panel per set of answers (e.g. before and after calibration): accuracy against confidence per bin.
 

@@ -106,6 +106,7 @@ def test_the_registered_version_carries_its_card(trained, tmp_path):
     assert written == home / "reports" / "cards" / f"{MODEL}-v1.html"
     page = written.read_text()
     assert page.count('src="data:image/png;base64,') >= 6 and 'data-plot="suite_mistakes.png"' in page
+    assert 'data-plot="mistakes_explained.png"' in page  # the mistakes with where their ink counted
     assert "<th>precision</th>" in page and "<strong>promoted</strong>" in page
 
     out = tmp_path / "card.html"

@@ -60,3 +60,17 @@ def test_reliability_diagram_shows_each_panel_with_its_error():
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == [f"before: ECE {panels['before'].ece:.4f}", f"after: ECE {panels['after'].ece:.4f}"]
     assert fig.get_suptitle() == "validation (200 images)"
+
+
+def test_explained_mistakes_show_each_digit_above_its_saliency():
+    from pipeline.plots import explained_mistakes
+
+    images = np.stack([np.full((28, 28), 10 * (i + 1), np.uint8) for i in range(3)])
+    saliencies = np.zeros((3, 28, 28), np.float32)
+    saliencies[:, 10, 10] = 1.0
+    fig = explained_mistakes(images, np.array([1, 3, 4]), _probabilities([7, 8, 9], [0.6, 0.95, 0.8]), saliencies)
+    axes = fig.axes
+    assert len(axes) == 6
+    assert [ax.get_title() for ax in axes[:3]] == ["true 1 / pred 7\n60%", "true 3 / pred 8\n95%", "true 4 / pred 9\n80%"]
+    assert [len(ax.images) for ax in axes[3:]] == [2, 2, 2]  # the digit, and the saliency over it
+    np.testing.assert_array_equal(axes[4].images[1].get_array(), saliencies[1])
