@@ -20,7 +20,7 @@ import pytest
 
 from pipeline import registry
 from pipeline.settings import Settings, get_settings
-from tests.integration.tracking_server import Infrastructure, postgres_bin, tracking_infrastructure
+from tests.integration.tracking_server import ADMIN, Infrastructure, postgres_bin, tracking_infrastructure
 
 pytestmark = pytest.mark.integration
 
@@ -86,6 +86,8 @@ def _race(settings: Settings, homes: list[Path], versions: list[str]) -> None:
     pause = {"DIGITS_TEST_PAUSE_AT": "champion-read", "DIGITS_TEST_PAUSE_SECONDS": WINDOW_SECONDS}
     tracking = {"MLFLOW_TRACKING_URI": settings.tracking_uri} if settings.tracking_uri else {}
     tracking |= {"DIGITS_PROMOTION_LOCK_URL": settings.promotion_lock_url} if settings.promotion_lock_url else {}
+    credentials = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    tracking |= {name: os.environ[name] for name in credentials if name in os.environ}
     racers = [
         context.Process(target=_racer, args=({"DIGITS_HOME": str(home), **tracking, **pause}, version, barrier, results))
         for home, version in zip(homes, versions, strict=True)
@@ -135,6 +137,8 @@ def test_two_machines_on_a_tracking_server_lock_in_its_database(tmp_path, monkey
     finally:
         connection.close()
     lock_url = f"postgresql+psycopg2://digits_lock@127.0.0.1:{infra.postgres.port}/{infra.database}"
+    for name, value in infra.server.credentials(ADMIN).items():  # the server runs basic auth: promotions are the admin's
+        monkeypatch.setenv(name, value)
     settings = _settings(monkeypatch, tmp_path / "machine-a", infra.server.url, lock_url)
     versions = _versions(settings, "s3://stand-in/model")  # the server accepts no local path; nothing is read
     _race(settings, [tmp_path / "machine-a", tmp_path / "machine-b"], versions)
