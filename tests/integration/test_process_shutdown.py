@@ -138,11 +138,13 @@ def test_digits_serve_stops_bentoml_and_its_workers_on_sighup(tmp_path):
 
 
 def _prefect_server_port(mark: str) -> int | None:
+    """The port the temporary Prefect server listens on (it binds port 0: read from its sockets, not its command)."""
     for process in _marked(mark):
-        with contextlib.suppress(psutil.Error, ValueError):
-            line = process.cmdline()
-            if "prefect" in " ".join(line) and "--port" in line:
-                return int(line[line.index("--port") + 1])
+        with contextlib.suppress(psutil.Error):
+            if "prefect" in " ".join(process.cmdline()) and "server" in process.cmdline():
+                ports = {c.laddr.port for c in process.net_connections(kind="tcp4") if c.status == psutil.CONN_LISTEN}
+                if ports:
+                    return min(ports)
     return None
 
 
