@@ -194,6 +194,20 @@ def wait_for_http(url: str, process: subprocess.Popen | None = None, timeout: fl
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
+@pytest.fixture(scope="module")
+def infra(tmp_path_factory):
+    """PostgreSQL and an ``mlflow server`` with basic auth on it, for the module; both stopped at the end, even on failure."""
+    from tests.integration.tracking_server import postgres_bin, tracking_infrastructure
+
+    try:
+        for program in ("initdb", "postgres"):
+            postgres_bin(program)
+    except RuntimeError as err:
+        pytest.fail(str(err))
+    with tracking_infrastructure(tmp_path_factory.mktemp("tracking")) as running:
+        yield running
+
+
 @pytest.fixture(scope="session")
 def browser():
     """Real headless Chromium (Debian's chromium + chromium-driver) driven by Selenium."""

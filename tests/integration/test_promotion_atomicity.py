@@ -13,31 +13,18 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pipeline import registry
 from pipeline.settings import Settings, get_settings
-from tests.integration.tracking_server import ADMIN, Infrastructure, postgres_bin, tracking_infrastructure
+from tests.integration.tracking_server import ADMIN
 
 pytestmark = pytest.mark.integration
 
 # long enough that the second racer reads the champion while the first still holds it, without a lock
 WINDOW_SECONDS = "3"
-
-
-@pytest.fixture(scope="module")
-def infra(tmp_path_factory) -> Iterator[Infrastructure]:
-    """PostgreSQL and an MLflow tracking server on it, for the module."""
-    try:
-        for program in ("initdb", "postgres"):
-            postgres_bin(program)
-    except RuntimeError as err:
-        pytest.fail(str(err))
-    with tracking_infrastructure(tmp_path_factory.mktemp("tracking")) as running:
-        yield running
 
 
 def _settings(monkeypatch, home: Path, tracking_uri: str | None, lock_url: str | None = None) -> Settings:

@@ -30,24 +30,12 @@ from pipeline import prediction_log, registry
 from pipeline.settings import get_settings
 from tests.conftest import TRAIN_IMAGES
 from tests.integration.serving_fixtures import Server
-from tests.integration.tracking_server import ADMIN, READER, Infrastructure, postgres_bin, tracking_infrastructure
+from tests.integration.tracking_server import ADMIN, READER
 
 # PostgreSQL, an MLflow server and three retrains through it: longer than the suite's timeout
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
 VENV_BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="module")
-def infra(tmp_path_factory) -> Iterator[Infrastructure]:
-    """PostgreSQL + ``mlflow server`` for the module; both stopped at the end, even after a failure."""
-    try:
-        for program in ("initdb", "postgres"):
-            postgres_bin(program)
-    except RuntimeError as err:
-        pytest.fail(str(err))
-    with tracking_infrastructure(tmp_path_factory.mktemp("tracking")) as running:
-        yield running
 
 
 @pytest.fixture
