@@ -55,7 +55,7 @@ class Explainer:
     def _logits(self, pixels):
         import tensorflow as tf
 
-        return tf.matmul(self.features(pixels, training=False), self.head.kernel) + self.head.bias
+        return tf.matmul(self.features([pixels], training=False), self.head.kernel) + self.head.bias  # its one input, as a list
 
     def explain(self, images: np.ndarray, digits: list[int | None] | None = None) -> list[Explanation]:
         """For uint8 images (n, 28, 28) on the 0-255 scale: the answer and why, for the answered digit
