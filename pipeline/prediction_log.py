@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ predictions = sa.Table(
     sa.Column("created_at", sa.DateTime, nullable=False, index=True),  # UTC
     sa.Column("route", sa.String(16), nullable=False),
     sa.Column("model_name", sa.String(255), nullable=False),
-    sa.Column("model_version", sa.String(32), nullable=False, index=True),
+    sa.Column("model_version", sa.String(32), nullable=False),
     sa.Column("run_id", sa.String(64)),
     sa.Column("runtime", sa.String(16), nullable=False),
     sa.Column("digit", sa.SmallInteger, nullable=False),
@@ -274,22 +275,17 @@ def _answer_columns(request_ids: Sequence[str], answers: Sequence[dict[str, Any]
     }
 
 
-def merge_columns(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Several requests' columns as one batch (the images as one array)."""
-    merged: dict[str, Any] = {}
-    for name, first in parts[0].items():
-        if isinstance(first, np.ndarray):
-            merged[name] = np.concatenate([part[name] for part in parts])
-        else:
-            merged[name] = [value for part in parts for value in part[name]]
-    return merged
+def merge_columns(parts: Sequence[dict[str, list[Any]]]) -> dict[str, list[Any]]:
+    """Several requests' columns as one batch."""
+    return {name: list(chain.from_iterable(part[name] for part in parts)) for name in parts[0]}
 
 
-def with_image_columns(columns: dict[str, Any]) -> dict[str, list[Any]]:
-    """Answered images' columns as stored: each image as its 784 bytes."""
-    stored = {name: values for name, values in columns.items() if name != "image"}
-    stored["image"] = [pixels.tobytes() for pixels in np.clip(np.rint(columns["image"]), 0, 255).astype(np.uint8)]
-    return stored
+def stored_columns(columns: dict[str, Any]) -> dict[str, list[Any]]:
+    """A request's columns as stored: each answered image as its 784 bytes (a request at a time: small arrays)."""
+    if "image" not in columns:
+        return columns
+    pixels = np.clip(np.rint(columns["image"]), 0, 255).astype(np.uint8)
+    return columns | {"image": [image.tobytes() for image in pixels]}
 
 
 def insert_columns(connection: sa.Connection, table: sa.Table, columns: dict[str, list[Any]]) -> None:
@@ -319,7 +315,7 @@ def insert_columns(connection: sa.Connection, table: sa.Table, columns: dict[str
     for start in range(0, len(rows), per_statement):
         chunk = rows[start : start + per_statement]
         sql = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES {', '.join([row_marks] * len(chunk))}"
-        connection.exec_driver_sql(sql, tuple(value for row in chunk for value in row))
+        connection.exec_driver_sql(sql, tuple(chain.from_iterable(chunk)))
 
 
 def image_of(row_image: bytes) -> np.ndarray:
@@ -410,9 +406,8 @@ class LogWriter:
             try:
                 with self.engine.begin() as connection:
                     for table in (predictions, shadow_answers):  # a shadow answer follows its request
-                        if parts := [columns for kind, columns, _ in batch if kind is table]:
-                            merged = merge_columns(parts)
-                            insert_columns(connection, table, with_image_columns(merged) if table is predictions else merged)
+                        if parts := [stored_columns(columns) for kind, columns, _ in batch if kind is table]:
+                            insert_columns(connection, table, merge_columns(parts))
                 self.written += count
             except Exception as err:  # the service must go on answering whatever the database does
                 self.failed += count
