@@ -38,8 +38,9 @@ HOW_TO_SEND = {
     "image": "POST /predict takes a multipart form with the file in field `image` (curl -F image=@digit.png)",
     "pixels": 'POST /predict_pixels takes JSON {"pixels": [[...28 numbers 0-255...] x 28]} or a batch (n, 28, 28)',
 }
-# Bodies larger than any valid request are refused: an image of MAX_BYTES plus the form's framing; the
-# largest batch with each number written in up to 16 characters; a correction is a few dozen bytes of JSON.
+# Bodies larger than any valid request are refused: an image upload is MAX_BYTES all told, the form's framing
+# included, so an image over the limit is refused from its declared length, unread; the largest batch with
+# each number written in up to 16 characters; a correction is a few dozen bytes of JSON.
 FORM_FRAMING = 64 * 1024
 PIXEL_CHARACTERS = 16
 FEEDBACK_BYTES = 4096
@@ -74,7 +75,7 @@ CLIENT_TEXT_CHARS = 500
 def body_limit(path: str, max_batch_images: int) -> int:
     """The largest request body ``path`` takes, in bytes."""
     if path in ("/predict", "/explain"):  # an image in a form
-        return MAX_BYTES + FORM_FRAMING
+        return MAX_BYTES
     if path == "/predict_pixels":
         return max_batch_images * SIDE * SIDE * PIXEL_CHARACTERS + FORM_FRAMING
     if path == "/feedback":
