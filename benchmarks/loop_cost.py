@@ -107,7 +107,7 @@ def time_bare_inserts(url: str, logged: list[dict]) -> float:
     started = time.perf_counter()
     for start in range(0, len(logged), per_batch):
         with engine.begin() as connection:
-            columns = prediction_log.merge_columns([prediction_log.stored_columns(c) for c in logged[start : start + per_batch]])
+            columns = prediction_log.merge_columns(logged[start : start + per_batch])
             as_dicts = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
             connection.execute(sa.insert(prediction_log.predictions), as_dicts)
     return time.perf_counter() - started
