@@ -39,8 +39,6 @@ MIGRATION_LOCK_KEY = 0x64696769
 FEEDBACK_ACCEPTED = "accepted"
 FEEDBACK_QUARANTINED = "quarantined"  # waits for `digits feedback review`
 FEEDBACK_REJECTED = "rejected"
-# how SQLAlchemy writes a DateTime into SQLite, so that rows inserted past it compare and read back alike
-SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
 # values bound to one INSERT: far below SQLite's limit (32,766) and PostgreSQL's (65,535)
 MAX_PARAMETERS = 8_000
 
@@ -305,7 +303,9 @@ def insert_columns(connection: sa.Connection, table: sa.Table, columns: dict[str
         if isinstance(kind, sa.JSON):
             column = [_json(value) for value in column]
         elif isinstance(kind, sa.DateTime) and sqlite:
-            as_text = {moment: moment.strftime(SQLITE_TIME) for moment in set(column)}  # a request's answers share one
+            # as SQLAlchemy writes a DateTime into SQLite (so that rows compare and read back alike); isoformat
+            # is several times faster than strftime, and a request's answers share one time
+            as_text = {moment: moment.isoformat(" ", "microseconds") for moment in set(column)}
             column = [as_text[moment] for moment in column]
         names.append(name)
         values.append(column)
