@@ -75,8 +75,8 @@ def answers(count: int, rng: np.random.Generator) -> list[dict]:
     ]
 
 
-def requests(images: np.ndarray, made_up: list[dict]) -> list[dict]:
-    """The answers as the service logs them: a request's columns at a time, ``REQUEST`` answers each."""
+def requests(images: np.ndarray, made_up: list[dict]) -> list:
+    """The answers as the service logs them: a request at a time, ``REQUEST`` answers each."""
     from pipeline import prediction_log
 
     ids = [prediction_log.new_request_id() for _ in made_up]
@@ -84,20 +84,20 @@ def requests(images: np.ndarray, made_up: list[dict]) -> list[dict]:
     return [prediction_log.answered(ids[part], "pixels", made_up[part], "tflite-int8", images[part]) for part in parts]
 
 
-def time_writer(url: str, logged: list[dict], count: int) -> float:
+def time_writer(url: str, logged: list, count: int) -> float:
     from pipeline import prediction_log
 
     writer = prediction_log.LogWriter(prediction_log.open_log(url), capacity=count + 1, batch_size=BATCH).start()
     started = time.perf_counter()
-    for columns in logged:
-        writer.submit(columns)
+    for request in logged:
+        writer.submit(request)
     writer.close(timeout=3600)
     seconds = time.perf_counter() - started
     assert writer.stats()["written"] == count, writer.stats()
     return seconds
 
 
-def time_bare_inserts(url: str, logged: list[dict]) -> float:
+def time_bare_inserts(url: str, logged: list) -> float:
     import sqlalchemy as sa
 
     from pipeline import prediction_log
@@ -107,7 +107,7 @@ def time_bare_inserts(url: str, logged: list[dict]) -> float:
     started = time.perf_counter()
     for start in range(0, len(logged), per_batch):
         with engine.begin() as connection:
-            columns = prediction_log.merge_columns(logged[start : start + per_batch])
+            columns = prediction_log.prediction_columns(logged[start : start + per_batch])
             as_dicts = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
             connection.execute(sa.insert(prediction_log.predictions), as_dicts)
     return time.perf_counter() - started
@@ -185,7 +185,7 @@ def main() -> None:
         say(f"correcting {corrected:,} answers, then harvesting them")
         engine = prediction_log.open_log(settings.prediction_log_url)
         policy = prediction_log.FeedbackPolicy(quarantine_confidence=1.01, client_daily_cap=10**9)
-        request_ids = [request_id for columns in logged for request_id in columns["request_id"]]
+        request_ids = [request_id for request in logged for request_id in request.request_ids]
         answered = zip(images, request_ids, labels, strict=True)
         chosen = list({image.tobytes(): (request_id, label) for image, request_id, label in answered}.values())[:corrected]
         for request_id, label in chosen:  # the true digit: the retrain below trains on these

@@ -50,6 +50,8 @@ prints tables, ratios and the same-run comparisons (``ours`` over ``ours-nolog``
 
 ``--rounds N`` measures the services N times, in turn, and reports each load's median round: one round's
 throughput varies by several per cent from one run to the next, more than a same-run target of 5 % allows.
+A same-run comparison then takes the median of the rounds' ratios (each round's two services ran one
+after the other, on the same stretch of the machine).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ import gc
 import io
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -854,22 +857,28 @@ def same_run(services: dict[str, dict], batch: int) -> dict:
             continue
         mine, theirs = services[name]["runs"], services[base]["runs"]
         loads = {
-            "single": ("images_per_second", lambda runs: find(runs, "closed", 1)),
-            "batch": ("images_per_second", lambda runs: find(runs, "closed", batch)),
-            "p99": ("p99_ms", lambda runs: find(runs, "open", 1, TARGET_RATE)),
+            "single": ("images_per_second", lambda runs: find(runs, "closed", 1), "closed x1"),
+            "batch": ("images_per_second", lambda runs: find(runs, "closed", batch), f"closed x{batch}"),
+            "p99": ("p99_ms", lambda runs: find(runs, "open", 1, TARGET_RATE), f"open {TARGET_RATE:g}/s"),
         }
         rows, met = {}, []
-        for load, (figure, pick) in loads.items():
+        for load, (figure, pick, round_key) in loads.items():
             a, b = pick(mine), pick(theirs)
             x, y = getattr(a, figure, None), getattr(b, figure, None)
             errors = {name: getattr(a, "error_count", None), base: getattr(b, "error_count", None)}
             rows[load] = {figure: {name: x, base: y}, f"{name}_over_{base}": ratio(x, y, 3), "errors": errors}
+            # with rounds, the median of each round's ratio: the two services measured one after the other
+            # share that stretch of the machine, so the ratio varies less than either figure
+            paired = round_ratios(services[name].get("rounds"), services[base].get("rounds"), round_key)
+            if paired:
+                rows[load] |= {"round_ratios": paired, f"{name}_over_{base}": statistics.median(paired)}
             if load not in covered or slower is None:
                 continue
-            if x is None or not y:  # not measured (a closed loop none of whose requests started in its window: 0)
+            judged = rows[load][f"{name}_over_{base}"]
+            if judged is None:  # not measured (a closed loop none of whose requests started in its window: 0)
                 met.append(None)
             else:  # a higher throughput, a lower p99
-                within = x <= (1 + slower) * y if figure == "p99_ms" else x >= (1 - slower) * y
+                within = judged <= 1 + slower if figure == "p99_ms" else judged >= 1 - slower
                 met.append(within and not any(errors.values()))
         runtimes = {name: services[name].get("runtime"), base: services[base].get("runtime")}
         out[key] = {
@@ -881,6 +890,14 @@ def same_run(services: dict[str, dict], batch: int) -> dict:
             "target_met": None if not met or None in met or len(set(runtimes.values())) > 1 else all(met),
         }
     return out
+
+
+def round_ratios(mine: list[dict] | None, theirs: list[dict] | None, key: str) -> list[float]:
+    """Each round's figure of one service over the other's, when both ran the same rounds."""
+    if not mine or not theirs or len(mine) != len(theirs) or len(mine) < 2:
+        return []
+    pairs = [(a.get(key), b.get(key)) for a, b in zip(mine, theirs, strict=True)]
+    return [round(a / b, 3) for a, b in pairs if a is not None and b]
 
 
 def peers(services: dict[str, dict], batch: int) -> dict:
@@ -1002,10 +1019,12 @@ def print_same_run(comparisons: dict, batch: int, clients: int) -> None:
         for load, row in c["loads"].items():
             figure, unit, pattern = ("p99_ms", "ms", ".2f") if load == "p99" else ("images_per_second", "img/s", ",.0f")
             values = row[figure]
+            paired = ", ".join(f"{r:.3f}" for r in row.get("round_ratios", []))
+            rounds = f" (median of the rounds' {paired})" if paired else ""
             print(
                 f"{key}: {labels[load]}: {name} {fmt(values[name], pattern)} {unit}, {base} {fmt(values[base], pattern)} "
-                f"{unit} -> {name}/{base} {fmt(row[f'{name}_over_{base}'], '.3f')} (errors {row['errors'][name]}, "
-                f"{row['errors'][base]}){'' if load in covered else ' [not in the target]'}"
+                f"{unit} -> {name}/{base} {fmt(row[f'{name}_over_{base}'], '.3f')}{rounds}"
+                f" (errors {row['errors'][name]}, {row['errors'][base]}){'' if load in covered else ' [not in the target]'}"
             )
         if len(set(c["runtimes"].values())) > 1:
             print(f"  WARNING: {name} ran {c['runtimes'][name]} but {base} ran {c['runtimes'][base]}: the target is not judged")

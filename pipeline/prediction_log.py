@@ -19,12 +19,12 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import sqlalchemy as sa
@@ -231,6 +231,27 @@ def open_log(url: str) -> Engine:
 # ---------------------------------------------------------------- entries
 
 
+class Answered(NamedTuple):
+    """A request's answered images, as the service hands them to the writer: rows are made off the request path."""
+
+    request_ids: Sequence[str]
+    route: str
+    answers: Sequence[dict[str, Any]]
+    runtime: str
+    images: np.ndarray  # (n, 28, 28), 0-255
+    upload: bytes | None
+    at: datetime  # UTC
+
+
+class ShadowAnswered(NamedTuple):
+    """What the challenger answered to requests the champion answered."""
+
+    request_ids: Sequence[str]
+    answers: Sequence[dict[str, Any]]
+    runtime: str
+    at: datetime  # UTC
+
+
 def answered(
     request_ids: Sequence[str],
     route: str,
@@ -239,52 +260,56 @@ def answered(
     images: np.ndarray,
     upload: bytes | None = None,
     at: datetime | None = None,
-) -> dict[str, Any]:
-    """A request's answered images as the writer takes them: columns of ``predictions``, one value per image.
-
-    The images stay an array (n, 28, 28): their bytes are made in the writer, off the request path.
-    ``at`` (now by default) is when they were answered.
-    """
-    count = len(answers)
-    return _answer_columns(request_ids, answers, at) | {
-        "route": [route] * count,
-        "model_name": [answer["model_name"] for answer in answers],
-        "run_id": [answer.get("run_id") for answer in answers],
-        "runtime": [runtime] * count,
-        "upload": [upload] * count,
-        "image": np.asarray(images, dtype=np.float32).reshape(count, 28, 28),
-    }
+) -> Answered:
+    """A request's answers for the log; ``at`` (now by default) is when they were answered."""
+    return Answered(request_ids, route, answers, runtime, images, upload, at or utc_now())
 
 
-def shadow_answered(request_ids: Sequence[str], answers: Sequence[dict[str, Any]], runtime: str) -> dict[str, list[Any]]:
-    """What the challenger answered to requests the champion answered: columns of ``shadow_answers``."""
-    return _answer_columns(request_ids, answers, None) | {"runtime": [runtime] * len(answers)}
+def shadow_answered(request_ids: Sequence[str], answers: Sequence[dict[str, Any]], runtime: str) -> ShadowAnswered:
+    return ShadowAnswered(request_ids, answers, runtime, utc_now())
 
 
-def _answer_columns(request_ids: Sequence[str], answers: Sequence[dict[str, Any]], at: datetime | None) -> dict[str, list[Any]]:
-    return {
-        "request_id": list(request_ids),
-        "created_at": [at or utc_now()] * len(answers),
-        "model_version": [str(answer["model_version"]) for answer in answers],
-        "digit": [int(answer["digit"]) for answer in answers],
-        "confidence": [float(answer["confidence"]) for answer in answers],
-        "unsure": [bool(answer["unsure"]) for answer in answers],
-        "probabilities": [list(answer["probabilities"]) for answer in answers],
-    }
-
-
-def merge_columns(parts: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Several requests' columns as one batch, as stored: each answered image as its 784 bytes.
+def prediction_columns(requests: Sequence[Answered]) -> dict[str, list[Any]]:
+    """Several requests' rows of ``predictions``, column by column; each image as its 784 bytes.
 
     The images are converted together: per request, numpy's fixed cost would outweigh a single image's.
     """
-    merged = {name: list(chain.from_iterable(part[name] for part in parts)) for name in parts[0] if name != "image"}
-    if "image" in parts[0]:
-        pixels = np.concatenate([part["image"] for part in parts])  # a copy: changed in place below
-        np.rint(pixels, out=pixels)
-        np.clip(pixels, 0, 255, out=pixels)
-        merged["image"] = [image.tobytes() for image in pixels.astype(np.uint8)]
-    return merged
+    pixels = np.concatenate([np.asarray(request.images, dtype=np.float32).reshape(-1, 28, 28) for request in requests])
+    np.rint(pixels, out=pixels)
+    np.clip(pixels, 0, 255, out=pixels)
+    return _answer_columns(requests) | {
+        "route": _per_request(requests, lambda request: request.route),
+        "model_name": _per_answer(requests, lambda answer: answer["model_name"]),
+        "run_id": _per_answer(requests, lambda answer: answer.get("run_id")),
+        "runtime": _per_request(requests, lambda request: request.runtime),
+        "upload": _per_request(requests, lambda request: request.upload),
+        "image": [image.tobytes() for image in pixels.astype(np.uint8)],
+    }
+
+
+def shadow_columns(requests: Sequence[ShadowAnswered]) -> dict[str, list[Any]]:
+    """Several requests' rows of ``shadow_answers``, column by column."""
+    return _answer_columns(requests) | {"runtime": _per_request(requests, lambda request: request.runtime)}
+
+
+def _answer_columns(requests: Sequence[Answered | ShadowAnswered]) -> dict[str, list[Any]]:
+    return {
+        "request_id": list(chain.from_iterable(request.request_ids for request in requests)),
+        "created_at": _per_request(requests, lambda request: request.at),
+        "model_version": _per_answer(requests, lambda answer: str(answer["model_version"])),
+        "digit": _per_answer(requests, lambda answer: int(answer["digit"])),
+        "confidence": _per_answer(requests, lambda answer: float(answer["confidence"])),
+        "unsure": _per_answer(requests, lambda answer: bool(answer["unsure"])),
+        "probabilities": _per_answer(requests, lambda answer: answer["probabilities"]),
+    }
+
+
+def _per_answer(requests: Sequence[Answered | ShadowAnswered], value: Callable[[dict[str, Any]], Any]) -> list[Any]:
+    return [value(answer) for request in requests for answer in request.answers]
+
+
+def _per_request(requests: Sequence[Answered | ShadowAnswered], value: Callable[[Any], Any]) -> list[Any]:
+    return [value(request) for request in requests for _ in request.answers]
 
 
 def insert_columns(connection: sa.Connection, table: sa.Table, columns: dict[str, list[Any]]) -> None:
@@ -327,7 +352,7 @@ def image_of(row_image: bytes) -> np.ndarray:
 class LogWriter:
     """Writes answers to the log in batches from a thread of its own; ``submit`` never blocks.
 
-    A request's answers travel together, as the columns :func:`answered` (or :func:`shadow_answered`) makes.
+    A request's answers travel together, as :func:`answered` (or :func:`shadow_answered`) gives them.
     ``dropped`` counts answers refused because ``capacity`` answers were waiting already, ``failed`` those
     the database refused (logged as warnings), ``written`` the rest.
     """
@@ -340,7 +365,7 @@ class LogWriter:
         self.written = 0
         self.dropped = 0
         self.failed = 0
-        self._queue: queue.SimpleQueue[tuple[sa.Table, dict[str, Any], int]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Answered | ShadowAnswered] = queue.SimpleQueue()
         self._accepted = 0  # answers queued; only submit changes it
         self._taken = 0  # answers taken off the queue; only the writer changes it
         self._handled = 0  # answers written or failed; only the writer changes it
@@ -352,13 +377,13 @@ class LogWriter:
         self._thread.start()
         return self
 
-    def submit(self, columns: dict[str, Any], table: sa.Table = predictions) -> int:
-        """Queue one request's answers for ``predictions`` (or ``shadow_answers``); how many were dropped (all or none)."""
-        count = len(columns["request_id"])
+    def submit(self, request: Answered | ShadowAnswered) -> int:
+        """Queue one request's answers (or the challenger's); how many were dropped (all or none)."""
+        count = len(request.request_ids)
         if self._accepted - self._taken + count > self.capacity:
             self.dropped += count
             return count
-        self._queue.put((table, columns, count))
+        self._queue.put(request)
         self._accepted += count
         return 0
 
@@ -377,7 +402,7 @@ class LogWriter:
     def stats(self) -> dict[str, int]:
         return {"written": self.written, "dropped": self.dropped, "failed": self.failed, "queued": self._accepted - self._taken}
 
-    def _take(self) -> list[tuple[sa.Table, dict[str, Any], int]]:
+    def _take(self) -> list[Answered | ShadowAnswered]:
         """The next batch: what has arrived ``linger`` seconds after its first request, up to ``batch_size`` answers.
 
         Waiting matters: a transaction per request would cost far more than the rows it writes, and so
@@ -388,13 +413,13 @@ class LogWriter:
         except queue.Empty:
             return []
         self._stopping.wait(self.linger)  # returns at once when closing
-        count = batch[0][2]
+        count = len(batch[0].request_ids)
         while count < self.batch_size:
             try:
                 batch.append(self._queue.get_nowait())
             except queue.Empty:
                 break
-            count += batch[-1][2]
+            count += len(batch[-1].request_ids)
         self._taken += count
         return batch
 
@@ -403,12 +428,13 @@ class LogWriter:
             batch = self._take()
             if not batch:
                 continue
-            count = sum(size for _, _, size in batch)
+            count = sum(len(request.request_ids) for request in batch)
             try:
                 with self.engine.begin() as connection:
-                    for table in (predictions, shadow_answers):  # a shadow answer follows its request
-                        if parts := [columns for kind, columns, _ in batch if kind is table]:
-                            insert_columns(connection, table, merge_columns(parts))
+                    if answers := [request for request in batch if isinstance(request, Answered)]:
+                        insert_columns(connection, predictions, prediction_columns(answers))
+                    if shadows := [request for request in batch if isinstance(request, ShadowAnswered)]:
+                        insert_columns(connection, shadow_answers, shadow_columns(shadows))  # after the answers they follow
                 self.written += count
             except Exception as err:  # the service must go on answering whatever the database does
                 self.failed += count

@@ -230,9 +230,9 @@ class AnswerLog:
         log.info("recording answers in %s", prediction_log.safe_url(url))
         return cls(writer, None, url, settings.log_upload_bytes)
 
-    def record(self, columns: dict, table=prediction_log.predictions) -> int:
+    def record(self, request: prediction_log.Answered | prediction_log.ShadowAnswered) -> int:
         """Queue a request's answers (or the challenger's) for the log, never waiting; how many were dropped."""
-        return self.writer.submit(columns, table) if self.writer else 0
+        return self.writer.submit(request) if self.writer else 0
 
     def info(self) -> dict:
         stats = self.writer.stats() if self.writer else {}
@@ -333,7 +333,7 @@ class DigitClassifier:
         for answer, request_id in zip(answers, request_ids, strict=True):
             answer["request_id"] = request_id
         dropped = 0
-        if self.answer_log.writer:  # the columns are built only for a log that takes them
+        if self.answer_log.writer:
             logged = prediction_log.answered(request_ids, route, answers, answers[0]["runtime"], images, upload)
             dropped = self.answer_log.record(logged)
         self.counters.count(answers, dropped)
@@ -364,8 +364,7 @@ class DigitClassifier:
         try:
             answers = await self.shadow.submit(images)
             if answers[0] is not None:  # None: the challenger's alias went away meanwhile
-                columns = prediction_log.shadow_answered(request_ids, answers, answers[0]["runtime"])
-                self.answer_log.record(columns, prediction_log.shadow_answers)
+                self.answer_log.record(prediction_log.shadow_answered(request_ids, answers, answers[0]["runtime"]))
         except Exception:  # the champion's answer is sent already; the shadow's failure is only logged
             log.exception("the challenger could not answer %d image(s)", len(images))
         finally:

@@ -38,7 +38,7 @@ def _bar(top: int = 4, left: int = 12, height: int = 20, width: int = 4) -> np.n
     return image
 
 
-def _answered(count: int, answer: dict = ANSWER, at=None) -> dict:
+def _answered(count: int, answer: dict = ANSWER, at=None) -> prediction_log.Answered:
     """One request's ``count`` answers, as the service logs them."""
     ids = [prediction_log.new_request_id() for _ in range(count)]
     return prediction_log.answered(ids, "pixels", [answer] * count, "tflite", np.stack([_bar()] * count), at=at)
@@ -96,7 +96,7 @@ def test_the_writer_writes_answers_in_batches_and_their_images(engine):
     assert writer.stats() == {"written": 20, "dropped": 0, "failed": 0, "queued": 0}
     with engine.connect() as connection:
         row = connection.execute(
-            sa.select(prediction_log.predictions).where(prediction_log.predictions.c.request_id == requests[3]["request_id"][5])
+            sa.select(prediction_log.predictions).where(prediction_log.predictions.c.request_id == requests[3].request_ids[5])
         ).one()
     assert (row.route, row.digit, row.model_version, row.runtime, row.unsure) == ("pixels", 3, "2", "tflite", True)
     assert row.probabilities == ANSWER["probabilities"]
@@ -143,7 +143,7 @@ def test_a_correction_is_recorded_once_for_a_known_answer(engine):
     answered = _answered(2)
     writer.submit(answered)
     writer.close()
-    first, second = answered["request_id"]
+    first, second = answered.request_ids
 
     recorded = prediction_log.record_feedback(engine, first, 7, client=prediction_log.client_digest("10.0.0.1"))
     assert recorded == {
@@ -181,12 +181,12 @@ def test_pruning_keeps_recent_and_corrected_answers(engine):
     writer.submit(old)
     writer.submit(recent)
     writer.close()
-    prediction_log.record_feedback(engine, old["request_id"][0], 5)
+    prediction_log.record_feedback(engine, old.request_ids[0], 5)
 
     assert prediction_log.prune(engine, days=30) == 2  # the two old ones nobody corrected
     with engine.connect() as connection:
         kept = set(connection.execute(sa.select(prediction_log.predictions.c.request_id)).scalars())
-    assert kept == {old["request_id"][0], recent["request_id"][0]}
+    assert kept == {old.request_ids[0], recent.request_ids[0]}
 
 
 def test_image_statistics_of_constructed_digits():
@@ -220,7 +220,7 @@ def test_untrusted_corrections_wait_for_review(engine):
     answered = _answered(5, confident)
     writer.submit(answered)
     writer.close()
-    ids = answered["request_id"]
+    ids = answered.request_ids
     policy = prediction_log.FeedbackPolicy(quarantine_confidence=0.95, client_daily_cap=3)
 
     # agreeing with a confident answer counts; contradicting it waits, with the reason
@@ -272,9 +272,9 @@ def test_the_challenger_is_compared_with_the_served_answers(engine):
     writer = prediction_log.LogWriter(engine).start()
     answered = _answered(4)  # the champion (v2) answered 3 to all four
     writer.submit(answered)
-    ids = answered["request_id"]
+    ids = answered.request_ids
     challenger = [{**ANSWER, "model_version": "5", "digit": digit} for digit in (3, 3, 8, 8)]
-    writer.submit(prediction_log.shadow_answered(ids, challenger, "tflite"), prediction_log.shadow_answers)
+    writer.submit(prediction_log.shadow_answered(ids, challenger, "tflite"))
     writer.close()
     prediction_log.record_feedback(engine, ids[0], 3)  # both right
     prediction_log.record_feedback(engine, ids[2], 8)  # only the challenger right
