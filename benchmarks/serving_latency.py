@@ -48,10 +48,10 @@ first CPU and this process on the second (``--no-pin``: both share every CPU). N
 prints tables, ratios and the same-run comparisons (``ours`` over ``ours-nolog``; ``ours`` over
 ``ours-int8-softmax``) against their targets, and writes JSON.
 
-``--rounds N`` measures the services N times, in turn, and reports each load's median round: one round's
-throughput varies by several per cent from one run to the next, more than a same-run target of 5 % allows.
-A same-run comparison then takes the median of the rounds' ratios (each round's two services ran one
-after the other, on the same stretch of the machine).
+``--rounds N`` measures the services N times, in turn (every other round in the reverse order), and reports
+each load's median round: one round's throughput varies by several per cent from one run to the next, more
+than a same-run target of 5 % allows. A same-run comparison then takes the median of the rounds' ratios
+(each round's two services ran one after the other, on the same stretch of the machine).
 """
 
 from __future__ import annotations
@@ -1253,7 +1253,9 @@ def main(argv: list[str] | None = None) -> int:
         for round_number in range(1, args.rounds + 1):
             if args.rounds > 1:
                 say(f"round {round_number} of {args.rounds}")
-            for name in names:
+            # every other round in the reverse order: a service measured right after another (its server
+            # just stopped, its files just written) should not always be the same one
+            for name in names if round_number % 2 else names[::-1]:
                 if name == SHADOW:
                     if not models.trained_here:
                         say(f"{SHADOW}: not measured: it registers a version, so it needs a model trained here (--fresh-model)")
