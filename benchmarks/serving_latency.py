@@ -50,8 +50,9 @@ prints tables, ratios and the same-run comparisons (``ours`` over ``ours-nolog``
 
 ``--rounds N`` measures the services N times, in turn (every other round in the reverse order), and reports
 each load's median round: one round's throughput varies by several per cent from one run to the next, more
-than a same-run target of 5 % allows. A same-run comparison then takes the median of the rounds' ratios
-(each round's two services ran one after the other, on the same stretch of the machine).
+than a same-run target of 5 % allows. A same-run comparison of throughput then takes the median of the rounds'
+ratios (each round's two services ran one after the other, on the same stretch of the machine); an open
+loop's p99 is taken over the latencies of all rounds together.
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ class LoadResult:
     client_cpu_seconds: float = 0.0  # CPU time of this process (the load generator) in the window
     saturated: bool = False
     error_samples: list[str] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list, repr=False)  # seconds; pooled across rounds, not written
 
     @property
     def error_count(self) -> int:
@@ -287,6 +289,7 @@ def load_result(service: str, kind: str, load: Load, answers: Answers, **extra: 
         server_cpu_seconds=None if load.server_cpu_seconds is None else round(load.server_cpu_seconds, 3),
         client_cpu_seconds=round(load.client_cpu_seconds, 3),
         error_samples=load.error_samples,
+        latencies=list(load.latencies),
         **extra,
     )
 
@@ -744,8 +747,9 @@ def load_name(run: LoadResult) -> str:
 
 
 def median_of_rounds(results: list[dict]) -> dict:
-    """A service measured in several rounds as one: for each load, the round with the median figure (throughput
-    of a closed loop, p99 of an open one); every round's figures stay in ``rounds``, and the errors of all rounds count."""
+    """A service measured in several rounds as one: for a closed loop, the round with the median throughput; for
+    an open loop, the latencies of all rounds pooled (a p99 over five times the requests is far steadier than
+    any one round's). Every round's figures stay in ``rounds``, and the errors of all rounds count."""
     measured = [result for result in results if result["runs"]]
     if len(results) == 1 or not measured:
         return results[0]
@@ -764,6 +768,10 @@ def median_of_rounds(results: list[dict]) -> dict:
         rounds = sorted(same_load(run), key=figure)
         median = replace(rounds[len(rounds) // 2])
         median.errors = dict(sum((Counter(r.errors) for r in rounds), Counter()))  # an error in any round counts
+        if run.load == "open":
+            pooled = [seconds for r in rounds for seconds in r.latencies]
+            counts = {"requests": sum(r.requests for r in rounds), "ok": sum(r.ok for r in rounds)}
+            median = replace(median, **harness.latency_ms(pooled), **counts, latencies=pooled)
         runs.append(median)
     return {
         **measured[-1],
@@ -859,7 +867,7 @@ def same_run(services: dict[str, dict], batch: int) -> dict:
         loads = {
             "single": ("images_per_second", lambda runs: find(runs, "closed", 1), "closed x1"),
             "batch": ("images_per_second", lambda runs: find(runs, "closed", batch), f"closed x{batch}"),
-            "p99": ("p99_ms", lambda runs: find(runs, "open", 1, TARGET_RATE), f"open {TARGET_RATE:g}/s"),
+            "p99": ("p99_ms", lambda runs: find(runs, "open", 1, TARGET_RATE), None),  # pooled over the rounds already
         }
         rows, met = {}, []
         for load, (figure, pick, round_key) in loads.items():
@@ -869,7 +877,7 @@ def same_run(services: dict[str, dict], batch: int) -> dict:
             rows[load] = {figure: {name: x, base: y}, f"{name}_over_{base}": ratio(x, y, 3), "errors": errors}
             # with rounds, the median of each round's ratio: the two services measured one after the other
             # share that stretch of the machine, so the ratio varies less than either figure
-            paired = round_ratios(services[name].get("rounds"), services[base].get("rounds"), round_key)
+            paired = round_key and round_ratios(services[name].get("rounds"), services[base].get("rounds"), round_key)
             if paired:
                 rows[load] |= {"round_ratios": paired, f"{name}_over_{base}": statistics.median(paired)}
             if load not in covered or slower is None:
@@ -1192,7 +1200,7 @@ def record(
         "in_process": in_process["results"],
         "in_process_tf_threads": in_process["tf_threads"],
         "services": {
-            n: {**{k: v for k, v in s.items() if k != "runs"}, "runs": [asdict(r) for r in s["runs"]]}
+            n: {**{k: v for k, v in s.items() if k != "runs"}, "runs": [without_latencies(r) for r in s["runs"]]}
             for n, s in services.items()
         },
         "ratios": ratios,
@@ -1200,6 +1208,10 @@ def record(
         "peers": compared,
         "versions_answering": {name: answering(s) for name, s in services.items()},
     }
+
+
+def without_latencies(run: LoadResult) -> dict:
+    return {name: value for name, value in asdict(run).items() if name != "latencies"}
 
 
 def pinning_note(cpus: tuple[set[int], set[int]] | None) -> str:
