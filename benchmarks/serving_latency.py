@@ -2,7 +2,7 @@
 
 Run from the project folder:
 
-    .venv/bin/python benchmarks/serving_latency.py [--quick] [--no-pin] [--home DIR] [--compare-int8-softmax]
+    .venv/bin/python benchmarks/serving_latency.py [--quick] [--no-pin] [--home DIR] [--compare-int8-softmax] [--rounds N]
 
 The same model (the champion of the project's store, or of ``--home``; when there is none, the default
 architecture of ``params.yaml`` trained here for one epoch into a temporary store: latency does not
