@@ -60,7 +60,7 @@ from starlette.staticfiles import StaticFiles
 
 from pipeline import prediction_log
 from pipeline.explain import METHOD, Explainer, digit_png, overlay_png
-from pipeline.preprocess import MAX_BYTES, ImageError, NotADigitError, image_bytes_to_mnist
+from pipeline.preprocess import ImageError, NotADigitError, image_bytes_to_mnist
 from pipeline.registry import CHALLENGER, ModelRef
 from pipeline.settings import Settings, get_settings
 from serving.batching import MicroBatcher
@@ -183,18 +183,11 @@ def tolerate_unexpected_form_files() -> None:
             serde.ALL_SERDE[media_type] = TolerantMultipartSerde  # type: ignore[index]
 
 
-class _TooLarge(ValueError):
-    pass
-
-
 def _read_upload(path: Path, keep_bytes: int = 0) -> tuple[np.ndarray, bytes | None]:
     """The uploaded file -> the 28x28 digit (in a worker thread), and the file itself when it is at most
-    ``keep_bytes`` long (for the log); the size is checked before reading."""
-    size = path.stat().st_size
-    if size > MAX_BYTES:
-        raise _TooLarge(f"the image is {size:,} bytes; the limit is {MAX_BYTES:,}")
+    ``keep_bytes`` long (for the log). ServingGuard has refused any body over MAX_BYTES, the form included."""
     data = path.read_bytes()
-    return image_bytes_to_mnist(data), (data if size <= keep_bytes else None)
+    return image_bytes_to_mnist(data), (data if len(data) <= keep_bytes else None)
 
 
 def _error(status: int, message: str, **headers: str) -> JSONResponse:
@@ -403,8 +396,6 @@ class DigitClassifier:
             self._decoders = anyio.CapacityLimiter(DECODE_THREADS)
         try:
             return await anyio.to_thread.run_sync(_read_upload, image, keep_bytes, limiter=self._decoders)
-        except _TooLarge as err:
-            return _error(413, str(err))
         except NotADigitError as err:  # readable, but no digit in it: a guess would be worse than saying so
             return _error(422, str(err))
         except ImageError as err:
