@@ -6,8 +6,8 @@ default, PostgreSQL (or any SQLAlchemy URL) with ``DIGITS_LOG_DB_URL``. Its sche
 so replicas that start together migrate once.
 
 The service never waits for the database: :class:`LogWriter` takes entries on a bounded queue and
-returns at once; a process of its own, at a lower priority, writes them in batches. When the queue
-is full, entries are dropped and counted, never waited for. Closing the writer drains the queue.
+returns at once; a thread writes them in batches. When the queue is full, entries are dropped and
+counted, never waited for. Closing the writer drains the queue.
 """
 
 from __future__ import annotations
@@ -15,18 +15,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import multiprocessing
 import os
 import queue
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import chain
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -45,8 +41,6 @@ FEEDBACK_QUARANTINED = "quarantined"  # waits for `digits feedback review`
 FEEDBACK_REJECTED = "rejected"
 # values bound to one INSERT: far below SQLite's limit (32,766) and PostgreSQL's (65,535)
 MAX_PARAMETERS = 8_000
-# the writing process's niceness: still enough of a saturated core to keep up, yet the first to give it up
-WRITER_NICENESS = 10
 
 metadata = sa.MetaData()
 
@@ -355,69 +349,12 @@ def image_of(row_image: bytes) -> np.ndarray:
     return np.frombuffer(row_image, dtype=np.uint8).reshape(28, 28)
 
 
-Tables = dict[str, dict[str, list[Any]]]
-
-
-def batch_columns(batch: Sequence[Answered | ShadowAnswered]) -> Tables:
-    """A batch's rows, table by table (the answers before the challenger's, which follow them), column by column."""
-    tables = {}
-    if answers := [request for request in batch if isinstance(request, Answered)]:
-        tables[predictions.name] = prediction_columns(answers)
-    if shadows := [request for request in batch if isinstance(request, ShadowAnswered)]:
-        tables[shadow_answers.name] = shadow_columns(shadows)
-    return tables
-
-
-def row_count(tables: Tables) -> int:
-    return sum(len(columns["request_id"]) for columns in tables.values())
-
-
-def write_columns(engine: Engine, tables: Tables) -> None:
-    """A batch's rows (:func:`batch_columns`) in one transaction."""
-    with engine.begin() as connection:
-        for name, columns in tables.items():
-            insert_columns(connection, metadata.tables[name], columns)
-
-
-def _answer_count(batch: Sequence[Answered | ShadowAnswered]) -> int:
-    return sum(len(request.request_ids) for request in batch)
-
-
-# slots of the counters the writing process shares with the service
-WRITTEN, FAILED = 0, 1
-
-
-def _write_batches(receiver: Connection, url: str, counts: Any) -> None:
-    """The writing process: batches from ``receiver`` into the database at ``url`` until the service closes the pipe."""
-    # a lower priority than the service's: the scheduler hands the core back to a request at once
-    os.nice(WRITER_NICENESS)
-    # a stop signal to the service's process group must not end this one before it has written what it is sent
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    engine = connect(url)
-    while True:
-        try:
-            tables = receiver.recv()
-        except EOFError:  # the service closed its end (or is gone): everything sent has been read
-            break
-        try:
-            write_columns(engine, tables)
-            counts[WRITTEN] += row_count(tables)
-        except Exception as err:  # a refused batch costs its entries, never the writer
-            counts[FAILED] += row_count(tables)
-            log.warning("the prediction log could not write %d answers: %s", row_count(tables), err)
-    engine.dispose()
-
-
 class LogWriter:
-    """Writes answers to the log in batches from a process of its own; ``submit`` never blocks.
+    """Writes answers to the log in batches from a thread of its own; ``submit`` never blocks.
 
-    A thread of the service gathers what was submitted for ``linger`` seconds and sends it, as columns,
-    to the writing process, which runs at a lower priority: the database's work neither holds the service's
-    GIL nor takes its core while a request wants it. A request's answers travel together, as
-    :func:`answered` (or :func:`shadow_answered`) gives them. ``dropped`` counts answers refused because
-    ``capacity`` answers were waiting already, ``failed`` those the database refused (logged as
-    warnings) or lost with a writing process that died, ``written`` the rest.
+    A request's answers travel together, as :func:`answered` (or :func:`shadow_answered`) gives them.
+    ``dropped`` counts answers refused because ``capacity`` answers were waiting already, ``failed`` those
+    the database refused (logged as warnings), ``written`` the rest.
     """
 
     def __init__(self, engine: Engine, capacity: int = 10_000, batch_size: int = 1000, linger: float = 0.1) -> None:
@@ -425,35 +362,25 @@ class LogWriter:
         self.capacity = capacity
         self.batch_size = batch_size
         self.linger = linger
+        self.written = 0
         self.dropped = 0
+        self.failed = 0
         self._queue: queue.SimpleQueue[Answered | ShadowAnswered] = queue.SimpleQueue()
         self._accepted = 0  # answers queued; only submit changes it
-        self._taken = 0  # answers taken off the queue; only the sending thread changes it
-        self._lost = 0  # answers sent to a writing process that died before writing them
-        self._context = multiprocessing.get_context("spawn")  # forking a process that runs TensorFlow's threads is unsafe
-        self._counts = self._context.RawArray("q", 2)  # written, failed: only the writing process changes them
-        self._process: BaseProcess | None = None
-        self._pipe: Connection | None = None
+        self._taken = 0  # answers taken off the queue; only the writer changes it
+        self._handled = 0  # answers written or failed; only the writer changes it
+        self._progress = threading.Condition()
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="prediction-log-sender", daemon=True)
-
-    @property
-    def written(self) -> int:
-        return self._counts[WRITTEN]
-
-    @property
-    def failed(self) -> int:
-        return self._counts[FAILED] + self._lost
+        self._thread = threading.Thread(target=self._run, name="prediction-log-writer", daemon=True)
 
     def start(self) -> LogWriter:
-        self._start_process()
         self._thread.start()
         return self
 
     def submit(self, request: Answered | ShadowAnswered) -> int:
         """Queue one request's answers (or the challenger's); how many were dropped (all or none)."""
         count = len(request.request_ids)
-        if self._waiting() + count > self.capacity:
+        if self._accepted - self._taken + count > self.capacity:
             self.dropped += count
             return count
         self._queue.put(request)
@@ -462,42 +389,24 @@ class LogWriter:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every answer queued so far is written (or refused); False on timeout."""
-        target, deadline = self._accepted, time.monotonic() + timeout
-        while self.written + self.failed < target:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
-        return True
+        target = self._accepted
+        with self._progress:
+            return self._progress.wait_for(lambda: self._handled >= target, timeout)
 
     def close(self, timeout: float = 30.0) -> None:
-        """Write what is queued, then stop the thread and the writing process."""
+        """Write what is queued, then stop the thread."""
         self._stopping.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        if self._process is not None:
-            self._process.join(timeout)
 
     def stats(self) -> dict[str, int]:
-        return {"written": self.written, "dropped": self.dropped, "failed": self.failed, "queued": self._waiting()}
-
-    def _waiting(self) -> int:
-        """Answers accepted and not yet written or refused, whether still here or sent."""
-        return self._accepted - self.written - self.failed
-
-    def _start_process(self) -> None:
-        url = self.engine.url.render_as_string(hide_password=False)
-        receiver, self._pipe = self._context.Pipe(duplex=False)
-        self._process = self._context.Process(
-            target=_write_batches, args=(receiver, url, self._counts), name="prediction-log-writer", daemon=True
-        )
-        self._process.start()
-        receiver.close()  # the writing process holds the only reading end: it sees the end of the pipe when this one closes
+        return {"written": self.written, "dropped": self.dropped, "failed": self.failed, "queued": self._accepted - self._taken}
 
     def _take(self) -> list[Answered | ShadowAnswered]:
         """The next batch: what has arrived ``linger`` seconds after its first request, up to ``batch_size`` answers.
 
         Waiting matters: a transaction per request would cost far more than the rows it writes, and so
-        would waking a thread and a process for every request.
+        would waking this thread for every request.
         """
         try:
             batch = [self._queue.get(timeout=0.2)]
@@ -511,27 +420,28 @@ class LogWriter:
             except queue.Empty:
                 break
             count += len(batch[-1].request_ids)
+        self._taken += count
         return batch
 
     def _run(self) -> None:
         while not (self._stopping.is_set() and self._queue.empty()):
-            if batch := self._take():
-                self._send(batch)
-        self._pipe.close()  # the writing process writes what it was sent, then ends
-
-    def _send(self, batch: list[Answered | ShadowAnswered]) -> None:
-        if not self._process.is_alive():  # killed, or out of memory: what it had not written is lost, the log goes on
-            self._lost = self._taken - self._counts[WRITTEN] - self._counts[FAILED]
-            log.error("the prediction log's writing process ended (exit code %s); starting another", self._process.exitcode)
-            self._pipe.close()
-            self._start_process()
-        try:
-            # columns pickle in a fraction of the time the requests would (a tenth for single images)
-            self._pipe.send(batch_columns(batch))
-        except Exception as err:  # answers that cannot be made into rows or sent cost their entries, never the service
-            self._lost += _answer_count(batch)
-            log.warning("the prediction log could not take %d answers: %s", _answer_count(batch), err)
-        self._taken += _answer_count(batch)
+            batch = self._take()
+            if not batch:
+                continue
+            count = sum(len(request.request_ids) for request in batch)
+            try:
+                with self.engine.begin() as connection:
+                    if answers := [request for request in batch if isinstance(request, Answered)]:
+                        insert_columns(connection, predictions, prediction_columns(answers))
+                    if shadows := [request for request in batch if isinstance(request, ShadowAnswered)]:
+                        insert_columns(connection, shadow_answers, shadow_columns(shadows))  # after the answers they follow
+                self.written += count
+            except Exception as err:  # the service must go on answering whatever the database does
+                self.failed += count
+                log.warning("the prediction log could not write %d answers: %s", count, err)
+            with self._progress:
+                self._handled += count
+                self._progress.notify_all()
 
 
 # ---------------------------------------------------------------- corrections

@@ -17,7 +17,7 @@ GET  /                BentoML's API page (OpenAPI at /docs.json)
 Every prediction carries a ``request_id``, ``digit``, ``confidence``, ``unsure`` (below the version's
 calibrated threshold), the ten ``probabilities`` and the ``model_name``, ``model_version`` and ``run_id``
 that answered. Each answer is recorded in the prediction log (:mod:`pipeline.prediction_log`) by a
-writer process off the request path, and ``POST /feedback`` records its true digit once.
+writer thread off the request path, and ``POST /feedback`` records its true digit once.
 
 Bad input is answered with a 4xx and a precise message (never a 500): 422 for a readable
 image that shows no digit; while no model has been promoted, prediction routes answer 503 saying so

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 from datetime import timedelta
@@ -138,24 +136,6 @@ def test_a_database_that_refuses_writes_costs_entries_not_answers(engine):
     assert writer.flush(timeout=30)  # the writer goes on: the batch is counted as failed
     assert writer.stats()["failed"] == 3
     writer.close()
-
-
-def test_a_writing_process_that_dies_costs_what_it_held_and_the_log_goes_on(engine):
-    writer = prediction_log.LogWriter(engine).start()
-    writer.submit(_answered(3))
-    assert writer.flush(timeout=30)
-    os.kill(writer._process.pid, signal.SIGSTOP)  # it cannot write what it is sent next
-    writer.submit(_answered(4))
-    deadline = time.monotonic() + 30
-    while writer._taken < 7 and time.monotonic() < deadline:  # sent, not written
-        time.sleep(0.01)
-    writer._process.kill()
-    writer._process.join()
-    writer.submit(_answered(2))
-    assert writer.flush(timeout=30)  # a new writing process took over
-    writer.close()
-    assert writer.stats() == {"written": 5, "dropped": 0, "failed": 4, "queued": 0}
-    assert _count(engine) == 5
 
 
 def test_a_correction_is_recorded_once_for_a_known_answer(engine):
