@@ -877,7 +877,7 @@ def same_run(services: dict[str, dict], batch: int) -> dict:
             rows[load] = {figure: {name: x, base: y}, f"{name}_over_{base}": ratio(x, y, 3), "errors": errors}
             # with rounds, the median of each round's ratio: the two services measured one after the other
             # share that stretch of the machine, so the ratio varies less than either figure
-            paired = round_key and round_ratios(services[name].get("rounds"), services[base].get("rounds"), round_key)
+            paired = round_ratios(services[name].get("rounds"), services[base].get("rounds"), round_key) if round_key else None
             if paired:
                 rows[load] |= {"round_ratios": paired, f"{name}_over_{base}": statistics.median(paired)}
             if load not in covered or slower is None:
