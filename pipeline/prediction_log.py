@@ -357,7 +357,7 @@ class LogWriter:
     the database refused (logged as warnings), ``written`` the rest.
     """
 
-    def __init__(self, engine: Engine, capacity: int = 10_000, batch_size: int = 1000, linger: float = 0.1) -> None:
+    def __init__(self, engine: Engine, capacity: int = 10_000, batch_size: int = 1000, linger: float = 1.0) -> None:
         self.engine = engine
         self.capacity = capacity
         self.batch_size = batch_size
@@ -369,8 +369,10 @@ class LogWriter:
         self._accepted = 0  # answers queued; only submit changes it
         self._taken = 0  # answers taken off the queue; only the writer changes it
         self._handled = 0  # answers written or failed; only the writer changes it
+        self._flushing = 0  # answers a flush waits for: the writer does not linger until it has taken them
         self._progress = threading.Condition()
         self._stopping = threading.Event()
+        self._hurry = threading.Event()  # ends a linger early: a flush or close is waiting
         self._thread = threading.Thread(target=self._run, name="prediction-log-writer", daemon=True)
 
     def start(self) -> LogWriter:
@@ -391,11 +393,14 @@ class LogWriter:
         """Wait until every answer queued so far is written (or refused); False on timeout."""
         target = self._accepted
         with self._progress:
+            self._flushing = max(self._flushing, target)
+            self._hurry.set()
             return self._progress.wait_for(lambda: self._handled >= target, timeout)
 
     def close(self, timeout: float = 30.0) -> None:
         """Write what is queued, then stop the thread."""
         self._stopping.set()
+        self._hurry.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -406,13 +411,17 @@ class LogWriter:
         """The next batch: what has arrived ``linger`` seconds after its first request, up to ``batch_size`` answers.
 
         Waiting matters: a transaction per request would cost far more than the rows it writes, and so
-        would waking this thread for every request.
+        would waking this thread for every request. Each write holds the GIL for a while and takes the core
+        from requests, so few large writes touch fewer requests than many small ones. A full batch already
+        waiting, a flush or a close ends the wait.
         """
         try:
             batch = [self._queue.get(timeout=0.2)]
         except queue.Empty:
             return []
-        self._stopping.wait(self.linger)  # returns at once when closing
+        if self._accepted - self._taken < self.batch_size and self._flushing <= self._taken and not self._stopping.is_set():
+            self._hurry.wait(self.linger)
+        self._hurry.clear()  # before draining: what a later flush waits for is then still queued, or taken here
         count = len(batch[0].request_ids)
         while count < self.batch_size:
             try:

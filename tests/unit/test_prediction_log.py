@@ -119,6 +119,36 @@ def test_a_full_queue_drops_and_counts_without_waiting(engine):
     assert _count(engine) == 10 and writer.written == 10
 
 
+def test_a_flush_does_not_wait_out_the_writers_linger(engine):
+    writer = prediction_log.LogWriter(engine, linger=60).start()
+    writer.submit(_answered(2))
+    time.sleep(0.3)  # the writer has taken the first request and lingers for more
+    writer.submit(_answered(3))
+    started = time.perf_counter()
+    assert writer.flush(timeout=20)  # far below the linger: only a flush that ends it returns True
+    assert _count(engine) == 5
+    # a later flush waits for the later answers, not for the linger either
+    writer.submit(_answered(4))
+    assert writer.flush(timeout=20) and _count(engine) == 9
+    assert time.perf_counter() - started < 20
+    writer.close()
+
+
+def test_a_full_batch_already_waiting_is_written_without_lingering(engine):
+    writer = prediction_log.LogWriter(engine, batch_size=10, linger=60)  # not started: the requests wait in the queue
+    for count in (10, 10, 10, 10, 5):
+        writer.submit(_answered(count))
+    writer.start()
+    deadline = time.monotonic() + 20  # far below the linger
+    while writer.written < 40 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    # four full batches went at once; the last five answers, less than a batch, wait for company
+    assert writer.written == 40 and writer.stats()["queued"] == 5
+    writer.close()
+    assert _count(engine) == 45
+
+
 def test_closing_the_writer_drains_the_queue(engine):
     writer = prediction_log.LogWriter(engine, batch_size=50).start()
     for _ in range(50):
