@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
@@ -167,6 +168,9 @@ def connect(url: str) -> Engine:
     @sa.event.listens_for(engine, "connect")
     def _wal(connection, _record) -> None:
         cursor = connection.cursor()
+        # a new database only (an existing one keeps its pages): a logged answer is about 1 KB, and with
+        # 16 KB pages SQLite writes a batch of them with a quarter less work than with its default 4 KB
+        cursor.execute("PRAGMA page_size=16384")
         cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
@@ -177,8 +181,6 @@ def connect(url: str) -> Engine:
 
 def _json(value: Any) -> str:
     """JSON columns as orjson writes them: the ten probabilities of every answer, a good share of the writer's work."""
-    import orjson
-
     return orjson.dumps(value).decode()
 
 
@@ -405,7 +407,8 @@ class LogWriter:
             self._thread.join(timeout)
 
     def stats(self) -> dict[str, int]:
-        return {"written": self.written, "dropped": self.dropped, "failed": self.failed, "queued": self._accepted - self._taken}
+        # queued: accepted and not yet written or refused, so that at 0 ``written`` is final
+        return {"written": self.written, "dropped": self.dropped, "failed": self.failed, "queued": self._accepted - self._handled}
 
     def _take(self) -> list[Answered | ShadowAnswered]:
         """The next batch: what has arrived ``linger`` seconds after its first request, up to ``batch_size`` answers.
