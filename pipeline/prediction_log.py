@@ -233,12 +233,16 @@ def open_log(url: str) -> Engine:
 # ---------------------------------------------------------------- entries
 
 
+# what the log keeps of each answer, in this order, followed by its ten probabilities
+ANSWER_FIELDS = ("model_name", "model_version", "run_id", "digit", "confidence", "unsure")
+
+
 class Answered(NamedTuple):
     """A request's answered images, as the service hands them to the writer: rows are made off the request path."""
 
-    request_ids: Sequence[str]
+    request_ids: tuple[str, ...]
     route: str
-    answers: Sequence[dict[str, Any]]
+    answers: tuple[tuple, ...]  # of each answer, its ANSWER_FIELDS and probabilities (kept)
     runtime: str
     images: np.ndarray  # (n, 28, 28), 0-255
     upload: bytes | None
@@ -248,10 +252,30 @@ class Answered(NamedTuple):
 class ShadowAnswered(NamedTuple):
     """What the challenger answered to requests the champion answered."""
 
-    request_ids: Sequence[str]
-    answers: Sequence[dict[str, Any]]
+    request_ids: tuple[str, ...]
+    answers: tuple[tuple, ...]  # of each answer, its ANSWER_FIELDS and probabilities (kept)
     runtime: str
     at: datetime  # UTC
+
+
+def kept(answer: dict[str, Any]) -> tuple:
+    """The ANSWER_FIELDS of an answer, then its probabilities, in one flat tuple of numbers and strings.
+
+    Answers wait in the queue for up to a second, long enough for the garbage collector to move them to
+    its oldest generation and rescan them, with the service's whole heap, in full collections. It stops
+    tracking a tuple of numbers and strings at its first look (a tuple holding another only at its
+    second); a dict holding a list it tracks to the end. Nothing here can raise: the writer converts
+    and checks, off the request path.
+    """
+    return (
+        answer.get("model_name"),
+        answer.get("model_version"),
+        answer.get("run_id"),
+        answer.get("digit"),
+        answer.get("confidence"),
+        answer.get("unsure"),
+        *(answer.get("probabilities") or ()),
+    )
 
 
 def answered(
@@ -264,11 +288,11 @@ def answered(
     at: datetime | None = None,
 ) -> Answered:
     """A request's answers for the log; ``at`` (now by default) is when they were answered."""
-    return Answered(request_ids, route, answers, runtime, images, upload, at or utc_now())
+    return Answered(tuple(request_ids), route, tuple(map(kept, answers)), runtime, images, upload, at or utc_now())
 
 
 def shadow_answered(request_ids: Sequence[str], answers: Sequence[dict[str, Any]], runtime: str) -> ShadowAnswered:
-    return ShadowAnswered(request_ids, answers, runtime, utc_now())
+    return ShadowAnswered(tuple(request_ids), tuple(map(kept, answers)), runtime, utc_now())
 
 
 def prediction_columns(requests: Sequence[Answered]) -> dict[str, list[Any]]:
@@ -279,10 +303,8 @@ def prediction_columns(requests: Sequence[Answered]) -> dict[str, list[Any]]:
     pixels = np.concatenate([np.asarray(request.images, dtype=np.float32).reshape(-1, 28, 28) for request in requests])
     np.rint(pixels, out=pixels)
     np.clip(pixels, 0, 255, out=pixels)
-    return _answer_columns(requests) | {
+    return _answer_columns(requests, "model_name", "run_id") | {
         "route": _per_request(requests, lambda request: request.route),
-        "model_name": _per_answer(requests, lambda answer: answer["model_name"]),
-        "run_id": _per_answer(requests, lambda answer: answer.get("run_id")),
         "runtime": _per_request(requests, lambda request: request.runtime),
         "upload": _per_request(requests, lambda request: request.upload),
         "image": [image.tobytes() for image in pixels.astype(np.uint8)],
@@ -294,20 +316,18 @@ def shadow_columns(requests: Sequence[ShadowAnswered]) -> dict[str, list[Any]]:
     return _answer_columns(requests) | {"runtime": _per_request(requests, lambda request: request.runtime)}
 
 
-def _answer_columns(requests: Sequence[Answered | ShadowAnswered]) -> dict[str, list[Any]]:
+def _answer_columns(requests: Sequence[Answered | ShadowAnswered], *other_fields: str) -> dict[str, list[Any]]:
+    answers = list(chain.from_iterable(request.answers for request in requests))
+    fields = dict(zip(ANSWER_FIELDS, zip(*answers, strict=True), strict=False))  # a column of each field
     return {
         "request_id": list(chain.from_iterable(request.request_ids for request in requests)),
         "created_at": _per_request(requests, lambda request: request.at),
-        "model_version": _per_answer(requests, lambda answer: str(answer["model_version"])),
-        "digit": _per_answer(requests, lambda answer: int(answer["digit"])),
-        "confidence": _per_answer(requests, lambda answer: float(answer["confidence"])),
-        "unsure": _per_answer(requests, lambda answer: bool(answer["unsure"])),
-        "probabilities": _per_answer(requests, lambda answer: answer["probabilities"]),
-    }
-
-
-def _per_answer(requests: Sequence[Answered | ShadowAnswered], value: Callable[[dict[str, Any]], Any]) -> list[Any]:
-    return [value(answer) for request in requests for answer in request.answers]
+        "model_version": list(map(str, fields["model_version"])),
+        "digit": list(map(int, fields["digit"])),
+        "confidence": list(map(float, fields["confidence"])),
+        "unsure": list(map(bool, fields["unsure"])),
+        "probabilities": [answer[len(ANSWER_FIELDS) :] for answer in answers],
+    } | {name: list(fields[name]) for name in other_fields}
 
 
 def _per_request(requests: Sequence[Answered | ShadowAnswered], value: Callable[[Any], Any]) -> list[Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from datetime import timedelta
@@ -106,6 +107,18 @@ def test_the_writer_writes_answers_in_batches_and_their_images(engine):
     assert len(window) == 20
     assert {tuple(box) for box in window[["box_top", "box_left", "box_bottom", "box_right"]].to_numpy()} == {(4, 12, 23, 15)}
     assert window.ink_share.tolist() == pytest.approx([80 / 784] * 20)
+
+
+def test_queued_answers_give_the_garbage_collector_nothing_to_rescan():
+    logged = _answered(3)
+    gc.collect()  # a collection stops tracking tuples of numbers and strings
+    assert [part for part in (logged.request_ids, *logged.answers) if gc.is_tracked(part)] == []
+    fields = len(prediction_log.ANSWER_FIELDS)
+    assert (
+        dict(zip(prediction_log.ANSWER_FIELDS, logged.answers[0][:fields], strict=True))
+        | {"probabilities": list(logged.answers[0][fields:])}
+        == ANSWER
+    )
 
 
 def test_a_full_queue_drops_and_counts_without_waiting(engine):
