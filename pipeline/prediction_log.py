@@ -359,11 +359,15 @@ def insert_columns(connection: sa.Connection, table: sa.Table, columns: dict[str
     rows = list(zip(*values, strict=True))
     mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
     row_marks = f"({', '.join([mark] * len(names))})"
-    per_statement = max(1, MAX_PARAMETERS // len(names))
-    for start in range(0, len(rows), per_statement):
-        chunk = rows[start : start + per_statement]
+    # statements of a few sizes only, powers of two: a driver keeps each SQL text it saw prepared (Python's
+    # sqlite3 up to 128 a connection), and one of hundreds of rows holds about a megabyte
+    largest = 1 << (max(1, MAX_PARAMETERS // len(names)).bit_length() - 1)
+    start = 0
+    while start < len(rows):
+        chunk = rows[start : start + min(largest, 1 << ((len(rows) - start).bit_length() - 1))]
         sql = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES {', '.join([row_marks] * len(chunk))}"
         connection.exec_driver_sql(sql, tuple(chain.from_iterable(chunk)))
+        start += len(chunk)
 
 
 def image_of(row_image: bytes) -> np.ndarray:

@@ -162,6 +162,19 @@ def test_a_full_batch_already_waiting_is_written_without_lingering(engine):
     assert _count(engine) == 45
 
 
+def test_batches_of_any_size_share_a_few_statements(engine):
+    """The driver keeps every SQL text it saw prepared, so the writer's must not take a new shape per batch size."""
+    statements: set[str] = set()
+    sa.event.listen(engine, "before_cursor_execute", lambda _c, _cur, sql, *_: statements.add(sql))
+    for size in range(1, 301):
+        columns = prediction_log.prediction_columns([_answered(size)])
+        with engine.begin() as connection:
+            prediction_log.insert_columns(connection, prediction_log.predictions, columns)
+    inserts = {sql for sql in statements if sql.startswith("INSERT INTO predictions")}
+    assert len(inserts) <= 9  # a statement of 1, 2, 4, ..., 256 rows
+    assert _count(engine) == sum(range(1, 301))
+
+
 def test_closing_the_writer_drains_the_queue(engine):
     writer = prediction_log.LogWriter(engine, batch_size=50).start()
     for _ in range(50):
