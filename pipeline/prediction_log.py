@@ -264,8 +264,8 @@ def kept(answer: dict[str, Any]) -> tuple:
     Answers wait in the queue for up to a second, long enough for the garbage collector to move them to
     its oldest generation and rescan them, with the service's whole heap, in full collections. It stops
     tracking a tuple of numbers and strings at its first look (a tuple holding another only at its
-    second); a dict holding a list it tracks to the end. Nothing here can raise: the writer converts
-    and checks, off the request path.
+    second); a dict holding a list it tracks to the end. Values are taken as they are: the writer
+    converts them, off the request path, and a batch it cannot write is counted as failed.
     """
     return (
         answer.get("model_name"),
