@@ -2,7 +2,8 @@
 
 Run from the project folder:
 
-    .venv/bin/python benchmarks/serving_latency.py [--quick] [--no-pin] [--home DIR] [--compare-int8-softmax] [--rounds N]
+    .venv/bin/python benchmarks/serving_latency.py [--quick] [--no-pin] [--home DIR] [--compare-int8-softmax]
+        [--rounds N [--together]]
 
 The same model (the champion of the project's store, or of ``--home``; when there is none, the default
 architecture of ``params.yaml`` trained here for one epoch into a temporary store: latency does not
@@ -52,7 +53,9 @@ prints tables, ratios and the same-run comparisons (``ours`` over ``ours-nolog``
 each load's median round: one round's throughput varies by several per cent from one run to the next, more
 than a same-run target of 5 % allows. A same-run comparison of throughput then takes the median of the rounds'
 ratios (each round's two services ran one after the other, on the same stretch of the machine); an open
-loop's p99 is taken over the latencies of all rounds together.
+loop's p99 is taken over the latencies of all rounds together. ``--together`` starts the services once and
+keeps them running side by side (only the one measured has load): a round's services are then measured
+seconds apart, by the same processes every round.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ import time
 import traceback
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import NoReturn
@@ -686,23 +690,15 @@ def mlflow_serve(port: int) -> list[str]:
     ]
 
 
-def measure_one(
-    name: str, args, env: dict[str, str], expected: np.ndarray, workloads: list[Workload], tmp: Path, cpus, version: str
-):
-    """One service started, measured and stopped: (its figures, the CPUs its processes ran on or None). ``version``:
-    the champion's, which a server whose answers do not name their version has loaded."""
+@contextlib.contextmanager
+def started(name: str, args, env: dict[str, str], tmp: Path, cpus) -> Iterator[Server]:
+    """One service running until the block ends (``harness.ServerNotReady`` if it does not come up)."""
     target, workdir, extra_env = SERVICES[name]
-    ready_path = PROTOCOLS.get(name, DEFAULT_PROTOCOL)[2]
-
     if target is None:  # mlflow-serve
         command, what = mlflow_serve, f"`mlflow models serve -m models:/{get_settings().model_name}@champion`"
     else:
         bentoml = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--working-dir", str(workdir)]
         command, what = (lambda port: [*bentoml, "--port", str(port)]), f"`bentoml serve {target}`"
-
-    def scrub(text: str) -> str:  # without this machine's paths: the JSON may be committed
-        return text.replace(str(tmp), "<tmp>").replace(str(ROOT), ".")
-
     say(f"{name}: starting {what}")
     server_env = {**env, **extra_env, "BENTOML_HOME": str(tmp / "bentoml")}
     if target is None:  # MLflow reads the registry of the chosen store itself, and starts uvicorn from PATH
@@ -710,36 +706,58 @@ def measure_one(
         server_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), server_env.get("PATH", "")])
     if name in OURS:  # a log of its own, thrown away with the folder: benchmark traffic never lands in a real one
         server_env["DIGITS_LOG_DB_URL"] = f"sqlite:///{tmp / f'{name}-predictions.db'}"
-    label, log = f"{name}: {what}", tmp / f"{name}.log"
+    with harness.serve(
+        command,
+        name=f"{name}: {what}",
+        env=server_env,
+        log_path=tmp / f"{name}.log",
+        cpus=cpus,
+        ready_path=PROTOCOLS.get(name, DEFAULT_PROTOCOL)[2],
+        ready_timeout=args.ready_timeout,
+        binds_port_zero=target is not None,  # `mlflow models serve` drops a port of 0 and listens on 8000
+    ) as server:
+        yield server
+
+
+def measure_running(name: str, server: Server, args, expected: np.ndarray, workloads: list[Workload], tmp: Path, version: str):
+    """A running service measured: (its figures, the CPUs its processes ran on). ``version``: the champion's,
+    which a server whose answers do not name their version has loaded."""
+
+    def scrub(text: str) -> str:  # without this machine's paths: the JSON may be committed
+        return text.replace(str(tmp), "<tmp>").replace(str(ROOT), ".")
+
+    affinities = server.affinities()
+    pins = {"processes": len(affinities), "cpus": sorted({c for v in affinities.values() for c in v})}
+    say(f"{name}: ready in {server.ready_seconds:.1f} s on {server.url}; {len(affinities)} process(es) on CPU(s) {pins['cpus']}")
+    served = version if SERVICES[name][0] is None else None
+    result = asyncio.run(measure_service(name, server, expected, workloads, args, served))
+    result["ready_seconds"] = round(server.ready_seconds, 1)
+    model = served_model(server)  # {}: the naive service
+    result["runtime"] = model.get("runtime")
+    if written := model.get("prediction_log"):
+        result["prediction_log"] = {**written, "database": scrub(written["database"])}
+        say(log_line(name, written))
+    if any(r.error_count for r in result["runs"]) or result["warm_up_errors"]:
+        result["server_log_tail"] = scrub(server.log_tail(60))
+    return result, pins
+
+
+def not_ready(err: harness.ServerNotReady, tmp: Path) -> dict:
+    """The figures of a service that did not come up: none (the other services are measured all the same)."""
+    failed = str(err).replace(str(tmp), "<tmp>").replace(str(ROOT), ".")
+    say(failed)
+    return {"failed": failed, "runs": [], "warm_up_errors": {}, "model_versions": [], "skipped_rates": []}
+
+
+def measure_one(
+    name: str, args, env: dict[str, str], expected: np.ndarray, workloads: list[Workload], tmp: Path, cpus, version: str
+):
+    """One service started, measured and stopped: (its figures, the CPUs its processes ran on or None)."""
     try:
-        with harness.serve(
-            command,
-            name=label,
-            env=server_env,
-            log_path=log,
-            cpus=cpus,
-            ready_path=ready_path,
-            ready_timeout=args.ready_timeout,
-            binds_port_zero=target is not None,  # `mlflow models serve` drops a port of 0 and listens on 8000
-        ) as server:
-            affinities = server.affinities()
-            pins = {"processes": len(affinities), "cpus": sorted({c for v in affinities.values() for c in v})}
-            processes = f"{len(affinities)} process(es) on CPU(s) {pins['cpus']}"
-            say(f"{name}: ready in {server.ready_seconds:.1f} s on {server.url}; {processes}")
-            served = version if target is None else None
-            result = asyncio.run(measure_service(name, server, expected, workloads, args, served))
-            result["ready_seconds"] = round(server.ready_seconds, 1)
-            model = served_model(server)  # {}: the naive service
-            result["runtime"] = model.get("runtime")
-            if written := model.get("prediction_log"):
-                result["prediction_log"] = {**written, "database": scrub(written["database"])}
-                say(log_line(name, written))
-            if any(r.error_count for r in result["runs"]) or result["warm_up_errors"]:
-                result["server_log_tail"] = scrub(server.log_tail(60))
-            return result, pins
-    except harness.ServerNotReady as err:  # the other services are measured all the same
-        say(scrub(str(err)))
-        return {"failed": scrub(str(err)), "runs": [], "warm_up_errors": {}, "model_versions": [], "skipped_rates": []}, None
+        with started(name, args, env, tmp, cpus) as server:
+            return measure_running(name, server, args, expected, workloads, tmp, version)
+    except harness.ServerNotReady as err:
+        return not_ready(err, tmp), None
 
 
 def load_name(run: LoadResult) -> str:
@@ -1047,10 +1065,13 @@ def log_line(name: str, written: dict) -> str:
     """What a service's prediction log did, from its ``/model``."""
     if written.get("problem"):
         return f"{name}: prediction log not written: {written['problem']}"
-    return (
+    line = (
         f"{name}: prediction log {written['written']:,} answers written, {written['dropped']} dropped, "
         f"{written['failed']} failed, {written['queued']} still queued"
     )
+    if written.get("cpu_seconds") and written["written"]:
+        line += f"; its writer's own CPU {written['cpu_seconds'] / written['written'] * 1e6:.1f} µs an answer"
+    return line
 
 
 def print_exports(models: Models) -> None:
@@ -1149,12 +1170,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="measure the services this many times, in turn, and keep each load's median round: same-run ratios "
         "within a few per cent need 3 or more (one round varies by about 10 %%)",
     )
+    p.add_argument(
+        "--together",
+        action="store_true",
+        help="start the services once and keep them all running (only the one measured has load): a round's "
+        "services are then measured seconds apart, not a server's start apart, and the same processes each round",
+    )
     p.add_argument("--timeout", type=float, default=None, help="seconds before a request counts as timed out (10)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds a server may take to load the model")
     p.add_argument("--in-process", default=None, help=argparse.SUPPRESS)  # the child of run_in_process
     args = p.parse_args(argv)
     if args.rounds < 1 or (args.rounds > 1 and args.compare_int8_softmax):
         p.error("--rounds takes 1 or more, and only 1 with --compare-int8-softmax (which moves the champion once)")
+    if args.together and (args.compare_int8_softmax or SHADOW in args.services):
+        p.error(f"--together cannot take --compare-int8-softmax or {SHADOW}: they move an alias between services")
     args.seconds = args.seconds or (2.0 if args.quick else 15.0)
     args.warmup = 1.0 if args.quick else 3.0
     args.timeout = args.timeout or 10.0
@@ -1262,26 +1291,42 @@ def main(argv: list[str] | None = None) -> int:
         pin_checks = {}
         # the old int8 version answers first, as the champion; then the project's, right after it
         names = [INT8_SOFTMAX, "ours", *(n for n in args.services if n != "ours")] if old else args.services
-        for round_number in range(1, args.rounds + 1):
-            if args.rounds > 1:
-                say(f"round {round_number} of {args.rounds}")
-            # every other round in the reverse order: a service measured right after another (its server
-            # just stopped, its files just written) should not always be the same one
-            for name in names if round_number % 2 else names[::-1]:
-                if name == SHADOW:
-                    if not models.trained_here:
-                        say(f"{SHADOW}: not measured: it registers a version, so it needs a model trained here (--fresh-model)")
+        with contextlib.ExitStack() as running:
+            servers: dict[str, Server] = {}  # --together: every service started once, here
+            for name in names if args.together else ():
+                try:
+                    servers[name] = running.enter_context(started(name, args, env, tmp, server_cpus))
+                except harness.ServerNotReady as err:
+                    measured[name] = [not_ready(err, tmp)]
+            for round_number in range(1, args.rounds + 1):
+                if args.rounds > 1:
+                    say(f"round {round_number} of {args.rounds}")
+                # every other round in the reverse order: a service measured right after another (its server
+                # just stopped, its files just written) should not always be the same one
+                for name in names if round_number % 2 else names[::-1]:
+                    if args.together and name not in servers:
                         continue
-                    say(f"{SHADOW}: v{shadow_challenger(ref).version} (a copy of v{ref.version}) runs in the shadows")
-                expected = np.asarray(in_process["digits"])
-                result, pins = measure_one(name, args, env, expected, workloads(name), tmp, server_cpus, models.version_of(name))
-                measured.setdefault(name, []).append(result)
-                if name == SHADOW:
-                    shadow_challenger(None)
-                if pins:
-                    pin_checks[name] = pins
-                if name == INT8_SOFTMAX:  # each server loads the champion as it starts: the next ones get the project's
-                    promote(ref, old, "serving benchmark: the same model, its int8 export with the softmax in float, calibrated")
+                    if name == SHADOW:
+                        if not models.trained_here:
+                            say(
+                                f"{SHADOW}: not measured: it registers a version, so it needs a model trained here"
+                                " (--fresh-model)"
+                            )
+                            continue
+                        say(f"{SHADOW}: v{shadow_challenger(ref).version} (a copy of v{ref.version}) runs in the shadows")
+                    expected = np.asarray(in_process["digits"])
+                    version = models.version_of(name)
+                    if name in servers:
+                        result, pins = measure_running(name, servers[name], args, expected, workloads(name), tmp, version)
+                    else:
+                        result, pins = measure_one(name, args, env, expected, workloads(name), tmp, server_cpus, version)
+                    measured.setdefault(name, []).append(result)
+                    if name == SHADOW:
+                        shadow_challenger(None)
+                    if pins:
+                        pin_checks[name] = pins
+                    if name == INT8_SOFTMAX:  # each server loads the champion as it starts: the next ones get the project's
+                        promote(ref, old, "serving benchmark: the same model, its int8 export (softmax in float), calibrated")
         services = {name: median_of_rounds(results) for name, results in measured.items()}
 
     ratios = compare(services, in_process["results"], args.batch)

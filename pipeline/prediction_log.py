@@ -380,7 +380,8 @@ class LogWriter:
 
     A request's answers travel together, as :func:`answered` (or :func:`shadow_answered`) gives them.
     ``dropped`` counts answers refused because ``capacity`` answers were waiting already, ``failed`` those
-    the database refused (logged as warnings), ``written`` the rest.
+    the database refused (logged as warnings), ``written`` the rest. ``cpu_seconds`` is the thread's own CPU
+    time: what the log costs the service's cores, whatever else runs beside it.
     """
 
     def __init__(self, engine: Engine, capacity: int = 10_000, batch_size: int = 1000, linger: float = 1.0) -> None:
@@ -391,6 +392,7 @@ class LogWriter:
         self.written = 0
         self.dropped = 0
         self.failed = 0
+        self.cpu_seconds = 0.0
         self._queue: queue.SimpleQueue[Answered | ShadowAnswered] = queue.SimpleQueue()
         self._accepted = 0  # answers queued; only submit changes it
         self._taken = 0  # answers taken off the queue; only the writer changes it
@@ -432,7 +434,13 @@ class LogWriter:
 
     def stats(self) -> dict[str, int]:
         # queued: accepted and not yet written or refused, so that at 0 ``written`` is final
-        return {"written": self.written, "dropped": self.dropped, "failed": self.failed, "queued": self._accepted - self._handled}
+        return {
+            "written": self.written,
+            "dropped": self.dropped,
+            "failed": self.failed,
+            "queued": self._accepted - self._handled,
+            "cpu_seconds": round(self.cpu_seconds, 3),
+        }
 
     def _take(self) -> list[Answered | ShadowAnswered]:
         """The next batch: what has arrived ``linger`` seconds after its first request, up to ``batch_size`` answers.
@@ -461,8 +469,10 @@ class LogWriter:
 
     def _run(self) -> None:
         while not (self._stopping.is_set() and self._queue.empty()):
+            started = time.thread_time()
             batch = self._take()
             if not batch:
+                self.cpu_seconds += time.thread_time() - started
                 continue
             count = sum(len(request.request_ids) for request in batch)
             try:
@@ -475,6 +485,7 @@ class LogWriter:
             except Exception as err:  # the service must go on answering whatever the database does
                 self.failed += count
                 log.warning("the prediction log could not write %d answers: %s", count, err)
+            self.cpu_seconds += time.thread_time() - started
             with self._progress:
                 self._handled += count
                 self._progress.notify_all()

@@ -94,7 +94,14 @@ def test_the_writer_writes_answers_in_batches_and_their_images(engine):
     assert all(writer.submit(request) == 0 for request in requests)
     assert writer.flush(timeout=30)
     writer.close()
-    assert writer.stats() == {"written": 20, "dropped": 0, "failed": 0, "queued": 0}
+    stats = writer.stats()
+    assert {name: stats[name] for name in ("written", "dropped", "failed", "queued")} == {
+        "written": 20,
+        "dropped": 0,
+        "failed": 0,
+        "queued": 0,
+    }
+    assert stats["cpu_seconds"] > 0  # the thread's own CPU time, counted while it wrote
     with engine.connect() as connection:
         row = connection.execute(
             sa.select(prediction_log.predictions).where(prediction_log.predictions.c.request_id == requests[3].request_ids[5])
