@@ -189,6 +189,8 @@ class LoadResult:
     model_versions: list[str] = field(default_factory=list)
     server_cpu_seconds: float | None = None  # CPU time of the server's processes in the window
     client_cpu_seconds: float = 0.0  # CPU time of this process (the load generator) in the window
+    # closed loops of a service with the prediction log: its writer thread's own CPU an answer, over this load
+    log_writer_us: float | None = None
     saturated: bool = False
     error_samples: list[str] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list, repr=False)  # seconds; pooled across rounds, not written
@@ -196,6 +198,14 @@ class LoadResult:
     @property
     def error_count(self) -> int:
         return sum(self.errors.values())
+
+    @property
+    def log_writer_share(self) -> float | None:
+        """The log's writer's CPU an answer over the server's CPU an image in this load: what the log takes
+        from the service's core, measured in one process at one time (unlike a ratio of two servers' loads)."""
+        if not (self.log_writer_us and self.server_cpu_seconds and self.ok):
+            return None
+        return round(self.log_writer_us / (self.server_cpu_seconds / (self.ok * self.images_per_request) * 1e6), 4)
 
 
 # ---------------------------------------------------------------- requests and their answers
@@ -655,12 +665,16 @@ async def measure_service(
             settled.append(round(await server.settle(), 1))
         for workload in workloads:
             answers = Answers(expected, workload)
+            writer_before = log_writer(server)
             load = await client.closed_loop(
                 workload.bodies, args.clients, args.seconds, args.warmup, check=answers, server=server
             )
             runs.append(load_result(name, "closed", load, answers, offered_rate=None, clients=args.clients))
-            progress(runs[-1])
             settled.append(round(await server.settle(), 1))
+            if writer_before and (writer_after := log_writer(server)) and writer_after[1] > writer_before[1]:
+                cpu, written = writer_after[0] - writer_before[0], writer_after[1] - writer_before[1]
+                runs[-1].log_writer_us = round(cpu / written * 1e6, 2)
+            progress(runs[-1])
     return {
         "warm_up_errors": dict(sum((Counter({f"warm-up {k}": v for k, v in w.errors.items()}) for w in warm_loads), Counter())),
         "warm_up_error_samples": [f"warm-up {s}" for w in warm_loads for s in w.error_samples][:5],
@@ -679,6 +693,13 @@ def served_model(server: Server, timeout: float = 30.0) -> dict:
             break
         time.sleep(0.5)
     return model
+
+
+def log_writer(server: Server) -> tuple[float, int] | None:
+    """(the CPU seconds of the service's log writer, the answers it wrote) once its queue is written; None
+    for a service without a log."""
+    written = served_model(server).get("prediction_log") or {}
+    return (written["cpu_seconds"], written["written"]) if "cpu_seconds" in written else None
 
 
 def mlflow_serve(port: int) -> list[str]:
@@ -796,7 +817,11 @@ def median_of_rounds(results: list[dict]) -> dict:
         "runs": runs,
         "warm_up_errors": dict(sum((Counter(result["warm_up_errors"]) for result in results), Counter())),
         "failed_rounds": [result["failed"] for result in results if "failed" in result],
-        "rounds": [{load_name(r): figure(r) for r in result["runs"]} for result in measured],
+        "rounds": [
+            {load_name(r): figure(r) for r in result["runs"]}
+            | {f"{load_name(r)} log writer share": r.log_writer_share for r in result["runs"] if r.log_writer_share}
+            for result in measured
+        ],
     }
 
 
@@ -898,6 +923,14 @@ def same_run(services: dict[str, dict], batch: int) -> dict:
             paired = round_ratios(services[name].get("rounds"), services[base].get("rounds"), round_key) if round_key else None
             if paired:
                 rows[load] |= {"round_ratios": paired, f"{name}_over_{base}": statistics.median(paired)}
+            # what the log's writer took of the service's CPU, measured inside the one server (median of the rounds)
+            shares = [
+                r[f"{round_key} log writer share"]
+                for r in services[name].get("rounds") or []
+                if round_key and f"{round_key} log writer share" in r
+            ]
+            if shares or getattr(a, "log_writer_share", None):
+                rows[load]["log_writer_share"] = statistics.median(shares) if shares else a.log_writer_share
             if load not in covered or slower is None:
                 continue
             judged = rows[load][f"{name}_over_{base}"]
@@ -1052,6 +1085,8 @@ def print_same_run(comparisons: dict, batch: int, clients: int) -> None:
                 f"{unit} -> {name}/{base} {fmt(row[f'{name}_over_{base}'], '.3f')}{rounds}"
                 f" (errors {row['errors'][name]}, {row['errors'][base]}){'' if load in covered else ' [not in the target]'}"
             )
+            if share := row.get("log_writer_share"):
+                print(f"  {name}'s log writer took {share:.1%} of its CPU an image: alone it makes {name}/{base} {1 - share:.3f}")
         if len(set(c["runtimes"].values())) > 1:
             print(f"  WARNING: {name} ran {c['runtimes'][name]} but {base} ran {c['runtimes'][base]}: the target is not judged")
         if SAME_RUN[key][2] is None:
