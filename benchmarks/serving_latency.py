@@ -737,7 +737,16 @@ def started(name: str, args, env: dict[str, str], tmp: Path, cpus) -> Iterator[S
         ready_timeout=args.ready_timeout,
         binds_port_zero=target is not None,  # `mlflow models serve` drops a port of 0 and listens on 8000
     ) as server:
+        pins = pins_of(server)
+        where = f"{server.url}; {pins['processes']} process(es) on CPU(s) {pins['cpus']}"
+        say(f"{name}: ready in {server.ready_seconds:.1f} s on {where}")
         yield server
+
+
+def pins_of(server: Server) -> dict:
+    """How many processes the server runs, and on which CPUs."""
+    affinities = server.affinities()
+    return {"processes": len(affinities), "cpus": sorted({c for v in affinities.values() for c in v})}
 
 
 def measure_running(name: str, server: Server, args, expected: np.ndarray, workloads: list[Workload], tmp: Path, version: str):
@@ -747,9 +756,7 @@ def measure_running(name: str, server: Server, args, expected: np.ndarray, workl
     def scrub(text: str) -> str:  # without this machine's paths: the JSON may be committed
         return text.replace(str(tmp), "<tmp>").replace(str(ROOT), ".")
 
-    affinities = server.affinities()
-    pins = {"processes": len(affinities), "cpus": sorted({c for v in affinities.values() for c in v})}
-    say(f"{name}: ready in {server.ready_seconds:.1f} s on {server.url}; {len(affinities)} process(es) on CPU(s) {pins['cpus']}")
+    pins = pins_of(server)
     served = version if SERVICES[name][0] is None else None
     result = asyncio.run(measure_service(name, server, expected, workloads, args, served))
     result["ready_seconds"] = round(server.ready_seconds, 1)
@@ -924,11 +931,8 @@ def same_run(services: dict[str, dict], batch: int) -> dict:
             if paired:
                 rows[load] |= {"round_ratios": paired, f"{name}_over_{base}": statistics.median(paired)}
             # what the log's writer took of the service's CPU, measured inside the one server (median of the rounds)
-            shares = [
-                r[f"{round_key} log writer share"]
-                for r in services[name].get("rounds") or []
-                if round_key and f"{round_key} log writer share" in r
-            ]
+            share_key = f"{round_key} log writer share"
+            shares = [r[share_key] for r in services[name].get("rounds") or [] if round_key and share_key in r]
             if shares or getattr(a, "log_writer_share", None):
                 rows[load]["log_writer_share"] = statistics.median(shares) if shares else a.log_writer_share
             if load not in covered or slower is None:
