@@ -432,14 +432,14 @@ class LogWriter:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | float]:
         # queued: accepted and not yet written or refused, so that at 0 ``written`` is final
         return {
             "written": self.written,
             "dropped": self.dropped,
             "failed": self.failed,
             "queued": self._accepted - self._handled,
-            "cpu_seconds": round(self.cpu_seconds, 3),
+            "cpu_seconds": round(self.cpu_seconds, 6),
         }
 
     def _take(self) -> list[Answered | ShadowAnswered]:
