@@ -930,10 +930,11 @@ def same_run(services: dict[str, dict], batch: int) -> dict:
             paired = round_ratios(services[name].get("rounds"), services[base].get("rounds"), round_key) if round_key else None
             if paired:
                 rows[load] |= {"round_ratios": paired, f"{name}_over_{base}": statistics.median(paired)}
-            # what the log's writer took of the service's CPU, measured inside the one server (median of the rounds)
+            # against a baseline without a log: what the log's writer took of the service's CPU, measured inside
+            # the one server (median of the rounds)
             share_key = f"{round_key} log writer share"
             shares = [r[share_key] for r in services[name].get("rounds") or [] if round_key and share_key in r]
-            if shares or getattr(a, "log_writer_share", None):
+            if (shares or getattr(a, "log_writer_share", None)) and not getattr(b, "log_writer_share", None):
                 rows[load]["log_writer_share"] = statistics.median(shares) if shares else a.log_writer_share
             if load not in covered or slower is None:
                 continue

@@ -471,24 +471,27 @@ class LogWriter:
         while not (self._stopping.is_set() and self._queue.empty()):
             started = time.thread_time()
             batch = self._take()
-            if not batch:
-                self.cpu_seconds += time.thread_time() - started
-                continue
-            count = sum(len(request.request_ids) for request in batch)
-            try:
-                with self.engine.begin() as connection:
-                    if answers := [request for request in batch if isinstance(request, Answered)]:
-                        insert_columns(connection, predictions, prediction_columns(answers))
-                    if shadows := [request for request in batch if isinstance(request, ShadowAnswered)]:
-                        insert_columns(connection, shadow_answers, shadow_columns(shadows))  # after the answers they follow
-                self.written += count
-            except Exception as err:  # the service must go on answering whatever the database does
-                self.failed += count
-                log.warning("the prediction log could not write %d answers: %s", count, err)
-            self.cpu_seconds += time.thread_time() - started
-            with self._progress:
-                self._handled += count
-                self._progress.notify_all()
+            count = self._write(batch) if batch else 0
+            self.cpu_seconds += time.thread_time() - started  # counted before a flush waiting on this batch returns
+            if count:
+                with self._progress:
+                    self._handled += count
+                    self._progress.notify_all()
+
+    def _write(self, batch: list[Answered | ShadowAnswered]) -> int:
+        """Write a batch in one transaction, counting it as written or failed; how many answers it held."""
+        count = sum(len(request.request_ids) for request in batch)
+        try:
+            with self.engine.begin() as connection:
+                if answers := [request for request in batch if isinstance(request, Answered)]:
+                    insert_columns(connection, predictions, prediction_columns(answers))
+                if shadows := [request for request in batch if isinstance(request, ShadowAnswered)]:
+                    insert_columns(connection, shadow_answers, shadow_columns(shadows))  # after the answers they follow
+            self.written += count
+        except Exception as err:  # the service must go on answering whatever the database does
+            self.failed += count
+            log.warning("the prediction log could not write %d answers: %s", count, err)
+        return count
 
 
 # ---------------------------------------------------------------- corrections
